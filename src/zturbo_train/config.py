@@ -1,0 +1,326 @@
+"""Settings for every command, validated by pydantic and read from TOML.
+
+Unknown keys are rejected (extra="forbid") with the closest valid key; wrong values name
+the key, the value and what is allowed. Relative paths resolve against the folder of the
+config file, so a config can be run from anywhere. The field descriptions double as the
+reference that `zturbo config --help` style output and the README point to.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TURBO_REPO = "Tongyi-MAI/Z-Image-Turbo"
+ADAPTER_REPO = "ostris/zimage_turbo_training_adapter"
+ADAPTER_ALIASES = {
+    "v1": f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v1.safetensors",
+    "v2": f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v2.safetensors",
+}
+DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+TARGET_CHOICES = {*DEFAULT_TARGETS, "adaLN_modulation.0"}
+BLOCK_CHOICES = {"layers", "noise_refiner", "context_refiner"}
+# Names other trainers use for our keys, so "did you mean" points at the right one.
+KEY_SYNONYMS = {
+    "learning_rate": "lr", "max_train_steps": "steps", "num_steps": "steps", "max_steps": "steps",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum", "network_dim": "rank", "network_alpha": "alpha", "r": "rank",
+    "lora_alpha": "alpha", "output_path": "output_dir", "save_every_n_steps": "save_every",
+    "sample_every_n_steps": "sample_every", "guidance_scale": "guidance", "num_inference_steps": "steps",
+    "image_dir": "dir", "path": "dir", "train_data_dir": "dir", "caption_extension": "caption_ext",
+    "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
+    "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def resolve_path(value: str | Path, base_dir: Path | None) -> Path:
+    """Resolve a user path: `~` expanded, relative paths against the config's folder."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path.resolve() if path.is_absolute() else path
+
+
+def resolve_model_ref(value: str, base_dir: Path | None) -> str:
+    """A model or adapter reference: `builtin:...`, a Hub id, an alias, or a local path.
+
+    A string shaped like `owner/name` that is not an existing local path stays a Hub id;
+    anything else is a path, resolved against the config folder.
+    """
+    if value.startswith("builtin:") or value in ("none", *ADAPTER_ALIASES):
+        return value
+    local = resolve_path(value, base_dir)
+    if local.exists():
+        return str(local)
+    if _HUB_ID.match(value) or (value.count("/") == 2 and value.endswith(".safetensors") and not value.startswith((".", "/"))):
+        return value
+    return str(local)
+
+
+def _base_dir(info: ValidationInfo) -> Path | None:
+    return (info.context or {}).get("base_dir")
+
+
+class ModelConfig(_Section):
+    path: str = Field(TURBO_REPO, description="Z-Image Turbo: a diffusers folder, a Hub id fetched by `zturbo download`, or builtin:tiny.")
+    adapter: str = Field("v2", description="Training adapter: v1, v2, none, builtin:tiny-adapter, a .safetensors file, or owner/repo/file.safetensors.")
+    adapter_mode: Literal["merge", "live"] = Field("merge", description="merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, works on quantized bases).")
+    adapter_weight: float = Field(1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+
+    @field_validator("path", "adapter")
+    @classmethod
+    def _resolve(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_model_ref(value, _base_dir(info))
+
+
+class DataConfig(_Section):
+    dir: Path = Field(..., description="Folder of images (searched recursively) with same-stem caption files.")
+    caption_ext: str = Field("txt", description="Extension of caption files, without the dot.")
+    default_caption: str | None = Field(None, description="Caption for images without a caption file; unset makes a missing caption an error.")
+    trigger_word: str = Field("", description="Replaces [trigger] in captions, or is prepended where there is none.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Rate at which a caption is replaced by the empty caption.")
+    resolution: list[int] = Field([1024], description="Training side length(s) in pixels; one size or a list such as [512, 768, 1024].")
+    repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
+    flip: bool = Field(False, description="Also train on horizontally flipped images.")
+    strict: bool = Field(False, description="Turn dataset warnings (small images, default captions) into errors.")
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        return resolve_path(value, _base_dir(info))
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_16(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("give at least one resolution")
+        for side in value:
+            if side < 64 or side % 16:
+                raise ValueError(f"{side} is not allowed; use multiples of 16 of at least 64, e.g. 512 or 1024")
+        return sorted(set(value))
+
+    @field_validator("caption_ext")
+    @classmethod
+    def _no_dot(cls, value: str) -> str:
+        return value.lstrip(".")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(32, ge=1, le=1024, description="LoRA rank.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    targets: list[str] = Field(DEFAULT_TARGETS, description=f"Linear layers to adapt, from {sorted(TARGET_CHOICES)}.")
+    blocks: list[str] = Field(["layers"], description=f"Block stacks to adapt, from {sorted(BLOCK_CHOICES)}.")
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        return _check_choices(value, TARGET_CHOICES)
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_blocks(cls, value: list[str]) -> list[str]:
+        return _check_choices(value, BLOCK_CHOICES)
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+def _check_choices(value: list[str], choices: set[str]) -> list[str]:
+    if not value:
+        raise ValueError(f"give at least one of {sorted(choices)}")
+    bad = [v for v in value if v not in choices]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not one of {sorted(choices)}")
+    return list(dict.fromkeys(value))
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
+    batch_size: int = Field(1, ge=1, description="Images per step (per GPU).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    seed: int = Field(42, ge=0, description="Seed for init, data order, noise and timesteps.")
+    output_dir: Path = Field(Path("output/zturbo-lora"), description="Run folder: LoRAs, previews, metrics, state.")
+    name: str = Field("lora", pattern=r"^[\w.-]+$", description="File name stem of the saved LoRA.")
+    save_every: int = Field(250, ge=0, description="Save a LoRA and training state every N steps (0: only at the end).")
+    keep_last: int = Field(3, ge=1, description="How many intermediate LoRAs and states to keep.")
+    sample_every: int = Field(250, ge=0, description="Draw preview images every N steps (0: only at step 0 and the end).")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch, fused on GPU) or adamw8bit (bitsandbytes).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: off).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field("logit_normal", description="How sigmas are drawn: uniform, logit_normal (mean, std), or uniform with a loss weighted toward mid sigmas.")
+    logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
+    logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
+    timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _resolve_out(cls, value: Path, info: ValidationInfo) -> Path:
+        return resolve_path(value, _base_dir(info))
+
+
+class SampleConfig(_Section):
+    prompts: list[str] = Field(default_factory=list, description="Preview prompts drawn during training.")
+    steps: int = Field(8, ge=1, le=200, description="Sampling steps (Turbo: 8).")
+    guidance: float = Field(0.0, ge=0.0, description="Classifier-free guidance scale (Turbo: 0, no CFG).")
+    seed: int = Field(42, ge=0, description="Seed of the first preview; prompt i uses seed + i.")
+    width: int = Field(1024, ge=64, multiple_of=16, description="Preview width in pixels (multiple of 16).")
+    height: int = Field(1024, ge=64, multiple_of=16, description="Preview height in pixels (multiple of 16).")
+    negative: str = Field("", description="Negative prompt (used only when guidance > 0).")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: list[DataConfig] = Field(default_factory=list, description="One [data] table or several [[data]] tables.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "Config":
+        if not self.data:
+            raise ValueError("no [data] table; add one with `dir` set to a folder of images with .txt captions")
+        return self
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config, apply `section.key=value` overrides, validate, resolve paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a .toml file such as configs/quickstart.toml")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, base_dir=path.parent.resolve())
+
+
+def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a raw dict (as read from TOML) into a Config, or raise one ConfigError listing every problem."""
+    single_data = isinstance(raw.get("data"), dict)
+    try:
+        return Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        lines = [_describe(err, single_data) for err in exc.errors()]
+        raise ConfigError("invalid config: " + lines[0] if len(lines) == 1
+                          else "invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `--set section.key=value` to the raw TOML dict; the value is parsed as TOML."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r} is not of the form section.key=value, e.g. --set train.lr=2e-4")
+    value = parse_value(text.strip())
+    targets = raw.setdefault(parts[0], {})
+    rest = parts[1:]
+    if isinstance(targets, list) and rest[0].isdigit():
+        index = int(rest.pop(0))
+        if index >= len(targets):
+            raise ConfigError(f"--set {item!r}: there are only {len(targets)} [[{parts[0]}]] tables")
+        targets = [targets[index]]
+    for table in targets if isinstance(targets, list) else [targets]:
+        node = table
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists, quoted strings), else keep it as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _loc_text(loc: tuple[Any, ...], single_data: bool) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            if not (single_data and out == "data"):
+                out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any], single_data: bool) -> str:
+    loc = tuple(err["loc"])
+    key = _loc_text(loc, single_data)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        hint = ""
+        if parent is not None:
+            synonym = KEY_SYNONYMS.get(str(loc[-1]))
+            match = [synonym] if synonym in parent.model_fields else difflib.get_close_matches(
+                str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.6)
+            if match:
+                hint = f"; did you mean `{_loc_text(loc[:-1] + (match[0],), single_data)}`?"
+            else:
+                hint = f"; valid keys here: {', '.join(parent.model_fields)}"
+        return f"unknown key `{key}`{hint}"
+    if err["type"] == "missing":
+        return f"`{key}` is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:
+        return msg
+    return f"`{key}` = {err.get('input')!r}: {msg[0].lower() + msg[1:]}"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns keys at `loc` (to suggest close keys)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model

@@ -1,0 +1,116 @@
+"""Config: valid files load; every kind of bad input names the key; overrides; paths."""
+
+from pathlib import Path
+
+import pytest
+
+from zturbo_train.config import Config, load_config, validate_config
+from zturbo_train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL = '[model]\npath = "builtin:tiny"\n[data]\ndir = "imgs"\n'
+
+
+def test_minimal_config_has_documented_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.model.adapter == "v2" and cfg.model.adapter_mode == "merge"
+    assert cfg.lora.rank == 32 and cfg.lora.scale_alpha == 32.0
+    assert cfg.sample.steps == 8 and cfg.sample.guidance == 0.0
+    assert cfg.data[0].resolution == [1024]
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + '[train]\noutput_dir = "out/run1"\n'))
+    assert cfg.data[0].dir == (tmp_path / "imgs").resolve()
+    assert cfg.train.output_dir == (tmp_path / "out" / "run1").resolve()
+
+
+def test_local_model_path_resolves_and_hub_id_stays(tmp_path):
+    (tmp_path / "mymodel").mkdir()
+    cfg = load_config(write(tmp_path, '[model]\npath = "mymodel"\nadapter = "owner/repo/file.safetensors"\n[data]\ndir = "x"\n'))
+    assert cfg.model.path == str((tmp_path / "mymodel").resolve())
+    assert cfg.model.adapter == "owner/repo/file.safetensors"
+    hub = load_config(write(tmp_path, '[model]\npath = "Tongyi-MAI/Z-Image-Turbo"\n[data]\ndir = "x"\n'))
+    assert hub.model.path == "Tongyi-MAI/Z-Image-Turbo"
+
+
+def test_unknown_key_names_full_path_and_closest_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key `train.learning_rate`; did you mean `train.lr`\?"):
+        load_config(write(tmp_path, MINIMAL + "[train]\nlearning_rate = 1e-4\n"))
+    with pytest.raises(ConfigError, match=r"unknown key `lora.rnk`; did you mean `lora.rank`\?"):
+        load_config(write(tmp_path, MINIMAL + "[lora]\nrnk = 4\n"))
+    with pytest.raises(ConfigError, match=r"unknown key `trian`; did you mean `train`\?"):
+        load_config(write(tmp_path, MINIMAL + "[trian]\nsteps = 4\n"))
+
+
+def test_wrong_type_and_range_name_key_value_and_rule(tmp_path):
+    with pytest.raises(ConfigError, match=r"`train.steps` = 'many': input should be a valid integer"):
+        load_config(write(tmp_path, MINIMAL + '[train]\nsteps = "many"\n'))
+    with pytest.raises(ConfigError, match=r"`train.lr` = -0.1: input should be greater than 0"):
+        load_config(write(tmp_path, MINIMAL + "[train]\nlr = -0.1\n"))
+    with pytest.raises(ConfigError, match=r"`model.dtype` = 'f32': input should be 'bf16', 'fp16' or 'fp32'"):
+        load_config(write(tmp_path, '[model]\ndtype = "f32"\n[data]\ndir = "x"\n'))
+    with pytest.raises(ConfigError, match=r"`data.resolution` = 500: 500 is not allowed; use multiples of 16"):
+        load_config(write(tmp_path, MINIMAL + "resolution = 500\n"))
+    with pytest.raises(ConfigError, match=r"`lora.targets` = .*'to_x' is not one of"):
+        load_config(write(tmp_path, MINIMAL + '[lora]\ntargets = ["to_q", "to_x"]\n'))
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL + "[train]\nlr = 0\nsteps = 0\n[lora]\nrank = -1\n"))
+    text = str(info.value)
+    assert "`train.lr`" in text and "`train.steps`" in text and "`lora.rank`" in text
+
+
+def test_missing_data_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"no \[data\] table"):
+        load_config(write(tmp_path, '[model]\npath = "builtin:tiny"\n'))
+    with pytest.raises(ConfigError, match=r"`data.dir` is required"):
+        load_config(write(tmp_path, "[data]\nresolution = 512\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(write(tmp_path, "[model\n"))
+
+
+def test_set_overrides_any_key(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=2e-4", "lora.rank=8", "data.resolution=[512, 768]",
+                                                 "model.adapter=none", 'sample.prompts=["a", "b"]'])
+    assert cfg.train.lr == 2e-4 and cfg.lora.rank == 8 and cfg.data[0].resolution == [512, 768]
+    assert cfg.model.adapter == "none" and cfg.sample.prompts == ["a", "b"]
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config(write(tmp_path, MINIMAL), ["lr=3"])
+    with pytest.raises(ConfigError, match="did you mean `train.lr`"):
+        load_config(write(tmp_path, MINIMAL), ["train.learning_rate=3"])
+
+
+def test_several_data_tables(tmp_path):
+    text = '[model]\npath = "builtin:tiny"\n[[data]]\ndir = "a"\n[[data]]\ndir = "b"\nresolution = [512, 1024]\n'
+    cfg = load_config(write(tmp_path, text), ["data.1.repeats=3"])
+    assert [d.dir.name for d in cfg.data] == ["a", "b"]
+    assert cfg.data[1].repeats == 3 and cfg.data[0].repeats == 1
+    with pytest.raises(ConfigError, match=r"`data\[1\].repeats`"):
+        load_config(write(tmp_path, text), ["data.1.repeats=0"])
+
+
+def test_model_dump_round_trips():
+    cfg = validate_config({"data": {"dir": "/tmp/x"}})
+    again = Config.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.data, path
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#"), "each example config starts with a comment giving the commands to run it"
