@@ -1,0 +1,80 @@
+"""Atomic file writes: a temp file in the target folder, fsync, then rename.
+
+A crash, Ctrl-C or full disk mid-write leaves the old file (or none), never a torn one.
+Every file the project writes (LoRAs, state, caches, configs, images) goes through here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import ZTurboError
+
+
+class DiskFullError(ZTurboError):
+    """No space left while writing; the previous file is untouched."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` atomically, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"disk full while writing {path}; free space on {path.parent} and run again "
+                                f"(the previous {path.name}, if any, is intact)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_with(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+    """Atomically write `path` by calling `writer(temp_path)`."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file (tensors made contiguous, metadata as strings)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (metrics.jsonl); a torn last line is the worst a crash can do, and readers skip it."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
