@@ -176,7 +176,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: off).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
-    timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field("logit_normal", description="How sigmas are drawn: uniform, logit_normal (mean, std), or uniform with a loss weighted toward mid sigmas.")
+    timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field("weighted", description="How sigmas are drawn: uniform, logit_normal (mean, std), or weighted (the default: uniform sigmas, the loss weighted toward mid sigmas, as ai-toolkit trains Z-Image Turbo; why in flow.py).")
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
     timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
