@@ -1,0 +1,262 @@
+"""Images and captions: scan a folder, read captions by the config's rules, load pixels as RGB.
+
+A scan checks every file before anything is encoded, so a bad file is reported up front
+with the whole list of problems, never half way through caching or training. Problems
+have three levels: `error` (the run cannot start: a caption we cannot read or do not
+have), `skip` (the image is left out: corrupt, not an image, too small) and `warn` (the
+image is used, but the user should know). A dataset's `strict = true` makes skips and
+warnings errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from ..config import DataConfig
+from ..errors import DataError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MIN_SIDE = 64
+TRIGGER = "[trigger]"
+Level = Literal["error", "skip", "warn"]
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file: what, at which level, and what to do about it."""
+
+    path: Path
+    level: Level
+    reason: str
+    kind: str = ""  # short tag for counting: bad_image, small_image, missing_caption, ...
+
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image that passed the scan, with its final caption (trigger applied, before dropout)."""
+
+    path: Path
+    width: int
+    height: int
+    caption: str
+    caption_source: Literal["file", "default"]
+    content_hash: str
+    dataset: int
+
+
+@dataclass
+class Scan:
+    """The result of scanning every [[data]] table: usable images and every problem found."""
+
+    items: list[ImageItem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    roots: list[Path] = field(default_factory=list)
+
+    def at(self, *levels: Level) -> list[Problem]:
+        return [p for p in self.problems if p.level in levels]
+
+    def raise_errors(self) -> None:
+        """Raise one DataError that lists every error, so all of them can be fixed in one go."""
+        errors = self.at("error")
+        if errors:
+            raise DataError(problem_report(errors))
+
+
+def problem_report(errors: Sequence[Problem]) -> str:
+    lines = [p.line() for p in errors[:_MAX_LISTED]]
+    if len(errors) > _MAX_LISTED:
+        lines.append(f"... and {len(errors) - _MAX_LISTED} more")
+    noun = "problem" if len(errors) == 1 else "problems"
+    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix them and run again:\n  "
+            + "\n  ".join(lines))
+
+
+# ------------------------------------------------------------------------------ scanning
+
+
+def scan_datasets(datasets: Sequence[DataConfig]) -> Scan:
+    """Scan every dataset; raises DataError only for a missing or empty folder."""
+    scan = Scan()
+    for index, cfg in enumerate(datasets):
+        scan.roots.append(cfg.dir)
+        _scan_one(cfg, index, scan)
+    return scan
+
+
+def _scan_one(cfg: DataConfig, index: int, scan: Scan) -> None:
+    files = list_images(cfg.dir)
+    before = len(scan.items)
+    for path in files:
+        item, problems = scan_image(path, cfg, index)
+        if cfg.strict:
+            problems = [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
+                        if p.level != "error" else p for p in problems]
+        scan.problems.extend(problems)
+        if item is not None and not any(p.level in ("error", "skip") for p in problems):
+            scan.items.append(item)
+    if len(scan.items) == before and not any(p.level == "error" for p in scan.problems):
+        raise DataError(f"no usable image in `data.dir` {cfg.dir}: all {len(files)} were skipped "
+                        f"({scan.problems[-1].reason}, ...); fix or replace them and run again")
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order; hidden folders are ignored."""
+    if not root.exists():
+        raise DataError(f"`data.dir` {root} does not exist; set it to a folder of images with .txt captions")
+    if not root.is_dir():
+        raise DataError(f"`data.dir` {root} is a file, not a folder; set it to the folder that holds the images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+    if not files:
+        raise DataError(f"`data.dir` {root} holds no images ({', '.join(IMAGE_EXTS)}); "
+                        f"put your training images there, each with a same-name .txt caption")
+    return files
+
+
+def scan_image(path: Path, cfg: DataConfig, index: int) -> tuple[ImageItem | None, list[Problem]]:
+    """Check one image and its caption; returns the item (None when unusable) and its problems."""
+    if path.name.startswith("."):
+        return None, [Problem(path, "skip", "hidden file (such as macOS ._ metadata), left out; delete it", "hidden")]
+    try:
+        data = path.read_bytes()
+        width, height = probe_image(data)
+    except DataError as exc:
+        return None, [Problem(path, "skip", str(exc), "bad_image")]
+    except OSError as exc:
+        return None, [Problem(path, "skip", f"cannot be read ({exc.strerror or exc}); check its permissions",
+                              "bad_image")]
+    problems: list[Problem] = []
+    if min(width, height) < MIN_SIDE:
+        problems.append(Problem(path, "skip", f"is {width}x{height} px, smaller than the {MIN_SIDE} px minimum, "
+                                              f"left out; use a larger image", "small_image"))
+    caption, source, caption_problems = read_caption(path, cfg)
+    problems += caption_problems
+    if caption is None:
+        return None, problems
+    item = ImageItem(path, width, height, caption, source, hashlib.sha256(data).hexdigest(), index)
+    return item, problems
+
+
+# ------------------------------------------------------------------------------ captions
+
+
+def caption_path(image: Path, caption_ext: str) -> Path:
+    return image.with_suffix("." + caption_ext)
+
+
+def read_caption(image: Path, cfg: DataConfig) -> tuple[str | None, Literal["file", "default"], list[Problem]]:
+    """The final caption of an image by the config's rules, where it came from, and any problems."""
+    path = caption_path(image, cfg.caption_ext)
+    try:
+        raw = path.read_bytes() if path.is_file() else None
+    except OSError as exc:
+        return None, "file", [Problem(path, "error", f"caption cannot be read ({exc.strerror or exc}); check its permissions",
+                                       "bad_caption")]
+    if raw is not None:
+        try:
+            text = normalise(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            return None, "file", [Problem(path, "error", f"caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                                                         f"position {exc.start}); re-save it as UTF-8", "bad_caption")]
+        if text:
+            return _with_trigger(text, path, cfg)
+        missing, kind = f"caption file {path.name} is empty", "empty_caption"
+    else:
+        missing, kind = f"has no caption file {path.name}", "missing_caption"
+    if cfg.default_caption is None:
+        return None, "file", [Problem(image, "error", f"{missing}; write a caption there or set data.default_caption",
+                                       kind)]
+    caption, _, problems = _with_trigger(normalise(cfg.default_caption), path, cfg)
+    problems.append(Problem(image, "warn", f"{missing}; using data.default_caption {cfg.default_caption!r}",
+                            kind))
+    return caption, "default", problems
+
+
+def normalise(text: str) -> str:
+    """Collapse runs of whitespace (newlines, tabs, doubled spaces) to one space and trim."""
+    return " ".join(text.split())
+
+
+def apply_trigger(caption: str, trigger: str) -> str:
+    """`[trigger]` becomes the trigger word; without a placeholder the word is prepended."""
+    if TRIGGER in caption:
+        return normalise(caption.replace(TRIGGER, trigger))
+    if not trigger:
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def _with_trigger(text: str, path: Path, cfg: DataConfig) -> tuple[str, Literal["file"], list[Problem]]:
+    problems = []
+    if TRIGGER in text and not cfg.trigger_word:
+        problems.append(Problem(path, "warn", f"caption has {TRIGGER} but data.trigger_word is not set, so it is "
+                                              f"removed; set data.trigger_word", "trigger"))
+    return apply_trigger(text, cfg.trigger_word), "file", problems
+
+
+def drop_caption(caption: str, rate: float, rng: random.Random) -> str:
+    """Caption dropout: the empty caption at `rate`, else the caption (one draw from `rng` always)."""
+    return "" if rng.random() < rate else caption
+
+
+# ------------------------------------------------------------------------------ pixels
+
+
+def probe_image(data: bytes) -> tuple[int, int]:
+    """Fully decode an image (so truncation shows now, not mid-run); returns its upright size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = load_rgb(data)
+    except UnidentifiedImageError:
+        raise DataError("is not an image Pillow can read (wrong extension or not an image), left out; "
+                        "delete it or convert it to PNG/JPEG") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"is too large to decode safely ({exc}), left out; downscale it") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"is truncated or corrupt ({exc}), left out; re-export or replace it") from None
+    return image.size
+
+
+def load_rgb(data: bytes):
+    """Decode to an upright 8-bit RGB PIL image: EXIF orientation, alpha on white, any mode to RGB."""
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """Any Pillow mode to RGB: transparency composited on white, 16-bit scaled (not clipped) to 8-bit."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _deep_to_l(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _deep_to_l(image):
+    """16/32-bit grayscale to 8-bit: scale the 16-bit range down, since Pillow's convert clips at 255."""
+    import numpy as np
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" and array.max(initial=0) <= 1.0 else 65535.0
+    return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")

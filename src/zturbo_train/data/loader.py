@@ -1,0 +1,274 @@
+"""Batches for the training loop, read from the caches ahead of time on a background thread.
+
+The order is a pure function of (seed, epoch): shuffle each bucket's samples (repeats
+included), cut them into batches of one bucket, shuffle the batches. Caption dropout and
+the latent noise of each batch are drawn from generators seeded by (seed, epoch,
+position). So a run resumed from `{"epoch", "position"}` sees exactly the batches, the
+dropped captions and the sampled latents it would have seen without the interruption.
+
+A thread (not worker processes) does the reading: the work is file I/O and memcpy, which
+release the GIL, so it runs beside the step without forking a process that holds CUDA.
+Batches are pinned there and moved with `non_blocking=True`, so the copy overlaps compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import random
+import threading
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import DataError
+from .buckets import Bucket
+from .cache import CacheStats, read_entry
+from .dataset import ImageItem, Problem, drop_caption
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One trainable view of an image: at one resolution's bucket, mirrored or not."""
+
+    item: int
+    resolution: int
+    bucket: Bucket
+    flip: bool
+
+
+@dataclass
+class Batch:
+    """One step's data, all from one bucket.
+
+    `latents` is (B, 16, H/8, W/8) in the transformer's normalised space, sampled fresh
+    from the cached distribution; the transformer wants `list(batch.latents.unsqueeze(2))`.
+    `text` holds B unpadded (L_i, D) caption embeddings, as `encode_prompt` gives them.
+    """
+
+    latents: Any
+    text: list
+    captions: list[str]
+    images: list[Path]
+    bucket: Bucket
+    epoch: int
+    position: int
+
+    def pin(self) -> "Batch":
+        return replace(self, latents=self.latents.pin_memory(), text=[t.pin_memory() for t in self.text])
+
+    def to(self, device, dtype=None, non_blocking: bool = True) -> "Batch":
+        def move(t):
+            return t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking)
+
+        return replace(self, latents=move(self.latents), text=[move(t) for t in self.text])
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, the same in every process (unlike hash())."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def epoch_batches(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """Sample indices in batches for one epoch: one bucket per batch, order fixed by (seed, epoch).
+
+    A bucket's last batch may be smaller than batch_size: every sample is seen once per
+    repeat each epoch, none is dropped.
+    """
+    rng = random.Random(derive_seed("order", seed, epoch))
+    groups: dict[Bucket, list[int]] = {}
+    for index, (bucket, times) in enumerate(zip(buckets, repeats)):
+        groups.setdefault(bucket, []).extend([index] * times)
+    batches: list[list[int]] = []
+    for bucket in sorted(groups):
+        members = groups[bucket]
+        rng.shuffle(members)
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class TrainDataset:
+    """Everything the training loop needs from the data: the samples, their cache entries, the order.
+
+    Build it with `prepare_dataset`; then `loader(device)` yields batches forever and
+    `loader.state_dict()` / `loader(device, state=...)` save and restore the position.
+    """
+
+    items: list[ImageItem]
+    samples: list[Sample]
+    latent_paths: list[Path]
+    text_paths: dict[str, Path]
+    repeats: list[int]
+    dropout: list[float]
+    batch_size: int
+    seed: int
+    problems: list[Problem] = field(default_factory=list)
+    stats: CacheStats = field(default_factory=CacheStats)
+    _order: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch` (memoised for the few epochs in use; safe to call from two threads)."""
+        order = self._order.get(epoch)
+        if order is None:
+            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.batch_size, self.seed, epoch)
+            if len(self._order) >= 4:
+                self._order.clear()
+            self._order[epoch] = order
+        return order
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_order(0))
+
+    @property
+    def bucket_counts(self) -> dict[Bucket, int]:
+        counts: dict[Bucket, int] = {}
+        for sample, times in zip(self.samples, self.repeats):
+            counts[sample.bucket] = counts.get(sample.bucket, 0) + times
+        return dict(sorted(counts.items()))
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when anything that shapes the order changes, so a stale saved position is noticed."""
+        parts = [p.name for p in self.latent_paths] + [self.items[s.item].caption for s in self.samples]
+        return hashlib.sha256("|".join(map(str, [*parts, self.repeats, self.dropout, self.batch_size, self.seed]))
+                              .encode()).hexdigest()[:16]
+
+    def load_batch(self, epoch: int, position: int) -> Batch:
+        """Batch `position` of `epoch` on the CPU: latents sampled, captions dropped, embeddings read."""
+        import torch
+
+        indices = self.epoch_order(epoch)[position]
+        noise = torch.Generator().manual_seed(derive_seed("noise", self.seed, epoch, position))
+        drops = random.Random(derive_seed("dropout", self.seed, epoch, position))
+        latents, captions = [], []
+        for index in indices:
+            entry = read_entry(self.latent_paths[index])
+            mean, std = entry["mean"].float(), entry["std"].float()
+            latents.append(mean + std * torch.randn(mean.shape, generator=noise))
+            captions.append(drop_caption(self.items[self.samples[index].item].caption, self.dropout[index], drops))
+        return Batch(torch.stack(latents), self._embeddings(captions), captions,
+                     [self.items[self.samples[i].item].path for i in indices], self.samples[indices[0]].bucket,
+                     epoch, position)
+
+    def prompt_embeddings(self, prompts: Sequence[str]) -> list:
+        """Cached embeddings of preview prompts (passed to prepare_dataset as extra_prompts)."""
+        return self._embeddings(list(prompts))
+
+    def _embeddings(self, captions: Sequence[str]) -> list:
+        missing = [c for c in captions if c not in self.text_paths]
+        if missing:
+            raise DataError(f"prompt {missing[0]!r} has no cached embedding; pass it to "
+                            f"prepare_dataset(extra_prompts=...) or add it to [sample] prompts")
+        return [read_entry(self.text_paths[c])["embedding"] for c in captions]
+
+    def loader(self, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
+               pin_memory: bool | None = None, dtype: Any = None) -> "BatchLoader":
+        return BatchLoader(self, device, state, prefetch, pin_memory, dtype)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class BatchLoader:
+    """An endless iterator of batches on `device`, read `prefetch` batches ahead on a thread.
+
+    `state_dict()` is the position after the last batch handed out: save it with the
+    training state and pass it back as `state` to continue exactly there.
+    """
+
+    def __init__(self, dataset: TrainDataset, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
+                 pin_memory: bool | None = None, dtype: Any = None):
+        import torch
+
+        self.dataset, self.device, self.dtype, self.prefetch = dataset, torch.device(device), dtype, prefetch
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.epoch, self.position = self._restore(state)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _restore(self, state: dict | None) -> tuple[int, int]:
+        if not state:
+            return 0, 0
+        epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
+        if state.get("fingerprint") not in (None, self.dataset.fingerprint):
+            warnings.warn(f"the dataset changed since this state was saved; continuing at the start of epoch {epoch}",
+                          stacklevel=3)
+            return epoch, 0
+        return self._normalise(epoch, position)
+
+    def _normalise(self, epoch: int, position: int) -> tuple[int, int]:
+        while position >= len(self.dataset.epoch_order(epoch)):
+            position -= len(self.dataset.epoch_order(epoch))
+            epoch += 1
+        return epoch, position
+
+    def state_dict(self) -> dict:
+        epoch, position = self._normalise(self.epoch, self.position)
+        return {"epoch": epoch, "position": position, "fingerprint": self.dataset.fingerprint}
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._stop.is_set():
+            raise StopIteration
+        batch = self._produce_inline() if self.prefetch == 0 else self._take()
+        self.epoch, self.position = batch.epoch, batch.position + 1
+        return batch.to(self.device, self.dtype, non_blocking=self.pin_memory)
+
+    def _produce_inline(self) -> Batch:
+        epoch, position = self._normalise(self.epoch, self.position)
+        return self.dataset.load_batch(epoch, position)
+
+    def _take(self) -> Batch:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, args=self._normalise(self.epoch, self.position),
+                                            name="zturbo-data", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.exc
+        return item
+
+    def _produce(self, epoch: int, position: int) -> None:
+        try:
+            while not self._stop.is_set():
+                batch = self.dataset.load_batch(epoch, position)
+                self._put(batch.pin() if self.pin_memory else batch)
+                epoch, position = self._normalise(epoch, position + 1)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(_Failure(exc))
+
+    def _put(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stop the reader thread (the loader can not be iterated after this)."""
+        self._stop.set()
+        if self._thread is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()

@@ -1,0 +1,117 @@
+"""From config to a ready TrainDataset: scan, plan buckets, fill the caches, free the encoders.
+
+Call `prepare_dataset` before loading the transformer: the VAE and the text encoder are
+loaded one after the other, only when their cache is incomplete, and released before it
+returns, so the peak memory of caching is one encoder, not the whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import Config, DataConfig
+from .buckets import closest_bucket, fit
+from .cache import (CacheStats, Encoders, LatentJob, default_cache_dir, entry_path, fill_latents, fill_texts,
+                    latent_key, text_key)
+from .dataset import Problem, Scan, scan_datasets
+from .loader import Sample, TrainDataset
+
+
+def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sample], list[Problem]]:
+    """Every (image, resolution, flip) view with its bucket; warns where an image is upscaled a lot."""
+    samples: list[Sample] = []
+    problems: list[Problem] = []
+    for index, item in enumerate(scan.items):
+        cfg = datasets[item.dataset]
+        for resolution in cfg.resolution:
+            bucket = closest_bucket(item.width, item.height, resolution)
+            plan = fit(item.width, item.height, bucket)
+            if plan.upscaled_much:
+                problems.append(_small_image(item.path, item.width, item.height, plan.scale, bucket, resolution,
+                                             cfg.strict))
+            samples += [Sample(index, resolution, bucket, flip) for flip in ((False, True) if cfg.flip else (False,))]
+    return samples, problems
+
+
+def _small_image(path: Path, width: int, height: int, scale: float, bucket: tuple[int, int], resolution: int,
+                 strict: bool) -> Problem:
+    reason = (f"is {width}x{height} px, upscaled {scale:.1f}x to the {bucket[0]}x{bucket[1]} bucket of resolution "
+              f"{resolution}, so it trains soft; use a larger image or a smaller data.resolution")
+    if strict:
+        return Problem(path, "error", reason + " (an error because data.strict = true)", "upscaled")
+    return Problem(path, "warn", reason, "upscaled")
+
+
+def scan_and_plan(datasets: Sequence[DataConfig]) -> tuple[Scan, list[Sample]]:
+    """Scan and bucket every dataset, all problems collected; raises DataError listing every error."""
+    scan = scan_datasets(datasets)
+    samples, problems = plan_samples(scan, datasets)
+    scan.problems += problems
+    scan.raise_errors()
+    return scan, samples
+
+
+def default_encoders(cfg: Config, device: Any) -> Encoders:
+    """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
+    from ..loader import resolve_model_dir
+
+    return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
+
+
+def sample_prompts(cfg: Config) -> list[str]:
+    """The preview prompts (and the negative one when CFG is on): cached too, so sampling needs no text encoder."""
+    return [*cfg.sample.prompts, *([cfg.sample.negative] if cfg.sample.guidance > 0 else [])]
+
+
+def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | None = None,
+                    cache_dir: Path | None = None, extra_prompts: Sequence[str] | None = None, console=None,
+                    vae_batch_size: int = 4, text_batch_size: int = 8) -> TrainDataset:
+    """Scan cfg.data, fill the latent and caption caches (only what is missing), and return the dataset.
+
+    `encoders` says where the VAE / text encoder come from (default: cfg.model.path, VAE
+    fp32, text encoder in cfg.model.dtype, on `device`). `extra_prompts` (default: the
+    [sample] prompts) are cached beside the captions. Warnings are printed to `console`
+    (a rich Console) with the progress bars; None keeps it silent.
+    """
+    scan, samples = scan_and_plan(cfg.data)
+    report_problems(scan.problems, console)
+    encoders = encoders or default_encoders(cfg, device)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    latent_root, text_root = root / "latents" / encoders.vae_id, root / "text" / encoders.text_id
+    jobs = [_latent_job(scan, sample, latent_root) for sample in samples]
+    captions = _captions(scan, cfg.data, sample_prompts(cfg) if extra_prompts is None else extra_prompts)
+    text_paths = {caption: entry_path(text_root, text_key(caption)) for caption in captions}
+    stats = CacheStats()
+    fill_latents(jobs, encoders, stats, console, vae_batch_size)
+    fill_texts(text_paths, encoders, stats, console, text_batch_size)
+    per_sample = [cfg.data[scan.items[s.item].dataset] for s in samples]
+    return TrainDataset(
+        items=scan.items, samples=samples, latent_paths=[job.path for job in jobs], text_paths=text_paths,
+        repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
+        batch_size=cfg.train.batch_size, seed=cfg.train.seed, problems=scan.problems, stats=stats,
+    )
+
+
+def _latent_job(scan: Scan, sample: Sample, root: Path) -> LatentJob:
+    item = scan.items[sample.item]
+    path = entry_path(root, latent_key(item.content_hash, sample.bucket, sample.flip))
+    return LatentJob(item.path, item.content_hash, sample.bucket, sample.flip, path)
+
+
+def _captions(scan: Scan, datasets: Sequence[DataConfig], extra: Sequence[str]) -> list[str]:
+    """Distinct captions to cache: the dataset's, the empty one if dropout is on, and the extra prompts."""
+    captions = [item.caption for item in scan.items]
+    if any(d.caption_dropout > 0 for d in datasets):
+        captions.append("")
+    return list(dict.fromkeys([*captions, *extra]))
+
+
+def report_problems(problems: Sequence[Problem], console) -> None:
+    """Print skipped files and warnings up front, before any encoding starts."""
+    if console is None:
+        return
+    for problem in problems:
+        style = "yellow" if problem.level == "warn" else "red"
+        label = "skipped" if problem.level == "skip" else problem.level
+        console.print(f"[{style}]{label}:[/] {problem.line()}", highlight=False, soft_wrap=True)
