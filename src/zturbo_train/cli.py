@@ -90,6 +90,39 @@ def check(
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
+data_app = typer.Typer(help="Look at a dataset before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect", epilog="Examples:\n\n  zturbo data inspect examples/data --resolution 512 --trigger sks\n\n"
+                  "  zturbo data inspect --config configs/quickstart.toml --json")
+@fails_cleanly
+def data_inspect(
+    directory: Optional[Path] = typer.Argument(None, help="Folder of images with same-stem caption files."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Inspect the [[data]] tables of this config instead."),
+    resolution: Optional[List[int]] = typer.Option(None, "--resolution", "-r", help="Training size(s) in px (repeatable; default 1024)."),
+    caption_ext: Optional[str] = typer.Option(None, "--caption-ext", help="Caption file extension (default txt)."),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="Trigger word: replaces [trigger] or is prepended."),
+    default_caption: Optional[str] = typer.Option(None, "--default-caption", help="Caption for images without one."),
+    strict: bool = typer.Option(False, "--strict", help="Treat warnings and skipped files as errors."),
+    overrides: Optional[List[str]] = SetOption,
+    rows: int = typer.Option(50, "--rows", help="Image rows to show (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Show images, buckets, captions and every skipped file with its reason. Loads no model."""
+    from .data.inspect import check_errors, datasets_from_options, inspect_datasets, render
+
+    datasets = datasets_from_options(directory, config, overrides or [], resolution=resolution or None,
+                                     caption_ext=caption_ext, trigger_word=trigger, default_caption=default_caption,
+                                     strict=strict or None)
+    inspection = inspect_datasets(datasets)
+    if as_json:
+        typer.echo(json.dumps(inspection.to_dict(), indent=2))
+    else:
+        render(inspection, Console(soft_wrap=False), rows)
+    check_errors(inspection)
+
+
 def run() -> None:  # pragma: no cover - `python -m zturbo_train`
     app(prog_name="zturbo")
 
