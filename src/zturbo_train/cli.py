@@ -90,6 +90,75 @@ def check(
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
+@app.command(epilog="Examples:\n\n  zturbo train configs/quickstart.toml\n\n"
+             "  zturbo train configs/zimage-turbo-lora.toml --set train.lr=2e-4 --set data.dir=~/my-photos\n\n"
+             "  zturbo train configs/zimage-turbo-lora.toml --resume")
+@fails_cleanly
+def train(
+    config: Path = typer.Argument(..., help="TOML config file (see configs/)."),
+    overrides: Optional[List[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir from its newest state."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in train.output_dir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check config and dataset, print the plan, train nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; errors only."),
+) -> None:
+    """Train a LoRA: merge the training adapter, cache latents and captions, train, save, preview."""
+    from .config import load_config
+
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    if dry_run:
+        from .plan import dry_run as plan_run
+
+        plan_run(cfg, console)
+        return
+    from .train import run as train_run
+
+    result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    if result.interrupted:
+        console.print(f"[yellow]stopped at step {result.steps_done}[/]; state and LoRA saved in {result.run_dir}. "
+                      f"Resume with: zturbo train {config} --resume", highlight=False)
+        raise typer.Exit(130)
+    if not quiet:
+        print_summary(result)
+
+
+def print_summary(result) -> None:
+    """The end-of-run table: time, final loss, where the files are."""
+    from rich.table import Table
+
+    table = Table(title="training done", show_header=False)
+    table.add_row("steps", str(result.steps_done))
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("final loss", "-" if result.final_loss is None else f"{result.final_loss:.4f}")
+    table.add_row("LoRA", str(result.lora_path))
+    table.add_row("run folder", str(result.run_dir))
+    console.print(table)
+
+
+@app.command(epilog="Examples:\n\n  zturbo download\n\n  zturbo download --bf16\n\n"
+             "  zturbo download --adapter v1 --dir /data/z-image-turbo\n\n  zturbo download --model none --adapter v2")
+@fails_cleanly
+def download(
+    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", help="Hub id of the Z-Image diffusers repo, or none (adapter only)."),
+    adapter: str = typer.Option("v2", "--adapter", help="Training adapter: v2 (usual), v1, owner/repo/file.safetensors, or none."),
+    folder: Optional[Path] = typer.Option(None, "--dir", show_default=False, help="Folder for the model (default: $ZTURBO_HOME/models/<owner>--<name>, where `zturbo train` looks)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of the model (default: main)."),
+    token: Optional[str] = typer.Option(None, "--token", show_default=False, help="Hub token (default: HF_TOKEN or `hf auth login`); never printed or saved."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store the transformer as bf16 shards (about 12 GB instead of 24.6 GB)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Download Z-Image Turbo and the training adapter: resumable, hash-verified, optionally bf16."""
+    from .download import download_all, rich_reporter, summary_lines, summary_table
+
+    with rich_reporter(console, enabled=not quiet) as reporter:
+        results = download_all(model, adapter, folder, revision=revision, token=token, bf16=bf16, reporter=reporter)
+    if not quiet:
+        console.print(summary_table(results))
+        for line in summary_lines(results, custom_dir=folder is not None):
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 data_app = typer.Typer(help="Look at a dataset before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -121,6 +190,91 @@ def data_inspect(
     else:
         render(inspection, Console(soft_wrap=False), rows)
     check_errors(inspection)
+
+
+def _report(message: str) -> None:
+    """Library progress lines: written files to stdout (for scripts), notes and warnings to stderr."""
+    if message.startswith("wrote "):
+        typer.echo(message)
+    else:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+LoraOption = typer.Option(None, "--lora", "-l", help="LoRA file as PATH[:STRENGTH] (repeatable; comfyui, diffusers or kohya keys).")
+
+
+@app.command(epilog="Examples:\n\n  zturbo sample --model builtin:tiny --prompt 'a red cube' --width 64 --height 64\n\n"
+             "  zturbo sample --lora output/my-lora/lora.safetensors:0.8 --prompt 'sks dog on a beach' --count 4 --seed 1\n\n"
+             "  zturbo sample --lora a.safetensors --lora b.safetensors:0.5 --prompts prompts.txt --compare --low-mem")
+@fails_cleanly
+def sample(
+    loras: Optional[List[str]] = LoraOption,
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 text file, one prompt per line (# comments)."),
+    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    steps: int = typer.Option(8, "--steps", help="Sampling steps (Turbo: 8)."),
+    guidance: float = typer.Option(0.0, "--guidance", help="CFG scale; 0 (Turbo's default) runs no negative pass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k of each prompt uses seed + k (default: random)."),
+    count: int = typer.Option(1, "--count", "-n", help="Images per prompt."),
+    width: int = typer.Option(1024, "--width", help="Width in px (multiple of 16)."),
+    height: int = typer.Option(1024, "--height", help="Height in px (multiple of 16)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt (used when --guidance > 0)."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs (never overwritten)."),
+    compare: bool = typer.Option(False, "--compare", help="Also write a grid of the same seeds without and with the LoRAs."),
+    low_mem: bool = typer.Option(False, "--low-mem", help="CPU offload for small GPUs (model offload, or sequential when the transformer does not fit)."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
+    keep_text_encoder: bool = typer.Option(False, "--keep-text-encoder", help="Keep the text encoder loaded after encoding (it is freed by default)."),
+) -> None:
+    """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
+    from .sample import SampleSettings, parse_lora_spec, read_prompts_file
+    from .sample import sample as run_sample
+
+    quiet_libraries()
+    texts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
+    settings = SampleSettings(
+        prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
+        seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
+        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, free_text_encoder=not keep_text_encoder)
+    run_sample(settings, log=_report)
+
+
+@app.command(epilog="Examples:\n\n  zturbo merge --lora my-lora.safetensors:0.8 --out merged-turbo\n\n"
+             "  zturbo merge --lora a.safetensors --lora b.safetensors:0.5 --to-lora ab.safetensors\n\n"
+             "  zturbo merge --lora lora.safetensors --to-lora lora-kohya.safetensors --format kohya\n\n"
+             "  zturbo merge --adapter v2 --out z-image-dedistilled --dtype bf16")
+@fails_cleanly
+def merge(
+    loras: Optional[List[str]] = LoraOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the merged diffusers model."),
+    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Base: Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Also fold in a training adapter (v1, v2, file, builtin:tiny-adapter): a de-distilled base."),
+    adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Strength of --adapter."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (model default bf16; --to-lora default: exact fp32, or as read)."),
+    to_lora: Optional[Path] = typer.Option(None, "--to-lora", help="Merge the LoRAs into one LoRA file instead of into the model."),
+    style: Optional[str] = typer.Option(None, "--format", help="Key style of the --to-lora file: comfyui (default), diffusers or kohya."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
+    from .errors import ConfigError
+    from .merge import merge_into_model, merge_to_lora
+    from .sample import parse_lora_spec
+
+    quiet_libraries()
+    specs = [parse_lora_spec(s) for s in loras or []]
+    if (out is None) == (to_lora is None):
+        raise ConfigError("pass exactly one of --out DIR (merge into the model) and --to-lora FILE (merge into one LoRA)")
+    if to_lora is not None:
+        if adapter is not None:
+            raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
+        merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
+                      model_required=model != "Tongyi-MAI/Z-Image-Turbo", overwrite=overwrite, log=_report)
+    else:
+        if style is not None:
+            raise ConfigError("--format sets the style of a --to-lora file; a merged model has no LoRA keys")
+        merge_into_model(specs, out, model=model, adapter=adapter, adapter_weight=adapter_weight,
+                         dtype=dtype or "bf16", overwrite=overwrite, log=_report)
 
 
 def run() -> None:  # pragma: no cover - `python -m zturbo_train`

@@ -169,6 +169,7 @@ class TrainConfig(_Section):
     name: str = Field("lora", pattern=r"^[\w.-]+$", description="File name stem of the saved LoRA.")
     save_every: int = Field(250, ge=0, description="Save a LoRA and training state every N steps (0: only at the end).")
     keep_last: int = Field(3, ge=1, description="How many intermediate LoRAs and states to keep.")
+    log_every: int = Field(10, ge=1, description="Read the loss back from the device every N steps (one host sync); metrics.jsonl still gets one line per step.")
     sample_every: int = Field(250, ge=0, description="Draw preview images every N steps (0: only at step 0 and the end).")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch, fused on GPU) or adamw8bit (bitsandbytes).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")

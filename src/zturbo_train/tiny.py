@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 TINY_NAME = "tiny"
 TINY_ADAPTER_NAME = "tiny-adapter"
 TINY_ADAPTER_RANK = 4
@@ -115,7 +115,7 @@ def build_tiny_pipeline(seed: int = 0):
     with torch.no_grad():  # the real model's pad tokens are learned, not zero
         transformer.x_pad_token.normal_(0, 0.02)
         transformer.cap_pad_token.normal_(0, 0.02)
-        transformer.all_final_layer["2-1"].linear.weight.normal_(0, 0.02)
+        transformer.all_final_layer["2-1"].linear.weight.normal_(0, TINY_TRANSFORMER["dim"] ** -0.5)
     text_encoder = Qwen3Model(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=TINY_TRANSFORMER["cap_feat_dim"], intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
