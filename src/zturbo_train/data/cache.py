@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -285,6 +286,7 @@ def fill_latents(jobs: Sequence[LatentJob], encoders: Encoders, stats: CacheStat
     if not todo:
         return
     vae = encoders.load_vae()
+    alive = weakref.ref(vae)
     try:
         with progress(console, "caching latents", len(todo)) as advance:
             for batch in _bucket_batches(todo, batch_size):
@@ -293,7 +295,7 @@ def fill_latents(jobs: Sequence[LatentJob], encoders: Encoders, stats: CacheStat
                 advance(len(batch))
     finally:
         del vae
-        free_memory(encoders.device)
+        free_memory(encoders.device, alive)
 
 
 def _bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> Iterator[list[LatentJob]]:
@@ -328,6 +330,7 @@ def fill_texts(captions: dict[str, Path], encoders: Encoders, stats: CacheStats,
     if not todo:
         return
     tokenizer, text_encoder = encoders.load_text()
+    alive = weakref.ref(text_encoder)
     try:
         with progress(console, "caching captions", len(todo)) as advance:
             for start in range(0, len(todo), batch_size):
@@ -340,14 +343,15 @@ def fill_texts(captions: dict[str, Path], encoders: Encoders, stats: CacheStats,
                 advance(len(chunk))
     finally:
         del tokenizer, text_encoder
-        free_memory(encoders.device)
+        free_memory(encoders.device, alive)
 
 
-def free_memory(device: Any) -> None:
-    """Give the encoders' memory back: Python objects first, then the CUDA caching allocator."""
+def free_memory(device: Any, alive: Callable[[], Any] | None = None) -> None:
+    """Give an encoder's memory back: a full gc only if references cycles kept it alive, then CUDA's cache."""
     import torch
 
-    gc.collect()
+    if alive is None or alive() is not None:
+        gc.collect()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
 

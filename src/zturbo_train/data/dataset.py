@@ -75,8 +75,8 @@ def problem_report(errors: Sequence[Problem]) -> str:
     lines = [p.line() for p in errors[:_MAX_LISTED]]
     if len(errors) > _MAX_LISTED:
         lines.append(f"... and {len(errors) - _MAX_LISTED} more")
-    noun = "problem" if len(errors) == 1 else "problems"
-    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix them and run again:\n  "
+    noun, them = ("problem", "it") if len(errors) == 1 else ("problems", "them")
+    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix {them} and run again:\n  "
             + "\n  ".join(lines))
 
 

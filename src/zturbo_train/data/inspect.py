@@ -117,7 +117,8 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
             problems.add_row(_rel(p.path, inspection), f"[{style}]{p.level}[/]", p.reason)
         console.print(problems)
     counts = inspection.counts()
-    console.print(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()), highlight=False)
+    console.print(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()), highlight=False,
+                  soft_wrap=True)
 
 
 def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
