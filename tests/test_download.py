@@ -29,8 +29,9 @@ from typer.testing import CliRunner
 
 from zturbo_train.cli import app
 from zturbo_train.config import ADAPTER_ALIASES, ADAPTER_REPO
+from zturbo_train.bf16 import safetensors_data_bytes
 from zturbo_train.download import (MANIFEST, STAGING, adapter_dir, download_adapter, download_all, download_model,
-                                   read_manifest, resolve_adapter_file, safetensors_data_bytes, stored_dtype, wanted)
+                                   read_manifest, resolve_adapter_file, stored_dtype, wanted)
 from zturbo_train.errors import AdapterError, DownloadError, ModelError
 from zturbo_train.loader import build_pipeline, download_dir, load_parts, resolve_model_dir
 
@@ -64,6 +65,7 @@ class FakeHub:
         self.drop: dict[str, int] = {}  # "repo/path" -> offset where the next GET drops the connection
         self.fail_after_drop: set[str] = set()  # "repo/path" whose GETs answer 500 after their drop
         self.dropped: set[str] = set()
+        self.corrupt: set[str] = set()  # "repo/path" served with one byte flipped (same size, wrong hash)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.hub = self  # type: ignore[attr-defined]
@@ -161,6 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         cut = hub.drop.pop(key, None) if key not in hub.dropped else None
         body = data[start:cut] if cut is not None else data[start:]
+        if key in hub.corrupt:
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
         self.wfile.write(body)
         entry["sent"] = len(body)
         if cut is not None:  # the network drops mid-file
@@ -526,3 +530,54 @@ def test_only_needed_files_are_selected():
         "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
         "vae/diffusion_pytorch_model.safetensors",
     ]
+
+
+def test_corrupt_transfer_fails_its_hash_check_and_is_not_kept(hub, model_files):
+    hub.corrupt.add(f"{REPO}/{SHARD}")
+    with pytest.raises(DownloadError, match=f"{SHARD} failed its hash check.*run again"):
+        download_model(REPO)
+    folder = download_dir(REPO)
+    assert not (folder / SHARD).exists() and not list((folder / STAGING / "partial").rglob("*.part"))
+    hub.corrupt.clear()
+    download_model(REPO)
+    assert (folder / SHARD).read_bytes() == model_files[SHARD]
+
+
+def test_a_new_commit_fetches_only_what_changed(hub, model_files):
+    download_model(REPO)
+    changed = dict(model_files)
+    changed["scheduler/scheduler_config.json"] = model_files["scheduler/scheduler_config.json"] + b"\n"
+    hub.add_repo(REPO, changed)
+    hub.log.clear()
+    result = download_model(REPO)
+    assert [e["path"].split("/resolve/")[1].split("/", 1)[1] for e in hub.gets()] == ["scheduler/scheduler_config.json"]
+    assert {f.path for f in result.files if f.action != "present"} == {"scheduler/scheduler_config.json"}
+    assert read_manifest(download_dir(REPO))["commit"] == hub.repos[REPO]["commit"]
+
+
+def test_files_in_the_hugging_face_cache_are_linked_not_fetched(hub, model_files, adapter_files, tmp_path,
+                                                                 monkeypatch):
+    from huggingface_hub import constants, hf_hub_download
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    cached = Path(hf_hub_download(REPO, vae, endpoint=hub.url)).resolve()
+    v1 = ADAPTER_ALIASES["v1"].split("/")[-1]
+    cached_v1 = Path(hf_hub_download(ADAPTER_REPO, v1, endpoint=hub.url)).resolve()
+    assert resolve_adapter_file("v1") == cached_v1  # the adapter loader finds an `hf download` copy too
+    hub.log.clear()
+    result = download_model(REPO)
+    assert hub.gets(vae) == [] and next(f.action for f in result.files if f.path == vae) == "from HF cache"
+    local = download_dir(REPO) / vae
+    assert local.read_bytes() == model_files[vae] and local.stat().st_ino == cached.stat().st_ino
+
+
+def test_one_download_per_folder_at_a_time(hub, tmp_path):
+    from filelock import FileLock
+
+    folder = tmp_path / "model"
+    (folder / STAGING).mkdir(parents=True)
+    with FileLock(str(folder / STAGING / "lock")):
+        with pytest.raises(DownloadError, match="another `zturbo download` is writing into"):
+            download_model(REPO, folder)
+    download_model(REPO, folder)
