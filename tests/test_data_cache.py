@@ -1,6 +1,7 @@
 """Latent and caption caches on builtin:tiny: parity with diffusers, reuse, invalidation, resume, corruption."""
 
 import gc
+import io
 import weakref
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from zturbo_train.config import validate_config
 from zturbo_train.data import Encoders, encode_prompts, fit, prepare_dataset
@@ -244,9 +246,14 @@ def test_bad_files_stop_nothing_half_way(data_copy, tiny_dir, tmp_path):
     (data_copy / "img_01.png").write_bytes(b"broken")
     (data_copy / "zz.png").write_bytes((data_copy / "img_00.png").read_bytes()[:300])
     (data_copy / "zz.txt").write_text("x")
-    dataset, _ = prepare(config(data_copy), tiny_dir, tmp_path)
+    out = io.StringIO()
+    dataset, _ = prepare(config(data_copy), tiny_dir, tmp_path, console=Console(file=out, width=300))
     assert len(dataset.items) == 5 and dataset.stats.latents_encoded == 5
     assert sorted(p.path.name for p in dataset.problems if p.level == "skip") == ["img_01.png", "zz.png"]
+    printed = out.getvalue()
+    assert "skipped: " + str(data_copy / "img_01.png") + ": is not an image Pillow can read" in printed
+    assert printed.index("zz.png: is truncated or corrupt") < printed.index("caching latents")  # listed up front
+    assert "caching latents" in printed and "5/5" in printed and "caching captions" in printed
 
 
 def test_errors_stop_before_any_encoding(data_copy, tiny_dir, tmp_path):

@@ -183,3 +183,31 @@ def test_several_datasets_keep_their_own_settings(tiny_dir, example_data, tmp_pa
     per_epoch = Counter(c for p in range(dataset.batches_per_epoch) for c in dataset.load_batch(0, p).captions)
     assert per_epoch["zzt, a plain caption"] == 6 and sum(per_epoch.values()) == 6 + 6
     assert {s.resolution for s in dataset.samples} == {64, 96} and (112, 80) in dataset.bucket_counts
+
+
+def test_fingerprint_follows_the_order_not_the_pixels(tiny_dir, data_copy, tmp_path):
+    data = {"dir": str(data_copy), "resolution": [64]}
+    first = build(tiny_dir, tmp_path, data)
+    (data_copy / "img_01.txt").write_text("an edited caption")
+    assert build(tiny_dir, tmp_path, data).fingerprint == first.fingerprint
+    assert build(tiny_dir, tmp_path, data, batch_size=3).fingerprint != first.fingerprint
+    (data_copy / "img_05.png").unlink()
+    assert build(tiny_dir, tmp_path, data).fingerprint != first.fingerprint
+
+
+@pytest.mark.cuda
+def test_gpu_caching_frees_the_encoders_and_batches_arrive_on_the_device(tiny_dir, example_data, tmp_path):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    raw = {"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": {"dir": str(example_data), "resolution": [64]},
+           "train": {"batch_size": 2}}
+    dataset = prepare_dataset(validate_config(raw), "cuda", encoders=Encoders(tiny_dir, "cuda", "fp32", "fp32"),
+                              cache_dir=tmp_path)
+    assert dataset.stats.latents_encoded == 6
+    assert torch.cuda.memory_allocated() <= before  # VAE and text encoder left the GPU
+    with dataset.loader("cuda") as loader:
+        assert loader.pin_memory
+        batch = next(loader)
+    assert batch.latents.is_cuda and all(t.is_cuda for t in batch.text)
+    reference = dataset.load_batch(0, 0)
+    assert torch.equal(batch.latents.cpu(), reference.latents)

@@ -31,7 +31,6 @@ import hashlib
 import json
 import weakref
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +41,7 @@ from ..fileio import save_safetensors
 from ..tiny import cache_root
 from .buckets import Bucket, resize_crop
 from .dataset import load_rgb
+from .progress import progress
 
 CACHE_VERSION = "1"  # bump when preprocessing or the file format changes
 LATENT_DTYPE = "float16"
@@ -354,26 +354,3 @@ def free_memory(device: Any, alive: Callable[[], Any] | None = None) -> None:
         gc.collect()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextmanager
-def progress(console, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with count, rate and ETA on `console`; silent when console is None."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=console is None) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-def _rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} it/s" if task.speed else "- it/s", style="progress.data.speed")
-
-    return Rate()

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 from ..config import DataConfig
 from ..errors import DataError
+from .progress import progress
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SIDE = 64
 TRIGGER = "[trigger]"
 Level = Literal["error", "skip", "warn"]
 _MAX_LISTED = 20
+_SCAN_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -83,26 +87,28 @@ def problem_report(errors: Sequence[Problem]) -> str:
 # ------------------------------------------------------------------------------ scanning
 
 
-def scan_datasets(datasets: Sequence[DataConfig]) -> Scan:
-    """Scan every dataset; raises DataError only for a missing or empty folder."""
+def scan_datasets(datasets: Sequence[DataConfig], console=None) -> Scan:
+    """Scan every dataset (a transient progress bar on `console`); raises DataError only for a missing or empty folder."""
     scan = Scan()
     for index, cfg in enumerate(datasets):
         scan.roots.append(cfg.dir)
-        _scan_one(cfg, index, scan)
+        _scan_one(cfg, index, scan, console)
     return scan
 
 
-def _scan_one(cfg: DataConfig, index: int, scan: Scan) -> None:
+def _scan_one(cfg: DataConfig, index: int, scan: Scan, console) -> None:
     files = list_images(cfg.dir)
     before = len(scan.items)
-    for path in files:
-        item, problems = scan_image(path, cfg, index)
-        if cfg.strict:
-            problems = [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
-                        if p.level != "error" else p for p in problems]
-        scan.problems.extend(problems)
-        if item is not None and not any(p.level in ("error", "skip") for p in problems):
-            scan.items.append(item)
+    with progress(console, f"checking {cfg.dir.name}", len(files), transient=True) as advance, \
+            ThreadPoolExecutor(max_workers=_SCAN_THREADS) as pool:  # decoding releases the GIL
+        for item, problems in pool.map(lambda path: scan_image(path, cfg, index), files):
+            advance(1)
+            if cfg.strict:
+                problems = [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
+                            if p.level != "error" else p for p in problems]
+            scan.problems.extend(problems)
+            if item is not None and not any(p.level in ("error", "skip") for p in problems):
+                scan.items.append(item)
     if len(scan.items) == before and not any(p.level == "error" for p in scan.problems):
         raise DataError(f"no usable image in `data.dir` {cfg.dir}: all {len(files)} were skipped "
                         f"({scan.problems[-1].reason}, ...); fix or replace them and run again")

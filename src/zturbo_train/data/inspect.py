@@ -74,9 +74,9 @@ class Inspection:
         }
 
 
-def inspect_datasets(datasets: Sequence[DataConfig]) -> Inspection:
-    """Scan and plan; raises DataError only for a missing or empty folder."""
-    scan = scan_datasets(datasets)
+def inspect_datasets(datasets: Sequence[DataConfig], console=None) -> Inspection:
+    """Scan (progress on `console`) and plan; raises DataError only for a missing or empty folder."""
+    scan = scan_datasets(datasets, console)
     samples, problems = plan_samples(scan, datasets)
     scan.problems += problems
     return Inspection(list(datasets), scan, samples)

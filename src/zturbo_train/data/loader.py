@@ -133,10 +133,10 @@ class TrainDataset:
 
     @property
     def fingerprint(self) -> str:
-        """Changes when anything that shapes the order changes, so a stale saved position is noticed."""
-        parts = [p.name for p in self.latent_paths] + [self.items[s.item].caption for s in self.samples]
-        return hashlib.sha256("|".join(map(str, [*parts, self.repeats, self.dropout, self.batch_size, self.seed]))
-                              .encode()).hexdigest()[:16]
+        """Changes when what a saved position points at changes (samples, repeats, batch size, seed);
+        edited pixels or captions keep it, since the order stays valid."""
+        views = [(self.items[s.item].path, s.resolution, s.bucket, s.flip) for s in self.samples]
+        return hashlib.sha256(repr((views, self.repeats, self.batch_size, self.seed)).encode()).hexdigest()[:16]
 
     def load_batch(self, epoch: int, position: int) -> Batch:
         """Batch `position` of `epoch` on the CPU: latents sampled, captions dropped, embeddings read."""

@@ -43,9 +43,9 @@ def _small_image(path: Path, width: int, height: int, scale: float, bucket: tupl
     return Problem(path, "warn", reason, "upscaled")
 
 
-def scan_and_plan(datasets: Sequence[DataConfig]) -> tuple[Scan, list[Sample]]:
+def scan_and_plan(datasets: Sequence[DataConfig], console=None) -> tuple[Scan, list[Sample]]:
     """Scan and bucket every dataset, all problems collected; raises DataError listing every error."""
-    scan = scan_datasets(datasets)
+    scan = scan_datasets(datasets, console)
     samples, problems = plan_samples(scan, datasets)
     scan.problems += problems
     scan.raise_errors()
@@ -74,7 +74,7 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     [sample] prompts) are cached beside the captions. Warnings are printed to `console`
     (a rich Console) with the progress bars; None keeps it silent.
     """
-    scan, samples = scan_and_plan(cfg.data)
+    scan, samples = scan_and_plan(cfg.data, console)
     report_problems(scan.problems, console)
     encoders = encoders or default_encoders(cfg, device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
