@@ -184,7 +184,7 @@ def data_inspect(
     datasets = datasets_from_options(directory, config, overrides or [], resolution=resolution or None,
                                      caption_ext=caption_ext, trigger_word=trigger, default_caption=default_caption,
                                      strict=strict or None)
-    inspection = inspect_datasets(datasets)
+    inspection = inspect_datasets(datasets, console)
     if as_json:
         typer.echo(json.dumps(inspection.to_dict(), indent=2))
     else:
