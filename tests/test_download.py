@@ -67,10 +67,13 @@ class FakeHub:
         self.dropped: set[str] = set()
         self.corrupt: set[str] = set()  # "repo/path" served with one byte flipped (same size, wrong hash)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.hub = self  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
+        for server in self.servers:
+            server.hub = self  # type: ignore[attr-defined]
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
+        # Like the real Hub, LFS files redirect to a CDN on another host (here: another port).
+        self.cdn_url = f"http://127.0.0.1:{self.servers[1].server_address[1]}"
 
     def add_repo(self, repo: str, files: dict[str, bytes], gated: bool = False, private: bool = False,
                  token: str | None = None) -> str:
@@ -79,11 +82,14 @@ class FakeHub:
         return commit
 
     def gets(self, suffix: str = "") -> list[dict]:
-        return [e for e in self.log if e["method"] == "GET" and "/resolve/" in e["path"] and e["path"].endswith(suffix)]
+        """File transfers (GETs on /resolve/ or the CDN), optionally of one path."""
+        return [e for e in self.log if e["method"] == "GET" and ("/resolve/" in e["path"] or e["path"].startswith("/cdn/"))
+                and e["path"].endswith(suffix)]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,6 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
                  "auth": self.headers.get("Authorization"), "sent": 0}
         with hub.lock:
             hub.log.append(entry)
+        cdn = re.fullmatch(r"/cdn/([^/]+/[^/]+)/(.+)", path)
+        if cdn and cdn.group(1) in hub.repos:  # a signed CDN URL: no auth, no redirect
+            return self._file(hub, cdn.group(1), hub.repos[cdn.group(1)], cdn.group(2), head, entry, redirect=False)
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         match = api or resolve
@@ -135,7 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "gated": "manual" if repo["gated"] else False, "disabled": False, "library_name": "diffusers",
                 "tags": [], "siblings": siblings}
 
-    def _file(self, hub: FakeHub, name: str, repo: dict, rel: str, head: bool, entry: dict) -> None:
+    def _file(self, hub: FakeHub, name: str, repo: dict, rel: str, head: bool, entry: dict,
+              redirect: bool = True) -> None:
         data = repo["files"].get(rel)
         if data is None:
             return self._error(404, "EntryNotFound", f"{rel} does not exist")
@@ -144,6 +154,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(500, None, "Internal Error")
         lfs = rel.endswith(".safetensors")
         oid = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+        if lfs and redirect:
+            self.send_response(302)
+            self.send_header("Location", f"{hub.cdn_url}/cdn/{name}/{rel}")
+            self.send_header("X-Repo-Commit", repo["commit"])
+            self.send_header("ETag", f'"{oid}"')
+            self.send_header("X-Linked-Etag", f'"{oid}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         start = 0
         ranged = self.headers.get("Range")
         if ranged and not head:
@@ -351,7 +371,9 @@ def test_token_never_printed_logged_or_written(hub, model_files, tmp_path, monke
     caplog.set_level("DEBUG")
     ok = runner.invoke(app, ["download", "--model", "gated/z-image", "--adapter", "none", "--token", SECRET])
     assert ok.exit_code == 0, ok.output
-    assert any(e["auth"] == f"Bearer {SECRET}" for e in hub.gets())  # the token was used...
+    assert any(e["auth"] == f"Bearer {SECRET}" for e in hub.log if "/resolve/" in e["path"])  # the token was used...
+    cdn = [e for e in hub.log if e["path"].startswith("/cdn/")]
+    assert cdn and all(e["auth"] is None for e in cdn)  # ...but never sent to the CDN...
     bad = runner.invoke(app, ["download", "--model", "gated/z-image", "--adapter", "none", "--token", SECRET[:-1] + "X",
                               "--dir", str(tmp_path / "other")])
     assert bad.exit_code == 1 and "error:" in bad.output
@@ -493,6 +515,8 @@ def test_cli_download_model_and_adapter(hub):
     assert resolve_adapter_file("v2").is_file() and resolve_model_dir(REPO) == download_dir(REPO)
     again = runner.invoke(app, ["download", "--model", REPO, "--adapter", "v2"])
     assert again.exit_code == 0 and "nothing was downloaded" in again.output and "already present" in again.output
+    quiet = runner.invoke(app, ["download", "--model", REPO, "--adapter", "v2", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output.strip() == ""
 
 
 def test_cli_errors_are_one_line(hub):
@@ -570,6 +594,14 @@ def test_files_in_the_hugging_face_cache_are_linked_not_fetched(hub, model_files
     assert hub.gets(vae) == [] and next(f.action for f in result.files if f.path == vae) == "from HF cache"
     local = download_dir(REPO) / vae
     assert local.read_bytes() == model_files[vae] and local.stat().st_ino == cached.stat().st_ino
+    # A damaged cached copy is not trusted: the file is fetched instead.
+    other = tmp_path / "other"
+    text_encoder = "text_encoder/model.safetensors"
+    damaged = Path(hf_hub_download(REPO, text_encoder, endpoint=hub.url)).resolve()
+    damaged.write_bytes(b"x" * damaged.stat().st_size)
+    result = download_model(REPO, other)
+    assert next(f.action for f in result.files if f.path == text_encoder) == "fetched"
+    assert (other / text_encoder).read_bytes() == model_files[text_encoder]
 
 
 def test_one_download_per_folder_at_a_time(hub, tmp_path):
@@ -581,3 +613,36 @@ def test_one_download_per_folder_at_a_time(hub, tmp_path):
         with pytest.raises(DownloadError, match="another `zturbo download` is writing into"):
             download_model(REPO, folder)
     download_model(REPO, folder)
+
+
+def test_revision_is_resolved_and_checked(hub):
+    commit = hub.repos[REPO]["commit"]
+    result = download_model(REPO, revision=commit)
+    assert result.commit == commit and read_manifest(download_dir(REPO))["revision"] == commit
+    with pytest.raises(DownloadError, match="revision 'v9' does not exist in test-org/z-image-tiny; pass --revision"):
+        download_model(REPO, revision="v9")
+
+
+def test_bf16_conversion_holds_one_tensor_at_a_time(tmp_path, monkeypatch):
+    import weakref
+
+    import zturbo_train.bf16 as bf16
+
+    path = tmp_path / "shard.safetensors"
+    tensors = {f"w{i}": torch.randn(64, 64) for i in range(6)} | {"step": torch.tensor([3], dtype=torch.int64)}
+    path.write_bytes(save(tensors))
+    seen: list[weakref.ref] = []
+    real = bf16.raw_bytes
+
+    def watching(tensor):
+        assert all(ref() is None for ref in seen), "an earlier tensor is still alive"
+        seen.append(weakref.ref(tensor))
+        return real(tensor)
+
+    monkeypatch.setattr(bf16, "raw_bytes", watching)
+    bf16.convert_to_bf16(path)
+    assert len(seen) == len(tensors)
+    out = load_file(path)
+    assert out["step"].dtype == torch.int64 and torch.equal(out["step"], tensors["step"])
+    for key in (k for k in tensors if k != "step"):
+        assert out[key].dtype == torch.bfloat16 and torch.equal(out[key], tensors[key].to(torch.bfloat16))

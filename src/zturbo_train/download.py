@@ -343,13 +343,16 @@ class _Job:
         part = _partial_path(self.folder, remote)
         cached = hf_cached(self.hub.repo, remote.path, self.commit)
         if cached is not None:
-            copy_from_cache(cached, part, remote, self.reporter)
-            action = "from HF cache"
-        else:
-            action = "resumed" if part.is_file() and part.stat().st_size > 0 else "fetched"
-            if not counted:
-                self.reporter.grow_overall(self.missing_bytes(remote))
-            self.result.fetched_bytes += self.hub.fetch(remote, self.commit, part, self.reporter)
+            try:
+                copy_from_cache(cached, part, remote, self.reporter)
+                _commit(part, dest)
+                return "from HF cache"
+            except DownloadError:  # a damaged cached copy: fetch the file instead
+                counted = False
+        action = "resumed" if part.is_file() and part.stat().st_size > 0 else "fetched"
+        if not counted:
+            self.reporter.grow_overall(self.missing_bytes(remote))
+        self.result.fetched_bytes += self.hub.fetch(remote, self.commit, part, self.reporter)
         _commit(part, dest)
         return action
 
