@@ -254,6 +254,8 @@ def test_bad_files_stop_nothing_half_way(data_copy, tiny_dir, tmp_path):
     assert "skipped: " + str(data_copy / "img_01.png") + ": is not an image Pillow can read" in printed
     assert printed.index("zz.png: is truncated or corrupt") < printed.index("caching latents")  # listed up front
     assert "caching latents" in printed and "5/5" in printed and "caching captions" in printed
+    assert ("data: 5 images, 5 samples in 3 buckets, 4 batches per epoch; cache: 5 latents encoded, 0 reused, "
+            "6 captions encoded, 0 reused") in printed
 
 
 def test_errors_stop_before_any_encoding(data_copy, tiny_dir, tmp_path):

@@ -40,7 +40,8 @@ def test_skipped_files_and_missing_captions_are_shown_with_reasons(data_copy):
     out = result.output
     assert "is not an image Pillow can read" in out and "smaller than the 64 px minimum" in out
     assert "has no caption file img_04.txt; using data.default_caption" in out
-    assert "5 images, 5 samples per epoch, 2 skipped, 1 warnings, 0 errors, 1 captions missing, 1 default captions" in out
+    assert ("5 images, 5 samples per epoch, 2 skipped, 1 warnings, 0 errors, 1 captions missing, "
+            "1 default captions") in out
 
 
 def test_errors_are_listed_then_exit_non_zero(data_copy):
@@ -49,7 +50,8 @@ def test_errors_are_listed_then_exit_non_zero(data_copy):
     assert result.exit_code == 1
     assert "Images" in result.output  # the tables came first
     assert "error: 1 dataset problem found before training" in result.output
-    assert "img_04.png: has no caption file img_04.txt; write a caption there or set data.default_caption" in result.output
+    assert ("img_04.png: has no caption file img_04.txt; write a caption there or set data.default_caption"
+            in result.output)
     assert "Traceback" not in result.output
 
 

@@ -87,7 +87,8 @@ def test_missing_caption_is_an_error_without_default(tmp_path):
     result = scan(tmp_path)
     problem = only_problem(result, "error")
     assert problem.reason == "has no caption file a.txt; write a caption there or set data.default_caption"
-    with pytest.raises(DataError, match=r"(?s)1 dataset problem found before training .*a\.png: has no caption file a\.txt"):
+    pattern = r"(?s)1 dataset problem found before training .*a\.png: has no caption file a\.txt"
+    with pytest.raises(DataError, match=pattern):
         result.raise_errors()
 
 

@@ -110,7 +110,8 @@ class Encoders:
         try:
             return json.loads((self._part(part) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self._part(part)}/config.json cannot be read ({exc}); download the model again") from None
+            raise ModelError(f"{self._part(part)}/config.json cannot be read ({exc}); "
+                             f"download the model again") from None
 
     def load_vae(self):
         from ..loader import load_parts
@@ -123,13 +124,15 @@ class Encoders:
         from ..loader import load_parts
 
         self.loads.append("text_encoder")
-        parts = load_parts(self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype, device=str(self.device))
+        parts = load_parts(self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype,
+                           device=str(self.device))
         return parts.tokenizer, parts.text_encoder
 
     def _part(self, part: str) -> Path:
         folder = Path(self.model_dir) / part
         if not folder.is_dir():
-            raise ModelError(f"{self.model_dir} has no {part}/ folder; the download is incomplete, run `zturbo download` again")
+            raise ModelError(f"{self.model_dir} has no {part}/ folder; the download is incomplete, "
+                             f"run `zturbo download` again")
         return folder
 
 

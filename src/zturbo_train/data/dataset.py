@@ -88,7 +88,7 @@ def problem_report(errors: Sequence[Problem]) -> str:
 
 
 def scan_datasets(datasets: Sequence[DataConfig], console=None) -> Scan:
-    """Scan every dataset (a transient progress bar on `console`); raises DataError only for a missing or empty folder."""
+    """Scan every dataset (progress on `console`); raises DataError only for a missing or empty folder."""
     scan = Scan()
     for index, cfg in enumerate(datasets):
         scan.roots.append(cfg.dir)
@@ -165,8 +165,8 @@ def read_caption(image: Path, cfg: DataConfig) -> tuple[str | None, Literal["fil
     try:
         raw = path.read_bytes() if path.is_file() else None
     except OSError as exc:
-        return None, "file", [Problem(path, "error", f"caption cannot be read ({exc.strerror or exc}); check its permissions",
-                                       "bad_caption")]
+        reason = f"caption cannot be read ({exc.strerror or exc}); check its permissions"
+        return None, "file", [Problem(path, "error", reason, "bad_caption")]
     if raw is not None:
         try:
             text = normalise(raw.decode("utf-8-sig"))

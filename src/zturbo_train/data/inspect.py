@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import DataConfig, apply_override, load_config, validate_config
-from ..errors import ConfigError, DataError
-from .dataset import Scan, problem_report, scan_datasets
+from ..errors import ConfigError
+from .dataset import Scan, scan_datasets
 from .loader import Sample
 from .prepare import plan_samples
 
@@ -131,8 +131,8 @@ def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
     for index, item in enumerate(shown):
         caption = item.caption if len(item.caption) <= _CAPTION_WIDTH else item.caption[:_CAPTION_WIDTH - 1] + "…"
         source = " [dim](default)[/]" if item.caption_source == "default" else ""
-        table.add_row(_rel(item.path, inspection), f"{item.width}x{item.height}", " ".join(f"{w}x{h}" for _, (w, h) in buckets.get(index, [])),
-                      _escape(caption) + source)
+        sizes = " ".join(f"{w}x{h}" for _, (w, h) in buckets.get(index, []))
+        table.add_row(_rel(item.path, inspection), f"{item.width}x{item.height}", sizes, _escape(caption) + source)
     if len(shown) < len(items):
         table.add_row(f"... and {len(items) - len(shown)} more (--rows 0 shows all)", "", "", "")
     console.print(table)
@@ -153,6 +153,4 @@ def _rel(path: Path, inspection: Inspection) -> str:
 
 def check_errors(inspection: Inspection) -> None:
     """Raise one DataError listing every error found (after the tables were shown)."""
-    errors = inspection.scan.at("error")
-    if errors:
-        raise DataError(problem_report(errors))
+    inspection.scan.raise_errors()

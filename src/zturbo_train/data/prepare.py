@@ -86,11 +86,13 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     fill_latents(jobs, encoders, stats, console, vae_batch_size)
     fill_texts(text_paths, encoders, stats, console, text_batch_size)
     per_sample = [cfg.data[scan.items[s.item].dataset] for s in samples]
-    return TrainDataset(
+    dataset = TrainDataset(
         items=scan.items, samples=samples, latent_paths=[job.path for job in jobs], text_paths=text_paths,
         repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
         batch_size=cfg.train.batch_size, seed=cfg.train.seed, problems=scan.problems, stats=stats,
     )
+    report_summary(dataset, console)
+    return dataset
 
 
 def _latent_job(scan: Scan, sample: Sample, root: Path) -> LatentJob:
@@ -115,3 +117,15 @@ def report_problems(problems: Sequence[Problem], console) -> None:
         style = "yellow" if problem.level == "warn" else "red"
         label = "skipped" if problem.level == "skip" else problem.level
         console.print(f"[{style}]{label}:[/] {problem.line()}", highlight=False, soft_wrap=True)
+
+
+def report_summary(dataset: TrainDataset, console) -> None:
+    """One line on what the data is and what caching did (encoded vs reused, corrupt entries replaced)."""
+    if console is None:
+        return
+    st = dataset.stats
+    corrupt = f", {len(st.corrupt)} corrupt cache files re-encoded" if st.corrupt else ""
+    console.print(f"data: {len(dataset.items)} images, {sum(dataset.repeats)} samples in {len(dataset.bucket_counts)} "
+                  f"buckets, {dataset.batches_per_epoch} batches per epoch; cache: {st.latents_encoded} latents "
+                  f"encoded, {st.latents_reused} reused, {st.texts_encoded} captions encoded, {st.texts_reused} "
+                  f"reused{corrupt}", highlight=False, soft_wrap=True)
