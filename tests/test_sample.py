@@ -185,6 +185,25 @@ def test_batches_and_low_mem_on_cpu_give_the_same_images(tmp_path):
     assert any("--low-mem" in n and "changes nothing" in n for n in notes)
 
 
+def test_text_encoder_is_freed_after_encoding(tmp_path, monkeypatch):
+    import weakref
+
+    from zturbo_train import loader
+    from zturbo_train.sample import encode_prompts_once
+
+    encoders, real = [], loader.load_parts
+
+    def spy(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        encoders.append(weakref.ref(parts.text_encoder))
+        return parts
+
+    monkeypatch.setattr(loader, "load_parts", spy)
+    embeds = encode_prompts_once(settings(tmp_path, prompts=["a", "b", "a"], guidance=1.0, negative="n"),
+                                 torch.device("cpu"), "none")
+    assert list(embeds) == ["a", "b", "n"] and encoders[0]() is None
+
+
 def test_offload_choice():
     gib = 2**30
     assert choose_offload("cpu", True, 0, 12 * gib) == "none"

@@ -225,7 +225,6 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
-    keep_text_encoder: bool = typer.Option(False, "--keep-text-encoder", help="Keep the text encoder loaded after encoding (it is freed by default)."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
     from .sample import SampleSettings, parse_lora_spec, read_prompts_file
@@ -236,7 +235,7 @@ def sample(
     settings = SampleSettings(
         prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
         seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
-        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, free_text_encoder=not keep_text_encoder)
+        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size)
     run_sample(settings, log=_report)
 
 

@@ -413,7 +413,6 @@ class SampleSettings:
     device: str = "auto"
     dtype: str = "bf16"
     batch_size: int = 1
-    free_text_encoder: bool = True
 
 
 @dataclass
@@ -461,7 +460,14 @@ def make_jobs(prompts: Sequence[str], count: int, seed: int) -> list[Job]:
 
 
 def encode_prompts_once(s: SampleSettings, device: torch.device, mode: str) -> dict[str, Tensor]:
-    """Encode every distinct text once (prompts, and the negative when CFG is on), then drop the text encoder."""
+    """Encode every distinct text once (prompts, and the negative when CFG is on), then free the text encoder.
+
+    Every prompt is known up front, so the encoder is never needed again: it is gone before
+    the transformer loads, and peak memory is the larger of the two, not their sum.
+    """
+    import weakref
+
+    from .data.cache import free_memory
     from .loader import load_parts
 
     texts = list(dict.fromkeys([*s.prompts, *([s.negative] if s.guidance > 0 else [])]))
@@ -472,11 +478,9 @@ def encode_prompts_once(s: SampleSettings, device: torch.device, mode: str) -> d
 
         cpu_offload(parts.text_encoder, execution_device=device)
     embeds = encode_texts(parts.tokenizer, parts.text_encoder, texts, device)
-    if s.free_text_encoder or mode != "none":
-        from .data.cache import free_memory
-
-        parts.text_encoder = None
-        free_memory(device)
+    alive = weakref.ref(parts.text_encoder)
+    del parts
+    free_memory(device, alive)
     return dict(zip(texts, embeds))
 
 
