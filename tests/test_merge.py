@@ -81,11 +81,18 @@ def test_merged_folder_loads_in_diffusers_and_equals_base_plus_loras(tmp_path, t
     assert [l["strength"] for l in provenance["loras"]] == [0.8, -0.5] and provenance["dtype"] == "fp32"
 
 
-def test_sharded_source_is_merged_shard_by_shard(tmp_path, sharded_model, two_loras):
+def test_sharded_source_is_merged_shard_by_shard(tmp_path, sharded_model, two_loras, monkeypatch):
+    from zturbo_train import fileio
+
+    written, save = [], fileio.save_safetensors
+    monkeypatch.setattr(fileio, "save_safetensors", lambda path, tensors, meta=None: (
+        written.append(sorted(tensors)), save(path, tensors, meta))[1])
     a, _ = two_loras
     out = merge_into_model([LoraSpec(a, 0.6)], tmp_path / "merged", model=str(sharded_model), dtype="fp32")
     sources, results = transformer_files(sharded_model), transformer_files(out)
     assert len(sources) > 2 and [p.name for p in results] == [p.name for p in sources]
+    # Bounded memory: each write holds exactly one source shard's tensors, never the whole model.
+    assert written == [sorted(load_file(p)) for p in sources]
     index = json.loads((out / "transformer" / INDEX_NAME).read_text())
     assert index["weight_map"] == json.loads((sharded_model / "transformer" / INDEX_NAME).read_text())["weight_map"]
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for p in results for t in load_file(p).values())

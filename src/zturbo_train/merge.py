@@ -23,7 +23,7 @@ import torch
 
 from .config import TURBO_REPO
 from .errors import AdapterError, ConfigError, LoraError, ModelError
-from .keys import STYLES, LoraDict, LoraWeights, read_lora_file, require_fit, write_lora_file
+from .keys import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
 from .sample import LoadedLora, LoraSpec, read_loras
 
 Log = Callable[[str], None]
