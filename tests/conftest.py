@@ -22,9 +22,14 @@ def pytest_configure(config):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(Path(_HOME) / "hf")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import torch
+
     from zturbo_train.cli import quiet_libraries
 
     quiet_libraries()
+    # The tiny models are far too small for intra-op threads: on 2 cores, OpenMP threads made
+    # tiny convolutions ~200x slower. One thread keeps every test fast and deterministic.
+    torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config):
