@@ -21,6 +21,7 @@ from zturbo_train.errors import AdapterError, DownloadError
 from zturbo_train.keys import read_lora_file
 from zturbo_train.loader import load_parts
 from zturbo_train.lora import create_lora, load_lora
+from zturbo_train.tiny import TINY_VERSION
 
 TINY_ADAPTER = "builtin:tiny-adapter"
 # fp32: merging then removing only reorders fp32 sums (measured ~2e-7); 1e-5 leaves 50x
@@ -99,7 +100,7 @@ def test_from_config_reads_mode_and_weight(tiny_transformer):
     adapter = TrainingAdapter.from_config(cfg, tiny_transformer)
     assert (adapter.mode, adapter.weight, adapter.state) == ("live", 0.5, AdapterState.OFF)
     assert adapter.summary()["ref"] == TINY_ADAPTER
-    assert adapter.summary()["file"].endswith("tiny-adapter-v1.safetensors")
+    assert adapter.summary()["file"].endswith(f"tiny-adapter-v{TINY_VERSION}.safetensors")
 
 
 def test_none_adapter_tracks_state_and_changes_nothing(tiny_transformer):
