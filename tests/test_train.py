@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import statistics
 from pathlib import Path
@@ -280,3 +281,40 @@ def test_real_config_dry_run_against_tiny(example_data):
                                  "--set", f"data.dir={json.dumps(str(example_data))}"])
     assert result.exit_code == 0, result.output
     assert "training plan" in result.output and "rank 32" in result.output
+
+
+def test_out_of_memory_names_the_settings_that_lower_memory(tmp_path, example_data, monkeypatch):
+    def oom(self, latents, embeds):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrainStep, "backward", oom)
+    result = runner.invoke(app, ["train", str(make_config(tmp_path, example_data, steps=3, sample_every=0)), "-q"])
+    assert result.exit_code == 1
+    assert "error: out of GPU memory at resolution 64, batch 2; lower memory with" in result.output
+    assert "train.gradient_checkpointing=true" in result.output and "Traceback" not in result.output
+
+
+def test_adamw8bit_and_schedules_run(tmp_path, example_data):
+    from zturbo_train.config import TrainConfig
+    from zturbo_train.step import lr_at
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0,
+                                  optimizer="adamw8bit", log_every=1))
+    result = run(cfg, quiet=True)
+    assert result.steps_done == 3 and all(math.isfinite(r["loss"]) for r in metrics(result.run_dir))
+
+    warm = TrainConfig(steps=10, lr=1.0, warmup_steps=2, lr_scheduler="cosine")
+    assert [round(lr_at(s, warm), 4) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.0381]
+    linear = TrainConfig(steps=10, lr=1.0, lr_scheduler="linear")
+    assert [lr_at(s, linear) for s in (0, 5)] == [1.0, 0.5]
+    assert lr_at(7, TrainConfig(steps=10, lr=0.3)) == 0.3
+
+
+def test_same_seed_is_bit_for_bit_repeatable(tmp_path, example_data):
+    paths = []
+    for name in ("a", "b"):
+        cfg = load_config(make_config(tmp_path / name, example_data, steps=3, save_every=0, sample_every=0,
+                                      log_every=1))
+        paths.append(run(cfg, quiet=True).lora_path)
+    a, b = read_lora_file(paths[0])[0], read_lora_file(paths[1])[0]
+    assert all(torch.equal(a[k].up, b[k].up) for k in a)

@@ -50,8 +50,12 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
+    # bitsandbytes warns at import about optional CPU kernels that we never use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
