@@ -1,6 +1,7 @@
 """The loader: builtin:tiny is a real diffusers folder; our parts equal diffusers' own."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,21 @@ def test_downloaded_repo_is_found_in_our_folder(tiny_dir):
         assert resolve_model_dir("someone/tiny-copy") == target
     finally:
         shutil.rmtree(target)
+
+
+def test_repo_in_the_hugging_face_cache_is_found(tiny_dir):
+    """A model fetched with `hf download` (the HF cache layout) is found by its repo id."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--someone--cached"
+    snapshot = repo / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    try:
+        assert resolve_model_dir("someone/cached") == snapshot
+        assert load_parts("someone/cached", parts=["scheduler"]).scheduler.config.shift == 3.0
+    finally:
+        shutil.rmtree(repo)
