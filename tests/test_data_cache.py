@@ -18,15 +18,6 @@ from zturbo_train.errors import DataError
 from zturbo_train.loader import build_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run 100x slower when two OpenMP threads fight other jobs for two shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(data_dir: Path, **data):
     data = {"dir": str(data_dir), "resolution": [64], "trigger_word": "sks", **data}
     return validate_config({"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": data,

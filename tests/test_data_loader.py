@@ -13,25 +13,11 @@ from zturbo_train.data.cache import read_entry
 from zturbo_train.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run 100x slower when two OpenMP threads fight other jobs for two shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(tiny_dir: Path, cache: Path, data, **train):
     raw = {"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": data,
            "train": {"batch_size": 2, "seed": 3, **train}, "sample": {"prompts": ["a cube at dusk"]}}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return prepare_dataset(validate_config(raw), "cpu", encoders=Encoders(tiny_dir, "cpu", "fp32", "fp32"),
-                               cache_dir=cache)
-    finally:
-        torch.set_num_threads(previous)
+    return prepare_dataset(validate_config(raw), "cpu", encoders=Encoders(tiny_dir, "cpu", "fp32", "fp32"),
+                           cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
