@@ -1,7 +1,6 @@
 """`zturbo data inspect` through the CLI: tables, JSON, config input, and errors as one clear exit."""
 
 import json
-from pathlib import Path
 
 from PIL import Image
 from typer.testing import CliRunner

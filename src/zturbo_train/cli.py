@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -120,10 +119,11 @@ def train(
 
     result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
     if result.interrupted:
-        console.print(f"[yellow]stopped at step {result.steps_done}[/]; state and LoRA saved in {result.run_dir}. "
-                      f"Resume with: zturbo train {config} --resume", highlight=False)
+        if result.rank == 0:
+            console.print(f"[yellow]stopped at step {result.steps_done}[/]; state and LoRA saved in {result.run_dir}. "
+                          f"Resume with: zturbo train {config} --resume", highlight=False)
         raise typer.Exit(130)
-    if not quiet:
+    if not quiet and result.rank == 0:
         print_summary(result)
 
 

@@ -31,8 +31,7 @@ from .bf16 import convert_to_bf16, rewrite_index_total
 from .config import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
 from .errors import AdapterError, DownloadError
 from .fileio import write_json
-from .hubfetch import (Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint,
-                       offline)
+from .hubfetch import (Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint)
 from .loader import PIPELINE_CLASSES, download_dir
 
 MANIFEST = "zturbo.json"
