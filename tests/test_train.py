@@ -235,9 +235,9 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path, example_data, monkey
     original = TrainStep.loss
     count = {"n": 0}
 
-    def loss(self, latents, embeds):
+    def loss(self, latents, embeds, *keys):
         count["n"] += 1
-        value = original(self, latents, embeds)
+        value = original(self, latents, embeds, *keys)
         return value * float("nan") if count["n"] >= 4 else value
 
     monkeypatch.setattr(TrainStep, "loss", loss)
@@ -284,7 +284,7 @@ def test_real_config_dry_run_against_tiny(example_data):
 
 
 def test_out_of_memory_names_the_settings_that_lower_memory(tmp_path, example_data, monkeypatch):
-    def oom(self, latents, embeds):
+    def oom(self, latents, embeds, *keys):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(TrainStep, "backward", oom)

@@ -52,6 +52,7 @@ class TrainStep:
         self.generator = generator
         self.forward = model_forward or flow.predict
         self.device = generator.device
+        self._keyed = torch.Generator(device=self.device)  # reseeded per sample when a batch brings seeds
         self.model_dtype = next(transformer.parameters()).dtype
 
     def _autocast(self):
@@ -59,21 +60,45 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.settings.autocast_dtype)
 
-    def loss(self, latents: Tensor, embeds: Sequence[Tensor]) -> Tensor:
-        """The flow-matching loss of one micro-batch (fp32 scalar on the device)."""
+    def loss(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
+             weights: Sequence[float] | None = None) -> Tensor:
+        """The flow-matching loss of one micro-batch (fp32 scalar on the device).
+
+        `seeds` (one per sample) key each sample's noise and sigma, so a sample gets the same
+        draw in whichever batch, micro-batch or rank it lands; `weights` scale per-sample losses
+        (data-parallel slices of a batch's last, uneven part). Without them: the step's generator.
+        """
         s = self.settings
-        noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
-        sigmas = flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
-                                    s.logit_mean, s.logit_std, s.timestep_shift)
+        noise, sigmas = self._draw(latents, seeds)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
         with self._autocast():
             pred = self.forward(self.transformer, noisy, flow.model_time(sigmas).to(self.model_dtype), embeds)
-        return flow.flow_loss(pred, flow.flow_target(x0, noise), flow.loss_weights(sigmas, s.timestep_sampling))
+        loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
+        if weights is not None:
+            loss_weights = loss_weights * torch.tensor(weights, dtype=torch.float32, device=loss_weights.device)
+        return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
 
-    def backward(self, latents: Tensor, embeds: Sequence[Tensor]) -> Tensor:
+    def _draw(self, latents: Tensor, seeds: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+        """(noise, sigmas): from the step's generator, or one generator seeding per sample from `seeds`."""
+        s = self.settings
+        if seeds is None:
+            noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
+            return noise, flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
+                                             s.logit_mean, s.logit_std, s.timestep_shift)
+        noises, sigmas = [], []
+        for seed in seeds:
+            self._keyed.manual_seed(seed)
+            noises.append(torch.randn(latents.shape[1:], generator=self._keyed, device=latents.device,
+                                      dtype=torch.float32))
+            sigmas.append(flow.sample_sigmas(1, self._keyed, latents.device, s.timestep_sampling, s.logit_mean,
+                                             s.logit_std, s.timestep_shift))
+        return torch.stack(noises), torch.cat(sigmas)
+
+    def backward(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
+                 weights: Sequence[float] | None = None) -> Tensor:
         """Loss and backward of one micro-batch, scaled for accumulation; returns the detached loss."""
-        loss = self.loss(latents, embeds)
+        loss = self.loss(latents, embeds, seeds, weights)
         (loss / self.settings.grad_accum).backward()
         return loss.detach()
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (RunFolder, capture_rng, latest_state, load_state, lora_tensors, open_run_folder, prune,
                          restore_optimizer, restore_rng, save_state)
 from .config import Config
@@ -44,6 +44,7 @@ class TrainResult:
     seconds: float
     interrupted: bool = False
     previews: list[Path] = field(default_factory=list)
+    rank: int = 0
 
 
 @dataclass
@@ -84,16 +85,23 @@ def pick_device() -> torch.device:
 # ------------------------------------------------------------------------------ setup
 
 
-def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.device | None = None) -> Session:
-    """Caches first (one encoder at a time), then the transformer, adapter, LoRA, optimizer, state."""
+def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.device | None = None,
+          ranks: distributed.Ranks | None = None) -> Session:
+    """Caches first (one encoder at a time), then the transformer, adapter, LoRA, optimizer, state.
+
+    Under torchrun (`ranks`): rank 0 opens the output folder, the ranks share the caching,
+    and the step is wrapped in DDP over the LoRA once every rank holds the same state.
+    """
     from .adapter import TrainingAdapter
-    from .data.prepare import prepare_dataset
     from .loader import load_parts
     from .lora import create_lora
 
+    ranks = ranks or distributed.Ranks()
     device = device or pick_device()
-    run = open_run_folder(cfg.train.output_dir, resume, overwrite)
-    dataset = prepare_dataset(cfg, device, console=console)
+    with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
+        run = open_run_folder(cfg.train.output_dir, resume, overwrite) if ranks.is_main else RunFolder(
+            cfg.train.output_dir)
+    dataset = distributed.prepare_dataset(cfg, device, ranks, console)
     dtype = torch_dtype(cfg.model.dtype)
     parts = load_parts(cfg.model.path, ["transformer", "vae", "scheduler"], dtype=cfg.model.dtype, device=str(device))
     transformer = parts.transformer
@@ -111,23 +119,29 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     step = TrainStep(transformer, params, optimizer, StepSettings.from_config(cfg.train, dtype, device), generator)
     negative = dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
-                      dataset.prompt_embeddings(cfg.sample.prompts), negative, console)
+                      dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
+                      world=ranks.world)
     if resume:
         _resume(session)
-    else:
+    elif ranks.is_main:
         write_json(run.config, {"zturbo_version": __version__, **cfg.model_dump(mode="json")})
+    distributed.data_parallel(session, ranks)
     return session
 
 
 def _resume(s: Session) -> None:
     """Continue from the newest state: LoRA, optimizer, RNG streams, data position, step."""
     path = latest_state(s.run)
+    if path is None:  # rank 0 found one: this rank's machine does not see the run folder
+        raise TrainingError(f"rank {s.rank} sees no saved state in {s.run.root}; for --resume on several machines "
+                            f"put train.output_dir on a filesystem they all see")
     tensors, meta = load_state(path)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
     restore_rng(s.step.generator, tensors, meta)
     s.start_step, s.data_state = meta["step"], meta["data"]
-    _truncate_metrics(s.run.metrics, s.start_step)
+    if s.is_main:
+        _truncate_metrics(s.run.metrics, s.start_step)
 
 
 def _pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -220,10 +234,23 @@ def _autocast(s: Session):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts at once."""
+    """Ctrl-C / SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts at once.
 
-    def __init__(self):
+    `poll()` after each step turns the request into `reason`; with `agree` (data parallel)
+    a request on any rank stops every rank after the same step.
+    """
+
+    def __init__(self, agree: Any = None):
+        self.requested: str | None = None
         self.reason: str | None = None
+        self.agree = agree
+
+    def poll(self) -> str | None:
+        if self.agree is None:
+            self.reason = self.requested
+        elif self.agree(self.requested is not None):
+            self.reason = self.requested or "a stop on another rank"
+        return self.reason
 
     @contextmanager
     def installed(self) -> Iterator["StopRequest"]:
@@ -233,9 +260,9 @@ class StopRequest:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def handler(signum, frame):
-            if self.reason is not None and signum == signal.SIGINT:
+            if self.requested is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.reason = signal.Signals(signum).name
+            self.requested = signal.Signals(signum).name
 
         for sig in previous:
             signal.signal(sig, handler)
@@ -249,8 +276,9 @@ class StopRequest:
 class MetricsLog:
     """Buffers per-step tensors on the device and reads them in one sync every `every` steps."""
 
-    def __init__(self, path: Path, every: int, write: bool):
+    def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
+        self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
         self.smooth: float | None = None
         self.last_loss: float | None = None
@@ -263,7 +291,8 @@ class MetricsLog:
         """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved."""
         if not self.pending:
             return None
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending]).cpu().tolist()
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending])
+        values = (values if self.reduce is None else self.reduce(values)).cpu().tolist()
         now = time.perf_counter()
         per_step = (now - self.window_start) / len(self.pending)
         self.window_start = now
@@ -287,18 +316,21 @@ class MetricsLog:
 
 def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=None, quiet: bool = False,
         device: torch.device | None = None) -> TrainResult:
-    """Train a LoRA as `cfg` says; returns where the results went."""
+    """Train a LoRA as `cfg` says; returns where the results went. Under torchrun, one rank of a data-parallel run."""
     from rich.console import Console
 
-    console = console or Console(stderr=True, quiet=quiet)
-    started = time.perf_counter()
-    s = setup(cfg, resume, overwrite, console, device)
-    try:
-        return loop(s, started)
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(out_of_memory_message(cfg)) from None
-    finally:
-        s.adapter.deactivate()
+    with distributed.launched() as ranks:
+        console = console or Console(stderr=True, quiet=quiet or not ranks.is_main)
+        started = time.perf_counter()
+        s = setup(cfg, resume, overwrite, console, device, ranks)
+        if ranks.parallel:
+            console.print(distributed.batch_line(cfg.train, ranks, s.device), highlight=False, soft_wrap=True)
+        try:
+            return loop(s, started)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(out_of_memory_message(cfg)) from None
+        finally:
+            s.adapter.deactivate()
 
 
 def out_of_memory_message(cfg: Config) -> str:
@@ -310,19 +342,21 @@ def out_of_memory_message(cfg: Config) -> str:
 
 def loop(s: Session, started: float) -> TrainResult:
     cfg = s.cfg.train
-    log = MetricsLog(s.run.metrics, cfg.log_every, s.is_main)
+    log = MetricsLog(s.run.metrics, cfg.log_every, s.is_main, distributed.mean_over_ranks if s.world > 1 else None)
     previews: list[Path] = []
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
     step = s.start_step
-    with s.dataset.loader(s.device, state=s.data_state) as loader, StopRequest().installed() as stop, \
+    with s.dataset.loader(s.device, state=s.data_state) as loader, \
+            StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
             _progress(s, cfg.steps) as bar:
         while step < cfg.steps and stop.reason is None:
             lr = lr_at(step, cfg)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            losses = [s.step.backward(b.latents, b.text) for b in batches]
+            losses = [s.step.backward(b.latents, b.text, b.noise_seeds, b.weights) for b in batches]
             norm = s.step.update(lr)
             step += 1
+            stop.poll()
             log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch)
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
@@ -341,7 +375,7 @@ def loop(s: Session, started: float) -> TrainResult:
             if not interrupted:
                 previews += preview(s, step)
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews)
+                         time.perf_counter() - started, interrupted, previews, s.rank)
     return result
 
 

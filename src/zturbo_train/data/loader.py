@@ -1,10 +1,16 @@
 """Batches for the training loop, read from the caches ahead of time on a background thread.
 
 The order is a pure function of (seed, epoch): shuffle each bucket's samples (repeats
-included), cut them into batches of one bucket, shuffle the batches. Caption dropout and
-the latent noise of each batch are drawn from generators seeded by (seed, epoch,
-position). So a run resumed from `{"epoch", "position"}` sees exactly the batches, the
-dropped captions and the sampled latents it would have seen without the interruption.
+included), cut them into batches of one bucket, shuffle the batches. Caption dropout, the
+latent noise and the seed of the training noise of each sample are drawn from generators
+seeded by (seed, epoch, position, slot in the batch). So a run resumed from `{"epoch",
+"position"}` sees exactly the batches, the dropped captions and the sampled latents it
+would have seen without the interruption.
+
+Data-parallel runs cut each batch across the ranks (`TrainDataset.for_rank`): the order is
+made with the global batch (`batch_size` x ranks) and rank r trains on its slice of every
+batch, so the ranks together see what one process with the global batch would see, sample
+for sample and draw for draw.
 
 A thread (not worker processes) does the reading: the work is file I/O and memcpy, which
 release the GIL, so it runs beside the step without forking a process that holds CUDA.
@@ -54,6 +60,8 @@ class Batch:
     bucket: Bucket
     epoch: int
     position: int
+    noise_seeds: list[int] = field(default_factory=list)
+    weights: list[float] | None = None
 
     def pin(self) -> "Batch":
         return replace(self, latents=self.latents.pin_memory(), text=[t.pin_memory() for t in self.text])
@@ -90,6 +98,23 @@ def epoch_batches(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size:
     return batches
 
 
+def rank_share(size: int, rank: int, world: int) -> tuple[list[int], float]:
+    """The slots of a global batch of `size` samples that rank `rank` of `world` trains on, and their loss weight.
+
+    Contiguous balanced slices, the first ranks one sample larger: with a full batch, rank r of W
+    at batch b gets slots r*b .. r*b+b-1, so the union over ranks is the batch in its order.
+    The weight W * len(slice) / size makes the ranks' gradient average (DDP) the mean over
+    the whole batch when slices differ in size (a bucket's last batch). A rank left without
+    a sample still runs the step (the all-reduce needs every rank): it repeats one at weight 0.
+    """
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    end = start + base + (rank < extra)
+    if end > start:
+        return list(range(start, end)), world * (end - start) / size
+    return [rank % size], 0.0
+
+
 @dataclass
 class TrainDataset:
     """Everything the training loop needs from the data: the samples, their cache entries, the order.
@@ -108,17 +133,31 @@ class TrainDataset:
     seed: int
     problems: list[Problem] = field(default_factory=list)
     stats: CacheStats = field(default_factory=CacheStats)
+    rank: int = 0
+    world: int = 1
     _order: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
         """The batches of `epoch` (memoised for the few epochs in use; safe to call from two threads)."""
         order = self._order.get(epoch)
         if order is None:
-            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.batch_size, self.seed, epoch)
+            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.global_batch, self.seed,
+                                  epoch)
             if len(self._order) >= 4:
                 self._order.clear()
             self._order[epoch] = order
         return order
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per batch over all ranks: what the order is cut into."""
+        return self.batch_size * self.world
+
+    def for_rank(self, rank: int, world: int) -> "TrainDataset":
+        """This dataset as rank `rank` of `world` reads it: the order of the global batch, this rank's slice of each."""
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} ranks")
+        return replace(self, rank=rank, world=world, _order={})
 
     @property
     def batches_per_epoch(self) -> int:
@@ -135,25 +174,36 @@ class TrainDataset:
     def fingerprint(self) -> str:
         """Changes when what a saved position points at changes (samples, repeats, batch size, seed);
         edited pixels or captions keep it, since the order stays valid."""
-        views = [(self.items[s.item].path, s.resolution, s.bucket, s.flip) for s in self.samples]
-        return hashlib.sha256(repr((views, self.repeats, self.batch_size, self.seed)).encode()).hexdigest()[:16]
+        return hashlib.sha256(repr((self._views(), self.repeats, self.global_batch, self.seed)).encode()).hexdigest()[:16]
+
+    @property
+    def data_fingerprint(self) -> str:
+        """The fingerprint without the batch size: same samples, repeats and seed, maybe grouped otherwise."""
+        return hashlib.sha256(repr((self._views(), self.repeats, self.seed)).encode()).hexdigest()[:16]
+
+    def _views(self) -> list:
+        return [(self.items[s.item].path, s.resolution, s.bucket, s.flip) for s in self.samples]
 
     def load_batch(self, epoch: int, position: int) -> Batch:
-        """Batch `position` of `epoch` on the CPU: latents sampled, captions dropped, embeddings read."""
+        """This rank's slice of batch `position` of `epoch` on the CPU: latents sampled, captions dropped,
+        embeddings read. Every draw is keyed by the sample's slot in the global batch, not by the rank."""
         import torch
 
-        indices = self.epoch_order(epoch)[position]
-        noise = torch.Generator().manual_seed(derive_seed("noise", self.seed, epoch, position))
-        drops = random.Random(derive_seed("dropout", self.seed, epoch, position))
+        order = self.epoch_order(epoch)[position]
+        slots, weight = rank_share(len(order), self.rank, self.world)
+        indices = [order[slot] for slot in slots]
         latents, captions = [], []
-        for index in indices:
+        for slot, index in zip(slots, indices):
             entry = read_entry(self.latent_paths[index])
             mean, std = entry["mean"].float(), entry["std"].float()
+            noise = torch.Generator().manual_seed(derive_seed("noise", self.seed, epoch, position, slot))
             latents.append(mean + std * torch.randn(mean.shape, generator=noise))
+            drops = random.Random(derive_seed("dropout", self.seed, epoch, position, slot))
             captions.append(drop_caption(self.items[self.samples[index].item].caption, self.dropout[index], drops))
         return Batch(torch.stack(latents), self._embeddings(captions), captions,
                      [self.items[self.samples[i].item].path for i in indices], self.samples[indices[0]].bucket,
-                     epoch, position)
+                     epoch, position, [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
+                     None if weight == 1.0 else [weight] * len(slots))
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> list:
         """Cached embeddings of preview prompts (passed to prepare_dataset as extra_prompts)."""
@@ -198,11 +248,26 @@ class BatchLoader:
         if not state:
             return 0, 0
         epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
-        if state.get("fingerprint") not in (None, self.dataset.fingerprint):
-            warnings.warn(f"the dataset changed since this state was saved; continuing at the start of epoch {epoch}",
-                          stacklevel=3)
-            return epoch, 0
-        return self._normalise(epoch, position)
+        if state.get("fingerprint") in (None, self.dataset.fingerprint):
+            return self._normalise(epoch, position)
+        if state.get("data_fingerprint") == self.dataset.data_fingerprint and state.get("epoch_batches"):
+            return epoch, self._regrouped(epoch, position, int(state["epoch_batches"]))
+        warnings.warn(f"the dataset changed since this state was saved; continuing at the start of epoch {epoch}",
+                      stacklevel=3)
+        return epoch, 0
+
+    def _regrouped(self, epoch: int, position: int, saved_batches: int) -> int:
+        """Same data, other global batch (batch_size x ranks): the same fraction of the epoch, in its new order.
+
+        The epochs before are complete either way; within this one the regrouped order holds
+        other batches, so the rest of the epoch is about as much data, not the same samples.
+        """
+        batches = len(self.dataset.epoch_order(epoch))
+        moved = position * batches // max(1, saved_batches)
+        warnings.warn(f"the global batch (batch_size x ranks) is now {self.dataset.global_batch}, not the one this "
+                      f"state was saved with; continuing epoch {epoch} at the same fraction of it (batch {moved} of "
+                      f"{batches}, was {position} of {saved_batches})", stacklevel=4)
+        return moved
 
     def _normalise(self, epoch: int, position: int) -> tuple[int, int]:
         while position >= len(self.dataset.epoch_order(epoch)):
@@ -212,7 +277,9 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         epoch, position = self._normalise(self.epoch, self.position)
-        return {"epoch": epoch, "position": position, "fingerprint": self.dataset.fingerprint}
+        return {"epoch": epoch, "position": position, "fingerprint": self.dataset.fingerprint,
+                "data_fingerprint": self.dataset.data_fingerprint,
+                "epoch_batches": len(self.dataset.epoch_order(epoch))}
 
     def __iter__(self) -> "BatchLoader":
         return self

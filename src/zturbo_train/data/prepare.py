@@ -8,7 +8,7 @@ returns, so the peak memory of caching is one encoder, not the whole model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
 from .buckets import closest_bucket, fit
@@ -66,13 +66,19 @@ def sample_prompts(cfg: Config) -> list[str]:
 
 def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | None = None,
                     cache_dir: Path | None = None, extra_prompts: Sequence[str] | None = None, console=None,
-                    vae_batch_size: int = 4, text_batch_size: int = 8) -> TrainDataset:
+                    vae_batch_size: int = 4, text_batch_size: int = 8, share: tuple[int, int] = (0, 1),
+                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1)) -> TrainDataset:
     """Scan cfg.data, fill the latent and caption caches (only what is missing), and return the dataset.
 
     `encoders` says where the VAE / text encoder come from (default: cfg.model.path, VAE
     fp32, text encoder in cfg.model.dtype, on `device`). `extra_prompts` (default: the
     [sample] prompts) are cached beside the captions. Warnings are printed to `console`
     (a rich Console) with the progress bars; None keeps it silent.
+
+    `share` = (i, n) encodes only every n-th missing entry from the i-th: one process's part
+    when n processes fill the cache together. `wait` is then called (a barrier across them)
+    before the rest is checked, and anything still missing is encoded here. `rank` = (r, world)
+    makes the dataset that of rank r in data-parallel training (`TrainDataset.for_rank`).
     """
     scan, samples = scan_and_plan(cfg.data, console)
     report_problems(scan.problems, console)
@@ -83,16 +89,36 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     captions = _captions(scan, cfg.data, sample_prompts(cfg) if extra_prompts is None else extra_prompts)
     text_paths = {caption: entry_path(text_root, text_key(caption)) for caption in captions}
     stats = CacheStats()
-    fill_latents(jobs, encoders, stats, console, vae_batch_size)
-    fill_texts(text_paths, encoders, stats, console, text_batch_size)
+    index, count = share
+    fill_latents(list({job.path: job for job in jobs}.values())[index::count], encoders, stats, console,
+                 vae_batch_size)
+    fill_texts(dict(list(text_paths.items())[index::count]), encoders, stats, console, text_batch_size)
+    if wait is not None:
+        wait()
+    if count > 1:
+        _fill_rest(jobs, text_paths, encoders, stats, console, vae_batch_size, text_batch_size)
     per_sample = [cfg.data[scan.items[s.item].dataset] for s in samples]
     dataset = TrainDataset(
         items=scan.items, samples=samples, latent_paths=[job.path for job in jobs], text_paths=text_paths,
         repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
         batch_size=cfg.train.batch_size, seed=cfg.train.seed, problems=scan.problems, stats=stats,
-    )
+    ).for_rank(*rank)
     report_summary(dataset, console)
     return dataset
+
+
+def _fill_rest(jobs: Sequence[LatentJob], text_paths: dict[str, Path], encoders: Encoders, stats: CacheStats,
+               console, vae_batch_size: int, text_batch_size: int) -> None:
+    """After the other processes filled their shares: encode what is still missing (nothing, when they
+    share this cache folder), and count their entries as reused."""
+    rest = CacheStats()
+    fill_latents(jobs, encoders, rest, console, vae_batch_size)
+    fill_texts(text_paths, encoders, rest, console, text_batch_size)
+    stats.latents_reused = rest.latents_reused - stats.latents_encoded
+    stats.texts_reused = rest.texts_reused - stats.texts_encoded
+    stats.latents_encoded += rest.latents_encoded
+    stats.texts_encoded += rest.texts_encoded
+    stats.corrupt += [path for path in rest.corrupt if path not in stats.corrupt]
 
 
 def _latent_job(scan: Scan, sample: Sample, root: Path) -> LatentJob:
