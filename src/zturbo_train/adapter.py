@@ -234,6 +234,14 @@ class _MergeSubtract(_Mechanism):
             self._fold(-weight)
 
 
+class _Baked(_MergeBranch):
+    """Merged, then the base was quantized or cast to fp8: the adapter is part of the stored
+    weights for good. Sampling still removes it exactly (the -w branch); off only drops hooks."""
+
+    def remove(self, weight: float, inverted: bool) -> None:
+        self._detach()
+
+
 class _Nothing(_Mechanism):
     """`adapter = none`: the states are still tracked so the loop's calls are checked the same way."""
 
@@ -349,6 +357,17 @@ class TrainingAdapter:
         self._require(AdapterState.INVERTED, "restore", "restore() only follows invert()")
         self._mechanism.restore(self.weight)
         self._state = AdapterState.TRAINING
+
+    def bake(self) -> None:
+        """The merged weights were just quantized (fp8, nf4, int8): from now on the adapter cannot
+        be folded out of them, so inversion uses a branch and deactivate() only removes hooks
+        (reload the model to get the plain base back). Nothing to do for live mode or none."""
+        if self.mode != "merge" or self.is_none or self._state is AdapterState.OFF:
+            return
+        if self._state is not AdapterState.TRAINING:
+            raise AdapterError("bake() the training adapter right after apply(), before sampling inverts it")
+        baked = _Baked(self._mechanism.transformer, self.loras, self._mechanism.what)
+        self._mechanism, self.inversion = baked, "branch"
 
     def deactivate(self) -> None:
         """training|inverted -> off: no further effect on forward passes, no hooks left; a no-op when off."""

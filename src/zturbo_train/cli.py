@@ -280,6 +280,44 @@ def merge(
                          dtype=dtype or "bf16", overwrite=overwrite, log=_report)
 
 
+@app.command(epilog="Examples:\n\n  zturbo bench --model builtin:tiny --steps 3 --warmup 1\n\n"
+             "  zturbo bench --preset high --preset 16gb --preset 8gb -r 1024 -r 512 --out bench.json\n\n"
+             "  zturbo bench --preset 16gb --set train.attention_backend=sdpa-flash --set train.compile=false")
+@fails_cleanly
+def bench(
+    model: str = typer.Option("synthetic", "--model", "-m", help="synthetic (random, real shapes, built on the GPU), synthetic:tiny, builtin:tiny, or a Z-Image folder."),
+    presets: Optional[List[str]] = typer.Option(None, "--preset", "-p", help="Memory preset(s): auto, high, 24gb, 16gb, 12gb, 8gb (repeatable; default auto)."),
+    resolutions: Optional[List[int]] = typer.Option(None, "--resolution", "-r", help="Square side(s) in px (repeatable; default 1024 and 512, 64 for tiny models)."),
+    ranks: Optional[List[int]] = typer.Option(None, "--rank", help="LoRA rank(s) (repeatable; default 32)."),
+    batches: Optional[List[int]] = typer.Option(None, "--batch-size", "-b", help="Batch size(s) (repeatable; default 1)."),
+    overrides: Optional[List[str]] = SetOption,
+    steps: int = typer.Option(8, "--steps", help="Timed steps per row (the median is reported)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation happens here)."),
+    sample_steps: int = typer.Option(8, "--sample-steps", help="Sampling steps to time per preset (0: skip)."),
+    sample_size: Optional[int] = typer.Option(None, "--sample-size", help="Side of the sampled image (default: the largest resolution)."),
+    caption_tokens: int = typer.Option(128, "--caption-tokens", help="Caption length of the random text embeddings."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),
+    out: Path = typer.Option(Path("bench.json"), "--out", "-o", help="JSON file for the results (rewritten after every row)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name the rows of this run as a variant (kept apart from the preset's own rows when comparing)."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile 2 steps per row: device time by kernel class, top kernels (in the JSON)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON file; no table."),
+) -> None:
+    """Time the training step and 8-step sampling per memory preset; print a table, write JSON."""
+    from .bench import BenchSettings, render, run_bench
+
+    quiet_libraries()
+    settings = BenchSettings(model=model, presets=list(presets or ["auto"]), resolutions=list(resolutions or []),
+                             ranks=list(ranks or [32]), batches=list(batches or [1]), overrides=list(overrides or []),
+                             steps=steps, warmup=warmup, sample_steps=sample_steps, sample_size=sample_size,
+                             caption_tokens=caption_tokens, device=device, out=out, profile=profile, label=label)
+    log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False, markup=False))
+    doc = run_bench(settings, log)
+    if not quiet:
+        for table in render(doc):
+            Console().print(table)
+        console.print(f"wrote {out}", highlight=False)
+
+
 def run() -> None:  # pragma: no cover - `python -m zturbo_train`
     app(prog_name="zturbo")
 

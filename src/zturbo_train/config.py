@@ -84,6 +84,8 @@ class ModelConfig(_Section):
     adapter_mode: Literal["merge", "live"] = Field("merge", description="merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, works on quantized bases).")
     adapter_weight: float = Field(1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+    quantize: Literal["auto", "none", "fp8", "nf4", "int8"] = Field("auto", description="Storage of the block linears: none (dtype), fp8 (stored float8, cast per layer for compute), nf4 or int8 (bitsandbytes); modulation, norms, embedders and the final layer stay in dtype. auto: from train.memory.")
+    offload: Literal["auto", "none", "blocks"] = Field("auto", description="blocks: keep the transformer blocks in pinned host memory and stream each to the GPU ahead of use (small cards; needs full checkpointing, no compile). auto: from train.memory.")
 
     @field_validator("path", "adapter")
     @classmethod
@@ -176,7 +178,12 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: off).")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    memory: Literal["auto", "high", "24gb", "16gb", "12gb", "8gb"] = Field("auto", description="Memory preset that sets every speed/memory lever left on auto (table in BENCHMARKS.md); auto picks the fastest whose estimated peak fits the free GPU memory.")
+    gradient_checkpointing: Literal["auto", "full", "none", "selective"] = Field("auto", description="Recompute activations in backward to save memory: full, none, or selective (checkpoint_fraction of the main blocks); true/false mean full/none. auto: from memory.")
+    checkpoint_fraction: float | None = Field(None, ge=0.0, le=1.0, description="Share of the 30 main blocks recomputed under selective checkpointing, spread evenly; unset: the fewest that fit the memory preset's budget.")
+    compile: bool | Literal["auto"] = Field("auto", description="Compile the repeated transformer blocks (torch.compile, one graph for all blocks; first steps slower). auto: from memory.")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field("default", description="torch.compile mode for compile = true (reduce-overhead adds CUDA graphs).")
+    attention_backend: Literal["auto", "native", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn", "flash-attn-3", "sage"] = Field("auto", description="Attention kernel; auto measures the exact ones on the GPU and keeps the fastest (PyTorch SDPA on the CPU). sage is approximate and never picked for you.")
     timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field("weighted", description="How sigmas are drawn: uniform, logit_normal (mean, std), or weighted (the default: uniform sigmas, the loss weighted toward mid sigmas, as ai-toolkit trains Z-Image Turbo; why in flow.py).")
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
@@ -186,6 +193,12 @@ class TrainConfig(_Section):
     @classmethod
     def _resolve_out(cls, value: Path, info: ValidationInfo) -> Path:
         return resolve_path(value, _base_dir(info))
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_checkpointing(cls, value: Any) -> Any:
+        """Older configs say true/false."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class SampleConfig(_Section):

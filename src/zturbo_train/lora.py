@@ -59,7 +59,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.down.dtype)
-        return F.linear(F.linear(self.dropout(x), self.down), self.up) * self.scale
+        out = F.linear(F.linear(self.dropout(x), self.down), self.up)
+        return out * self.scale if self.scale != 1.0 else out  # alpha = rank: no multiply kernel (exact)
 
 
 class LoraNetwork(nn.Module):

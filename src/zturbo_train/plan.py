@@ -16,6 +16,7 @@ def dry_run(cfg: Config, console) -> dict:
 
     from .adapter import resolve_adapter
     from .data.inspect import check_errors, inspect_datasets, render
+    from .levers import memory_line
     from .loader import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model.path)
@@ -31,6 +32,7 @@ def dry_run(cfg: Config, console) -> dict:
         "steps": cfg.train.steps, "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
         "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
                 f"in {', '.join(cfg.lora.blocks)}",
+        "memory": memory_line(cfg),
         "output_dir": str(cfg.train.output_dir),
     }
     table = Table(title="training plan", show_header=False)

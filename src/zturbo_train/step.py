@@ -76,7 +76,7 @@ class TrainStep:
             pred = self.forward(self.transformer, noisy, flow.model_time(sigmas).to(self.model_dtype), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
-            loss_weights = loss_weights * torch.tensor(weights, dtype=torch.float32, device=loss_weights.device)
+            loss_weights = loss_weights * to_device(weights, loss_weights.device)
         return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
 
     def _draw(self, latents: Tensor, seeds: Sequence[int] | None) -> tuple[Tensor, Tensor]:
@@ -114,6 +114,15 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
+
+
+def to_device(values: Sequence[float], device: torch.device) -> Tensor:
+    """A few host floats as an fp32 tensor on `device` without a host sync: a copy from pageable
+    memory waits for the GPU queue, one from pinned memory is queued like any kernel."""
+    tensor = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def build_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig, device: torch.device):

@@ -93,6 +93,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
     from .adapter import TrainingAdapter
+    from .levers import apply_levers, levers_for, workload_of
     from .loader import load_parts
     from .lora import create_lora
 
@@ -103,12 +104,17 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
             cfg.train.output_dir)
     dataset = distributed.prepare_dataset(cfg, device, ranks, console)
     dtype = torch_dtype(cfg.model.dtype)
-    parts = load_parts(cfg.model.path, ["transformer", "vae", "scheduler"], dtype=cfg.model.dtype, device=str(device))
+    levers = levers_for(cfg, device)  # quantized or offloaded bases load on the host first
+    parts = load_parts(cfg.model.path, ["vae", "scheduler"], dtype=cfg.model.dtype, device=str(device))
+    parts.transformer = load_parts(cfg.model.path, ["transformer"], dtype=cfg.model.dtype,
+                                   device="cpu" if levers.loads_on_host else str(device)).transformer
     transformer = parts.transformer
     adapter = TrainingAdapter.from_config(cfg.model, transformer)
     adapter.apply()
-    if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    levers = apply_levers(transformer, levers, device, adapter, workload_of(cfg)).levers
+    if console is not None:
+        console.print(f"[dim]memory {levers.memory}: {levers.describe()}{'; ' + levers.note if levers.note else ''}[/]",
+                      highlight=False)
     network = create_lora(transformer, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.blocks, cfg.lora.targets,
                           cfg.lora.dropout, seed=cfg.train.seed)
     network.train()
@@ -335,8 +341,8 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=N
 
 def out_of_memory_message(cfg: Config) -> str:
     return (f"out of GPU memory at resolution {max(r for d in cfg.data for r in d.resolution)}, batch "
-            f"{cfg.train.batch_size}; lower memory with --set train.gradient_checkpointing=true, "
-            f"train.batch_size=1, train.optimizer=adamw8bit, a smaller data.resolution or lora.rank "
+            f"{cfg.train.batch_size}; lower memory with --set train.memory=12gb (or 8gb), "
+            f"train.gradient_checkpointing=true, train.batch_size=1, train.optimizer=adamw8bit, a smaller data.resolution or lora.rank "
             f"(the last saved state is kept; resume with --resume)")
 
 
