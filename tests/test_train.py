@@ -318,3 +318,16 @@ def test_same_seed_is_bit_for_bit_repeatable(tmp_path, example_data):
         paths.append(run(cfg, quiet=True).lora_path)
     a, b = read_lora_file(paths[0])[0], read_lora_file(paths[1])[0]
     assert all(torch.equal(a[k].up, b[k].up) for k in a)
+
+
+def test_resume_with_adamw8bit_equals_uninterrupted_run(tmp_path, example_data, monkeypatch):
+    """bitsandbytes nests its moments in a dict inside each parameter's optimizer state; they must be saved as tensors."""
+    settings = dict(steps=4, save_every=0, sample_every=0, optimizer="adamw8bit", log_every=1)
+    full = run(load_config(make_config(tmp_path / "a", example_data, **settings)), quiet=True)
+    cfg = load_config(make_config(tmp_path / "b", example_data, **settings))
+    _interrupt_after(monkeypatch, 2)
+    assert run(cfg, quiet=True).steps_done == 2
+    monkeypatch.undo()
+    resumed = run(cfg, resume=True, quiet=True)
+    a, b = read_lora_file(full.lora_path)[0], read_lora_file(resumed.lora_path)[0]
+    assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)

@@ -135,26 +135,42 @@ def prune(folder: Path, pattern: str, keep_last: int) -> None:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state dict -> safetensors-able tensors plus a JSON part."""
+    """Optimizer state dict -> safetensors-able tensors plus a JSON part.
+
+    Nested dicts (bitsandbytes keeps its moments under `__bnb_optimizer_quant_state__`)
+    are flattened with `/` between the keys, so their tensors are saved as tensors too."""
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
+
+    def walk(prefix: str, values: dict) -> None:
         for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{index}.{key}"] = value.detach().clone()
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}/", value)
+            elif torch.is_tensor(value):
+                tensors[f"optim.{prefix}{key}"] = value.detach().clone()
             else:
-                scalars[f"{index}.{key}"] = value
+                scalars[f"{prefix}{key}"] = value
+
+    for index, values in state["state"].items():
+        walk(f"{index}.", values)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
+
+    def put(key: str, value: Any) -> None:
+        index, name = key.split(".", 1)
+        *outer, leaf = name.split("/")
+        target = state.setdefault(int(index), {})
+        for part in outer:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+
     for key, value in tensors.items():
         if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            put(key.removeprefix("optim."), value)
     for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        put(key, value)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
