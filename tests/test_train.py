@@ -331,3 +331,19 @@ def test_resume_with_adamw8bit_equals_uninterrupted_run(tmp_path, example_data, 
     resumed = run(cfg, resume=True, quiet=True)
     a, b = read_lora_file(full.lora_path)[0], read_lora_file(resumed.lora_path)[0]
     assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)
+
+
+def test_stop_on_a_save_and_sample_step_saves_once_and_skips_the_preview(tmp_path, example_data, monkeypatch):
+    """SIGTERM (a preemption with a grace period) must not wait for a preview, nor write the same state twice."""
+    import zturbo_train.train as train_module
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=5, save_every=2, sample_every=2))
+    saves = []
+    original = train_module.save_state
+    monkeypatch.setattr(train_module, "save_state", lambda run, step, *a: saves.append(step) or original(run, step, *a))
+    _interrupt_after(monkeypatch, 2, signal.SIGTERM)
+    result = run(cfg, quiet=True)
+    assert result.interrupted and result.steps_done == 2 and saves == [2]
+    assert result.lora_path == result.run_dir / "checkpoints" / "t-step000002.safetensors"
+    assert not (result.run_dir / "samples" / "step-000002").exists()
+    assert (result.run_dir / "samples" / "step-000000").is_dir()

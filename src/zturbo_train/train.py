@@ -352,7 +352,7 @@ def loop(s: Session, started: float) -> TrainResult:
     previews: list[Path] = []
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
-    step = s.start_step
+    step, due_save = s.start_step, False
     with s.dataset.loader(s.device, state=s.data_state) as loader, \
             StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
             _progress(s, cfg.steps) as bar:
@@ -370,14 +370,16 @@ def loop(s: Session, started: float) -> TrainResult:
             else:
                 bar.update(step)
             if due_save and s.is_main:
-                save_lora(s, step, final=False)
+                lora_path = save_lora(s, step, final=False)
                 save_training_state(s, step, loader)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and s.is_main:
+            # a stop (SIGTERM: preemption with a grace period) saves at once, without drawing a preview first
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and s.is_main and not stop.reason:
                 previews += preview(s, step)
         interrupted = stop.reason is not None and step < cfg.steps
         if s.is_main:
-            save_training_state(s, step, loader)
-            lora_path = save_lora(s, step, final=not interrupted)
+            if not (interrupted and due_save):  # stopped right after a save: it is already on disk
+                save_training_state(s, step, loader)
+                lora_path = save_lora(s, step, final=not interrupted)
             if not interrupted:
                 previews += preview(s, step)
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
