@@ -347,3 +347,23 @@ def test_stop_on_a_save_and_sample_step_saves_once_and_skips_the_preview(tmp_pat
     assert result.lora_path == result.run_dir / "checkpoints" / "t-step000002.safetensors"
     assert not (result.run_dir / "samples" / "step-000002").exists()
     assert (result.run_dir / "samples" / "step-000000").is_dir()
+
+
+def test_nan_gradient_stops_before_the_poisoned_lora_is_saved(tmp_path, example_data, monkeypatch):
+    """A finite loss with a non-finite gradient (fp16/bf16 overflow) turns every LoRA weight into NaN in
+    the update: the step's state must not be saved, or the 'last good state' to resume from is broken."""
+    cfg = load_config(make_config(tmp_path, example_data, steps=8, save_every=2, sample_every=0, log_every=4))
+    original = TrainStep.update
+    count = {"n": 0}
+
+    def update(self, lr):
+        count["n"] += 1
+        if count["n"] == 4:
+            for p in self.params:
+                p.grad.fill_(float("nan"))
+        return original(self, lr)
+
+    monkeypatch.setattr(TrainStep, "update", update)
+    with pytest.raises(TrainingError, match=r"gradient norm became nan at step 4; stopped without saving it"):
+        run(cfg, quiet=True)
+    assert sorted(p.name for p in (cfg.train.output_dir / "state").iterdir()) == ["step-000002"]

@@ -305,11 +305,13 @@ class MetricsLog:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         row = None
         for (step, _, _, lr, epoch), (loss, norm) in zip(self.pending, values):
-            if not math.isfinite(loss):
-                self.pending.clear()
-                raise TrainingError(f"the loss became {loss} at step {step}; stopped without saving it. Lower "
-                                    f"train.lr or set train.max_grad_norm, then resume from the last good state "
-                                    f"with --resume")
+            # a non-finite gradient (finite loss) has already turned the LoRA weights into NaN in the update
+            for what, value in (("loss", loss), ("gradient norm", norm)):
+                if not math.isfinite(value):
+                    self.pending.clear()
+                    raise TrainingError(f"the {what} became {value} at step {step}; stopped without saving it. "
+                                        f"Lower train.lr or set train.max_grad_norm, then resume from the last good "
+                                        f"state with --resume")
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
             self.last_loss = loss
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
