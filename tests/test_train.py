@@ -367,3 +367,12 @@ def test_nan_gradient_stops_before_the_poisoned_lora_is_saved(tmp_path, example_
     with pytest.raises(TrainingError, match=r"gradient norm became nan at step 4; stopped without saving it"):
         run(cfg, quiet=True)
     assert sorted(p.name for p in (cfg.train.output_dir / "state").iterdir()) == ["step-000002"]
+
+
+def test_resume_with_another_lora_rank_is_a_clear_error(tmp_path, example_data):
+    from zturbo_train.errors import LoraError
+
+    cfg_path = make_config(tmp_path, example_data, steps=2, save_every=0, sample_every=0)
+    run(load_config(cfg_path), quiet=True)
+    with pytest.raises(LoraError, match=r"rank 8.*lora.rank = 4.*resume with the same \[lora\] settings"):
+        run(load_config(cfg_path, ["lora.rank=4", "train.steps=3"]), resume=True, quiet=True)

@@ -122,6 +122,13 @@ class LoraNetwork(nn.Module):
         """Copy weights in place (resume), keeping the parameters the optimizer holds."""
         if set(loras) != set(self.names):
             raise LoraError("the saved LoRA targets other modules than this run; resume with the same [lora] settings")
+        for name, layer in zip(self.names, self.layers):
+            saved = loras[name]
+            if saved.down.shape != layer.down.shape or saved.up.shape != layer.up.shape:
+                raise LoraError(f"the saved LoRA has rank {saved.down.shape[0]} at {name} (shapes "
+                                f"{tuple(saved.down.shape)}, {tuple(saved.up.shape)}), this run lora.rank = "
+                                f"{layer.down.shape[0]} (shapes {tuple(layer.down.shape)}, {tuple(layer.up.shape)}); "
+                                f"resume with the same [lora] settings and model")
         with torch.no_grad():
             for name, layer in zip(self.names, self.layers):
                 layer.down.copy_(loras[name].down)
