@@ -353,6 +353,18 @@ def test_quantizing_keeps_live_adapter_hooks_and_bakes_a_merged_one(tiny_adapter
         assert adapter.state.value == "off"
 
 
+def test_live_adapter_branch_follows_the_base_to_the_device(tiny_adapter):
+    """Quantized and offloaded bases load on the host; a live adapter attached there must move with the
+    base, or its hooks compute on the host against device activations (the meta device stands in for CUDA)."""
+    from zturbo_train.adapter import TrainingAdapter
+
+    model = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
+    adapter = TrainingAdapter.load(str(tiny_adapter), model, mode="live")
+    adapter.apply()
+    apply_levers(model, Levers("t", checkpointing="full"), torch.device("meta"), adapter)
+    assert {p.device.type for p in adapter._mechanism.network.parameters()} == {"meta"}
+
+
 def test_attention_probe_keeps_the_fastest_exact_backend():
     results = probe_attention(("native", "sdpa-math", "flash-attn-3"), batch=2, seq=64, heads=2, head_dim=16,
                               device=CPU, dtype=torch.float32, repeats=2)
@@ -519,6 +531,22 @@ def test_cuda_compact_weights_train_close_to_bf16(kind):
     bf16, _, _ = run_steps(Levers("t", checkpointing="full"), dtype="bf16", device=CUDA)
     losses, _, _ = run_steps(Levers("t", checkpointing="full", quantize=kind), dtype="bf16", device=CUDA)
     assert all(abs(a - b) / b < 0.02 for a, b in zip(losses, bf16)), (kind, losses, bf16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("settings", [{"quantize": "nf4"}, {"quantize": "fp8"}, {"offload": "blocks"}])
+def test_cuda_live_adapter_over_a_base_loaded_on_the_host(tiny_adapter, settings):
+    from zturbo_train.adapter import TrainingAdapter
+    from zturbo_train.flow import predict
+
+    model = load_parts("builtin:tiny", parts=["transformer"], dtype="bf16", device="cpu").transformer
+    adapter = TrainingAdapter.load(str(tiny_adapter), model, mode="live")
+    adapter.apply()
+    apply_levers(model, Levers("t", checkpointing="full", **settings), CUDA, adapter)
+    latents, caps = batch(CUDA, torch.bfloat16)
+    with torch.no_grad():
+        on = predict(model, latents, torch.full((2,), 0.5, device=CUDA, dtype=torch.bfloat16), caps)
+    assert on.device.type == "cuda" and torch.isfinite(on).all()
 
 
 @pytest.mark.cuda

@@ -369,6 +369,12 @@ class TrainingAdapter:
         baked = _Baked(self._mechanism.transformer, self.loras, self._mechanism.what)
         self._mechanism, self.inversion = baked, "branch"
 
+    def to(self, device: torch.device | str) -> None:
+        """Put the adapter's hook branch (live mode) on `device`: apply_levers calls it after moving a
+        base that was loaded on the host, since the branch is not a submodule of the transformer."""
+        if self._mechanism.network is not None:
+            self._mechanism.network.to(device)
+
     def deactivate(self) -> None:
         """training|inverted -> off: no further effect on forward passes, no hooks left; a no-op when off."""
         if self._state is AdapterState.OFF:

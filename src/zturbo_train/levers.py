@@ -140,8 +140,10 @@ def apply_levers(transformer: nn.Module, levers: Levers, device: torch.device | 
     else:
         applied.quantized = apply_quantization(transformer, levers.quantize, device, dtype)
         transformer.to(device)
-    if levers.quantize != "none" and adapter is not None:
-        adapter.bake()
+    if adapter is not None:
+        adapter.to(device)  # a live adapter attached while the base was on the host
+        if levers.quantize != "none":
+            adapter.bake()
     apply_checkpointing(transformer, levers.checkpointing, levers.checkpoint_fraction)
     applied.attention = apply_attention(transformer, levers.attention_backend, device, dtype, work)
     if levers.compile:
