@@ -1,6 +1,7 @@
 """`zturbo data inspect` through the CLI: tables, JSON, config input, and errors as one clear exit."""
 
 import json
+from pathlib import Path
 
 from PIL import Image
 from typer.testing import CliRunner
@@ -91,3 +92,17 @@ def test_missing_folder_and_bad_options(tmp_path):
 def test_empty_folder(tmp_path):
     result = inspect(tmp_path)
     assert result.exit_code == 1 and "holds no images" in result.output
+
+
+def test_problem_lines_print_file_names_as_written():
+    """A file named like rich markup ("[bw] ...") is printed as it is, not eaten as a style."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from zturbo_train.data.dataset import Problem
+    from zturbo_train.data.prepare import report_problems
+
+    out = StringIO()
+    report_problems([Problem(Path("/d/[bw] photo.png"), "warn", "is 32x32 px")], Console(file=out, width=200))
+    assert "warn: /d/[bw] photo.png: is 32x32 px" in out.getvalue()

@@ -206,9 +206,11 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, example_data, mo
 
     cfg_b = make_config(tmp_path / "b", example_data, **settings)
     _interrupt_after(monkeypatch, 3)
-    result = runner.invoke(app, ["train", str(cfg_b), "--quiet"])
+    result = runner.invoke(app, ["train", str(cfg_b), "--quiet", "--set", "train.steps=6"], env={"COLUMNS": "300"})
     assert result.exit_code == 130, result.output
-    assert "stopped at step 3" in result.output and "--resume" in result.output
+    # The resume command is the one that was run (same --set), so it continues this run and no other.
+    assert "stopped at step 3" in result.output
+    assert f"Resume with: zturbo train {cfg_b} --set train.steps=6 --resume" in result.output
     assert (tmp_path / "b" / "run" / "state" / "step-000003" / "state.json").is_file()
     monkeypatch.undo()
     resumed = run(load_config(cfg_b), resume=True, quiet=True)

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import ZTurboError
@@ -25,7 +26,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
-    epilog="Examples:\n\n  zturbo check configs/quickstart.toml\n\n  zturbo --version",
+    epilog="Examples (the quick start: seconds on a CPU, no download; `zturbo COMMAND --help` for each command):\n\n"
+    "  zturbo train configs/quickstart.toml\n\n"
+    "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors --prompt 'sks a red square' "
+    "--width 64 --height 64\n\n"
+    "  zturbo check configs/quickstart.toml",
 )
 console = Console(stderr=True)
 
@@ -38,7 +43,8 @@ def fails_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ZTurboError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape(): messages name config tables such as `[model] path`, which are not markup.
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
@@ -117,14 +123,36 @@ def train(
         return
     from .train import run as train_run
 
-    result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    try:
+        result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
+    except KeyboardInterrupt:  # Ctrl-C while setting up, or a second Ctrl-C: stop at once
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            console.print(f"[yellow]interrupted[/]; files already written are complete. Go on with: "
+                          f"{escape(again_command(config, overrides or [], cfg.train.output_dir))}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if result.interrupted:
         if result.rank == 0:
-            console.print(f"[yellow]stopped at step {result.steps_done}[/]; state and LoRA saved in {result.run_dir}. "
-                          f"Resume with: zturbo train {config} --resume", highlight=False)
+            console.print(f"[yellow]stopped at step {result.steps_done}[/]; state and LoRA saved in "
+                          f"{escape(str(result.run_dir))}. Resume with: "
+                          f"{escape(again_command(config, overrides or [], result.run_dir))}",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     if not quiet and result.rank == 0:
         print_summary(result)
+
+
+def again_command(config: Path, overrides: List[str], run_dir: Path) -> str:
+    """The command that goes on with a stopped run: the same config and --set, plus --resume when a state was saved."""
+    import shlex
+
+    from .checkpoint import RunFolder, latest_state
+
+    run = RunFolder(Path(run_dir))
+    flag = ["--resume"] if latest_state(run) is not None else ["--overwrite"] if run.holds_run() else []
+    return shlex.join(["zturbo", "train", str(config), *[a for o in overrides for a in ("--set", o)], *flag])
 
 
 def print_summary(result) -> None:
@@ -163,7 +191,8 @@ def download(
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-data_app = typer.Typer(help="Look at a dataset before training on it.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at a dataset before training on it.", no_args_is_help=True,
+                       epilog="Example: zturbo data inspect examples/data --resolution 512 --trigger sks")
 app.add_typer(data_app, name="data")
 
 
@@ -172,10 +201,10 @@ app.add_typer(data_app, name="data")
 @fails_cleanly
 def data_inspect(
     directory: Optional[Path] = typer.Argument(None, help="Folder of images with same-stem caption files."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Inspect the [[data]] tables of this config instead."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Inspect the \\[\\[data]] tables of this config instead."),
     resolution: Optional[List[int]] = typer.Option(None, "--resolution", "-r", help="Training size(s) in px (repeatable; default 1024)."),
     caption_ext: Optional[str] = typer.Option(None, "--caption-ext", help="Caption file extension (default txt)."),
-    trigger: Optional[str] = typer.Option(None, "--trigger", help="Trigger word: replaces [trigger] or is prepended."),
+    trigger: Optional[str] = typer.Option(None, "--trigger", help="Trigger word: replaces \\[trigger] or is prepended."),
     default_caption: Optional[str] = typer.Option(None, "--default-caption", help="Caption for images without one."),
     strict: bool = typer.Option(False, "--strict", help="Treat warnings and skipped files as errors."),
     overrides: Optional[List[str]] = SetOption,
@@ -208,7 +237,9 @@ LoraOption = typer.Option(None, "--lora", "-l", help="LoRA file as PATH[:STRENGT
 
 
 @app.command(epilog="Examples:\n\n  zturbo sample --model builtin:tiny --prompt 'a red cube' --width 64 --height 64\n\n"
-             "  zturbo sample --lora output/my-lora/lora.safetensors:0.8 --prompt 'sks dog on a beach' --count 4 --seed 1\n\n"
+             "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 --prompt 'sks a red square' "
+             "--count 4 --seed 1 --width 64 --height 64 --compare\n\n"
+             "  zturbo sample --lora output/zimage-turbo-lora/my_lora.safetensors:0.8 --prompt 'sks dog on a beach' --count 4\n\n"
              "  zturbo sample --lora a.safetensors --lora b.safetensors:0.5 --prompts prompts.txt --compare --low-mem")
 @fails_cleanly
 def sample(
@@ -243,7 +274,8 @@ def sample(
     run_sample(settings, log=_report)
 
 
-@app.command(epilog="Examples:\n\n  zturbo merge --lora my-lora.safetensors:0.8 --out merged-turbo\n\n"
+@app.command(epilog="Examples:\n\n  zturbo merge --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 --out merged-tiny\n\n"
+             "  zturbo merge --lora my-lora.safetensors:0.8 --out merged-turbo\n\n"
              "  zturbo merge --lora a.safetensors --lora b.safetensors:0.5 --to-lora ab.safetensors\n\n"
              "  zturbo merge --lora lora.safetensors --to-lora lora-kohya.safetensors --format kohya\n\n"
              "  zturbo merge --adapter v2 --out z-image-dedistilled --dtype bf16")

@@ -114,7 +114,7 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
             problems.add_column(name, overflow="fold")
         for p in inspection.scan.problems:
             style = {"error": "red", "skip": "magenta", "warn": "yellow"}[p.level]
-            problems.add_row(_rel(p.path, inspection), f"[{style}]{p.level}[/]", p.reason)
+            problems.add_row(_rel(p.path, inspection), f"[{style}]{p.level}[/]", _escape(p.reason))
         console.print(problems)
     counts = inspection.counts()
     console.print(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()), highlight=False,

@@ -142,7 +142,9 @@ def report_problems(problems: Sequence[Problem], console) -> None:
     for problem in problems:
         style = "yellow" if problem.level == "warn" else "red"
         label = "skipped" if problem.level == "skip" else problem.level
-        console.print(f"[{style}]{label}:[/] {problem.line()}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # file names and captions are not markup
+
+        console.print(f"[{style}]{label}:[/] {escape(problem.line())}", highlight=False, soft_wrap=True)
 
 
 def report_summary(dataset: TrainDataset, console) -> None:
