@@ -93,6 +93,22 @@ def test_set_overrides_any_key(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["train.learning_rate=3"])
 
 
+def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    """A path typed on the command line means what it means in the shell, not next to the config."""
+    (tmp_path / "configs").mkdir()
+    config = write(tmp_path / "configs", MINIMAL)
+    (tmp_path / "work" / "local-model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = load_config(config, ["data.dir=my-photos", "train.output_dir=out/run", "model.path=local-model",
+                               "model.adapter=v2", 'data.dir="~/x"'])
+    assert cfg.data[0].dir == Path("~/x").expanduser().resolve()
+    assert cfg.train.output_dir == tmp_path / "work" / "out" / "run"
+    assert cfg.model.path == str(tmp_path / "work" / "local-model") and cfg.model.adapter == "v2"
+    cfg = load_config(config, ["data.dir=my-photos", "model.path=Tongyi-MAI/Z-Image-Turbo"])
+    assert cfg.data[0].dir == tmp_path / "work" / "my-photos" and cfg.model.path == "Tongyi-MAI/Z-Image-Turbo"
+    assert load_config(config).data[0].dir == tmp_path / "configs" / "imgs"  # in the file: next to it
+
+
 def test_several_data_tables(tmp_path):
     text = '[model]\npath = "builtin:tiny"\n[[data]]\ndir = "a"\n[[data]]\ndir = "b"\nresolution = [512, 1024]\n'
     cfg = load_config(write(tmp_path, text), ["data.1.repeats=3"])

@@ -2,7 +2,8 @@
 
 Unknown keys are rejected (extra="forbid") with the closest valid key; wrong values name
 the key, the value and what is allowed. Relative paths resolve against the folder of the
-config file, so a config can be run from anywhere. The field descriptions double as the
+config file, so a config can be run from anywhere; those given with --set, against the
+current folder, as paths typed on a command line do. The field descriptions double as the
 reference that `zturbo config --help` style output and the README point to.
 """
 
@@ -243,7 +244,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     for item in overrides:
-        apply_override(raw, item)
+        apply_override(raw, item, base_dir=Path.cwd())
     return validate_config(raw, base_dir=path.parent.resolve())
 
 
@@ -258,8 +259,17 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config
                           else "invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `--set section.key=value` to the raw TOML dict; the value is parsed as TOML."""
+# Keys that hold paths: relative values given with --set resolve against `base_dir` (the current folder).
+PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path,
+             ("model", "path"): resolve_model_ref, ("model", "adapter"): resolve_model_ref}
+
+
+def apply_override(raw: dict[str, Any], item: str, base_dir: Path | None = None) -> None:
+    """Apply one `--set section.key=value` to the raw TOML dict; the value is parsed as TOML.
+
+    With `base_dir`, a relative path value (data.dir, train.output_dir, model.path, model.adapter)
+    resolves against it, as paths typed on a command line do, not against the config's folder.
+    """
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) < 2 or not all(parts):
@@ -272,6 +282,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if index >= len(targets):
             raise ConfigError(f"--set {item!r}: there are only {len(targets)} [[{parts[0]}]] tables")
         targets = [targets[index]]
+    resolve = PATH_KEYS.get((parts[0], rest[-1])) if len(rest) == 1 else None
+    if resolve is not None and base_dir is not None and isinstance(value, str) and value:
+        value = str(resolve(value, base_dir))
     for table in targets if isinstance(targets, list) else [targets]:
         node = table
         for part in rest[:-1]:
