@@ -80,3 +80,9 @@ def test_ctrl_c_while_setting_up_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert "interrupted; files already written are complete. Go on with: zturbo train" in result.output
     assert f"--set train.output_dir={tmp_path / 'run'}" in result.output and "Traceback" not in result.output
+
+
+def test_bad_dtype_names_the_option_and_the_choices():
+    result = runner.invoke(app, ["sample", "--model", "builtin:tiny", "--prompt", "x", "--dtype", "fp64"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: --dtype 'fp64' is not one of bf16, fp16, fp32; use e.g. --dtype bf16" in result.output

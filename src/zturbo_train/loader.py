@@ -39,7 +39,7 @@ def torch_dtype(name: str):
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ModelError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+        raise ModelError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}; use e.g. --dtype bf16")
     return getattr(torch, DTYPES[name])
 
 
