@@ -378,3 +378,29 @@ def test_resume_with_another_lora_rank_is_a_clear_error(tmp_path, example_data):
     run(load_config(cfg_path), quiet=True)
     with pytest.raises(LoraError, match=r"rank 8.*lora.rank = 4.*resume with the same \[lora\] settings"):
         run(load_config(cfg_path, ["lora.rank=4", "train.steps=3"]), resume=True, quiet=True)
+
+
+def test_bad_model_or_data_is_reported_before_the_output_folder_is_touched(tmp_path, example_data):
+    cfg_path = make_config(tmp_path, example_data, steps=1)
+    for override, message in (("model.path=\"builtin:nothing\"", "unknown builtin model"),
+                              (f"data.dir={json.dumps(str(tmp_path / 'nope'))}", "does not exist")):
+        result = runner.invoke(app, ["train", str(cfg_path), "-q", "--set", override])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_folder_of_a_run_that_saved_nothing_points_to_overwrite(tmp_path, example_data):
+    cfg_path = make_config(tmp_path, example_data, steps=1, save_every=0, sample_every=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "t.safetensors").write_bytes(b"old final LoRA")
+    result = runner.invoke(app, ["train", str(cfg_path), "-q"])
+    assert result.exit_code == 1 and "saved no training state; pass --overwrite" in result.output
+    interrupted = runner.invoke(app, ["train", str(cfg_path), "-q", "--resume"])
+    assert "nothing to resume" in interrupted.output and "--overwrite" in interrupted.output
+    from zturbo_train.checkpoint import open_run_folder
+
+    open_run_folder(run_dir, resume=False, overwrite=True, name="t")
+    assert not (run_dir / "t.safetensors").exists(), "an interrupted new run must not leave the old final LoRA"
+    assert runner.invoke(app, ["train", str(cfg_path), "-q", "--overwrite"]).exit_code == 0

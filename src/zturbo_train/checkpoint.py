@@ -55,19 +55,22 @@ class RunFolder:
         return self.config.exists() or self.states.exists() or self.metrics.exists()
 
 
-def open_run_folder(root: Path, resume: bool, overwrite: bool) -> RunFolder:
+def open_run_folder(root: Path, resume: bool, overwrite: bool, name: str) -> RunFolder:
     """Refuse to mix two runs in one folder unless the user said to resume or overwrite."""
     run = RunFolder(Path(root))
     if run.root.exists() and not run.root.is_dir():
         raise TrainingError(f"train.output_dir {run.root} is a file; set it to a folder")
     if run.holds_run() and not (resume or overwrite):
+        if latest_state(run) is None:
+            raise TrainingError(f"output folder {run.root} holds an earlier run that saved no training state; "
+                                f"pass --overwrite to replace it, or set train.output_dir to a new folder")
         raise TrainingError(f"output folder {run.root} holds another run; pass --resume to continue it, "
                             f"--overwrite to replace it, or set train.output_dir to a new folder")
     if resume and latest_state(run) is None:
         raise TrainingError(f"nothing to resume in {run.root}: it has no saved training state; "
-                            f"drop --resume to start a new run")
-    if overwrite and not resume and run.holds_run():
-        for path in (run.config, run.metrics):
+                            f"drop --resume to start a new run (with --overwrite if the folder holds files of one)")
+    if overwrite and not resume:
+        for path in (run.config, run.metrics, run.lora(name)):
             path.unlink(missing_ok=True)
         for folder in (run.samples, run.checkpoints, run.states):
             shutil.rmtree(folder, ignore_errors=True)

@@ -99,9 +99,10 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 
     ranks = ranks or distributed.Ranks()
     device = device or pick_device()
+    preflight(cfg)
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
-        run = open_run_folder(cfg.train.output_dir, resume, overwrite) if ranks.is_main else RunFolder(
-            cfg.train.output_dir)
+        run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name) if ranks.is_main else \
+            RunFolder(cfg.train.output_dir)
     dataset = distributed.prepare_dataset(cfg, device, ranks, console)
     dtype = torch_dtype(cfg.model.dtype)
     levers = levers_for(cfg, device)  # quantized or offloaded bases load on the host first
@@ -114,7 +115,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     levers = apply_levers(transformer, levers, device, adapter, workload_of(cfg)).levers
     if console is not None:
         console.print(f"[dim]memory {levers.memory}: {levers.describe()}{'; ' + levers.note if levers.note else ''}[/]",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     network = create_lora(transformer, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.blocks, cfg.lora.targets,
                           cfg.lora.dropout, seed=cfg.train.seed)
     network.train()
@@ -133,6 +134,19 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
         write_json(run.config, {"zturbo_version": __version__, **cfg.model_dump(mode="json")})
     distributed.data_parallel(session, ranks)
     return session
+
+
+def preflight(cfg: Config) -> None:
+    """The cheap checks (model folder, adapter file, data folders) before the output folder is touched,
+    so a typo is reported as itself and leaves no empty run folder behind."""
+    from .adapter import resolve_adapter
+    from .data.dataset import list_images
+    from .loader import resolve_model_dir
+
+    resolve_model_dir(cfg.model.path)
+    resolve_adapter(cfg.model.adapter)
+    for data in cfg.data:
+        list_images(data.dir)
 
 
 def _resume(s: Session) -> None:
