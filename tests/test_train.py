@@ -286,7 +286,7 @@ def test_real_config_dry_run_against_tiny(example_data):
 
 
 def test_out_of_memory_names_the_settings_that_lower_memory(tmp_path, example_data, monkeypatch):
-    def oom(self, latents, embeds, *keys):
+    def oom(self, latents, embeds, *keys, **named):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(TrainStep, "backward", oom)
@@ -404,3 +404,25 @@ def test_folder_of_a_run_that_saved_nothing_points_to_overwrite(tmp_path, exampl
     open_run_folder(run_dir, resume=False, overwrite=True, name="t")
     assert not (run_dir / "t.safetensors").exists(), "an interrupted new run must not leave the old final LoRA"
     assert runner.invoke(app, ["train", str(cfg_path), "-q", "--overwrite"]).exit_code == 0
+
+
+def test_noise_is_drawn_on_the_loader_thread_not_in_the_step(tmp_path, example_data, monkeypatch):
+    """The hot path gets its noise and sigmas with the batch; the step itself draws nothing."""
+    import threading
+
+    from zturbo_train import step as step_module
+
+    def no_draw(self, latents, seeds):
+        raise AssertionError("the training step drew noise itself")
+
+    threads = set()
+    original = step_module.draw_noise
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "_draw", no_draw)
+    monkeypatch.setattr(step_module, "draw_noise", recording)
+    result = run(load_config(make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0)), quiet=True)
+    assert result.steps_done == 3 and threads == {"zturbo-data"}

@@ -52,7 +52,6 @@ class TrainStep:
         self.generator = generator
         self.forward = model_forward or flow.predict
         self.device = generator.device
-        self._keyed = torch.Generator(device=self.device)  # reseeded per sample when a batch brings seeds
         self.model_dtype = next(transformer.parameters()).dtype
 
     def _autocast(self):
@@ -61,15 +60,19 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=self.settings.autocast_dtype)
 
     def loss(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
-             weights: Sequence[float] | None = None) -> Tensor:
+             weights: Sequence[float] | None = None, noise: Tensor | None = None,
+             sigmas: Tensor | None = None) -> Tensor:
         """The flow-matching loss of one micro-batch (fp32 scalar on the device).
 
-        `seeds` (one per sample) key each sample's noise and sigma, so a sample gets the same
-        draw in whichever batch, micro-batch or rank it lands; `weights` scale per-sample losses
-        (data-parallel slices of a batch's last, uneven part). Without them: the step's generator.
+        `noise` and `sigmas` come drawn with the batch (the loader's reader thread calls
+        `draw_noise`); `seeds` (one per sample) draw them here instead; with neither, the
+        step's own generator draws them. Keyed draws give a sample the same noise in whichever
+        batch, micro-batch or rank it lands. `weights` scale per-sample losses (data-parallel
+        slices of a batch's last, uneven part).
         """
         s = self.settings
-        noise, sigmas = self._draw(latents, seeds)
+        if noise is None:
+            noise, sigmas = self._draw(latents, seeds)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
         with self._autocast():
@@ -80,27 +83,29 @@ class TrainStep:
         return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
 
     def _draw(self, latents: Tensor, seeds: Sequence[int] | None) -> tuple[Tensor, Tensor]:
-        """(noise, sigmas): from the step's generator, or one generator seeding per sample from `seeds`."""
+        """(noise, sigmas): keyed by `seeds` (as the loader draws them), or from the step's generator."""
         s = self.settings
-        if seeds is None:
-            noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
-            return noise, flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
-                                             s.logit_mean, s.logit_std, s.timestep_shift)
-        noises, sigmas = [], []
-        for seed in seeds:
-            self._keyed.manual_seed(seed)
-            noises.append(torch.randn(latents.shape[1:], generator=self._keyed, device=latents.device,
-                                      dtype=torch.float32))
-            sigmas.append(flow.sample_sigmas(1, self._keyed, latents.device, s.timestep_sampling, s.logit_mean,
-                                             s.logit_std, s.timestep_shift))
-        return torch.stack(noises), torch.cat(sigmas)
+        if seeds is not None:
+            noise, sigmas = draw_noise(seeds, tuple(latents.shape[1:]), s)
+            return noise.to(latents.device), sigmas.to(latents.device)
+        noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
+        return noise, flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
+                                         s.logit_mean, s.logit_std, s.timestep_shift)
 
     def backward(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
-                 weights: Sequence[float] | None = None) -> Tensor:
+                 weights: Sequence[float] | None = None, noise: Tensor | None = None,
+                 sigmas: Tensor | None = None) -> Tensor:
         """Loss and backward of one micro-batch, scaled for accumulation; returns the detached loss."""
-        loss = self.loss(latents, embeds, seeds, weights)
+        loss = self.loss(latents, embeds, seeds, weights, noise, sigmas)
         (loss / self.settings.grad_accum).backward()
         return loss.detach()
+
+    def draw_for(self, batch):
+        """The loader's `draw` hook: a batch with its keyed noise and sigmas (runs on the reader thread)."""
+        from dataclasses import replace
+
+        noise, sigmas = draw_noise(batch.noise_seeds, tuple(batch.latents.shape[1:]), self.settings)
+        return replace(batch, noise=noise, sigmas=sigmas)
 
     def update(self, lr: float) -> Tensor:
         """Clip, step and clear gradients; returns the pre-clip gradient norm (on the device)."""
@@ -114,6 +119,23 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
+
+
+def draw_noise(seeds: Sequence[int], shape: tuple[int, ...], settings: StepSettings) -> tuple[Tensor, Tensor]:
+    """Per-sample noise and sigma on the CPU, each from a generator seeded by its sample's key.
+
+    A sample's draw depends only on its key, never on the batch, rank or device it lands in,
+    so data-parallel runs equal one process and a run repeats on any hardware. Drawn on the
+    loader's reader thread, it costs the training step nothing.
+    """
+    generator = torch.Generator()
+    noises, sigmas = [], []
+    for seed in seeds:
+        generator.manual_seed(seed)
+        noises.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+        sigmas.append(flow.sample_sigmas(1, generator, "cpu", settings.timestep_sampling, settings.logit_mean,
+                                         settings.logit_std, settings.timestep_shift))
+    return torch.stack(noises), torch.cat(sigmas)
 
 
 def to_device(values: Sequence[float], device: torch.device) -> Tensor:

@@ -369,13 +369,14 @@ def loop(s: Session, started: float) -> TrainResult:
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
     step, due_save = s.start_step, False
-    with s.dataset.loader(s.device, state=s.data_state) as loader, \
+    with s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for) as loader, \
             StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
             _progress(s, cfg.steps) as bar:
         while step < cfg.steps and stop.reason is None:
             lr = lr_at(step, cfg)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            losses = [s.step.backward(b.latents, b.text, b.noise_seeds, b.weights) for b in batches]
+            losses = [s.step.backward(b.latents, b.text, weights=b.weights, noise=b.noise, sigmas=b.sigmas)
+                      for b in batches]
             norm = s.step.update(lr)
             step += 1
             stop.poll()

@@ -26,7 +26,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import DataError
 from .buckets import Bucket
@@ -62,15 +62,29 @@ class Batch:
     position: int
     noise_seeds: list[int] = field(default_factory=list)
     weights: list[float] | None = None
+    # Flow-matching noise (B, 16, H/8, W/8) and sigmas (B,), fp32, drawn on the reader thread when
+    # the loader is given a `draw` function, so the training step does no per-sample drawing.
+    noise: Any = None
+    sigmas: Any = None
 
     def pin(self) -> "Batch":
-        return replace(self, latents=self.latents.pin_memory(), text=[t.pin_memory() for t in self.text])
+        return replace(self, latents=self.latents.pin_memory(), text=[t.pin_memory() for t in self.text],
+                       noise=_maybe(self.noise, lambda t: t.pin_memory()),
+                       sigmas=_maybe(self.sigmas, lambda t: t.pin_memory()))
 
     def to(self, device, dtype=None, non_blocking: bool = True) -> "Batch":
         def move(t):
             return t.to(device=device, dtype=dtype or t.dtype, non_blocking=non_blocking)
 
-        return replace(self, latents=move(self.latents), text=[move(t) for t in self.text])
+        def move_fp32(t):
+            return t.to(device=device, non_blocking=non_blocking)
+
+        return replace(self, latents=move(self.latents), text=[move(t) for t in self.text],
+                       noise=_maybe(self.noise, move_fp32), sigmas=_maybe(self.sigmas, move_fp32))
+
+
+def _maybe(value: Any, fn: Callable[[Any], Any]) -> Any:
+    return None if value is None else fn(value)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -217,8 +231,9 @@ class TrainDataset:
         return [read_entry(self.text_paths[c])["embedding"] for c in captions]
 
     def loader(self, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
-               pin_memory: bool | None = None, dtype: Any = None) -> "BatchLoader":
-        return BatchLoader(self, device, state, prefetch, pin_memory, dtype)
+               pin_memory: bool | None = None, dtype: Any = None,
+               draw: Callable[[Batch], Batch] | None = None) -> "BatchLoader":
+        return BatchLoader(self, device, state, prefetch, pin_memory, dtype, draw)
 
 
 class _Failure:
@@ -234,10 +249,11 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: TrainDataset, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
-                 pin_memory: bool | None = None, dtype: Any = None):
+                 pin_memory: bool | None = None, dtype: Any = None, draw: Callable[[Batch], Batch] | None = None):
         import torch
 
         self.dataset, self.device, self.dtype, self.prefetch = dataset, torch.device(device), dtype, prefetch
+        self.draw = draw
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.epoch, self.position = self._restore(state)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -293,7 +309,11 @@ class BatchLoader:
 
     def _produce_inline(self) -> Batch:
         epoch, position = self._normalise(self.epoch, self.position)
-        return self.dataset.load_batch(epoch, position)
+        return self._load(epoch, position)
+
+    def _load(self, epoch: int, position: int) -> Batch:
+        batch = self.dataset.load_batch(epoch, position)
+        return self.draw(batch) if self.draw is not None else batch
 
     def _take(self) -> Batch:
         if self._thread is None:
@@ -309,7 +329,7 @@ class BatchLoader:
     def _produce(self, epoch: int, position: int) -> None:
         try:
             while not self._stop.is_set():
-                batch = self.dataset.load_batch(epoch, position)
+                batch = self._load(epoch, position)
                 self._put(batch.pin() if self.pin_memory else batch)
                 epoch, position = self._normalise(epoch, position + 1)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
