@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -102,8 +102,6 @@ class TrainStep:
 
     def draw_for(self, batch):
         """The loader's `draw` hook: a batch with its keyed noise and sigmas (runs on the reader thread)."""
-        from dataclasses import replace
-
         noise, sigmas = draw_noise(batch.noise_seeds, tuple(batch.latents.shape[1:]), self.settings)
         return replace(batch, noise=noise, sigmas=sigmas)
 
