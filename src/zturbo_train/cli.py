@@ -236,6 +236,62 @@ def _report(message: str) -> None:
 LoraOption = typer.Option(None, "--lora", "-l", help="LoRA file as PATH[:STRENGTH] (repeatable; comfyui, diffusers or kohya keys).")
 
 
+lab_app = typer.Typer(help="The Turbo lab: a distilled tiny Z-Image to measure what LoRAs do to few-step "
+                        "quality (TURBO.md).", no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("build", epilog="Examples:\n\n  zturbo lab build lab\n\n  zturbo lab build lab-quick --quick")
+@fails_cleanly
+def lab_build(
+    out: Path = typer.Argument(..., help="Folder for the lab (student/, teacher/, adapter.safetensors, data/)."),
+    quick: bool = typer.Option(False, "--quick", help="The CI-sized build (fewer iterations, same code)."),
+) -> None:
+    """Build the distilled tiny Z-Image: VAE, teacher, Turbo student, de-distill adapter, data."""
+    import torch
+
+    from .lab.build import LabSettings, build_lab
+
+    quiet_libraries()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
+    build_lab(out, LabSettings.quick() if quick else LabSettings(), log=_report)
+
+
+@lab_app.command("run", epilog="Examples:\n\n  zturbo lab run lab\n\n"
+                 "  zturbo lab run lab --seeds 1 --strategies direct,merge")
+@fails_cleanly
+def lab_run(
+    lab_dir: Path = typer.Argument(..., help="A folder made by `zturbo lab build`."),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated training seeds."),
+    strategies: str = typer.Option("direct,merge,live,base", "--strategies", help="Comma-separated strategies."),
+    steps: int = typer.Option(400, "--steps", help="Training steps of each user LoRA."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter runs, fewer samples (the CI-sized variant)."),
+) -> None:
+    """Train user LoRAs on the lab's new concept with `zturbo train` and measure them; writes runs/results.json."""
+    import torch
+
+    from .lab.experiment import RunSettings, run_lab
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    settings = RunSettings.quick() if quick else RunSettings(steps=steps)
+    settings.seeds = tuple(int(x) for x in seeds.split(",") if x)
+    settings.strategies = tuple(x for x in strategies.split(",") if x)
+    run_lab(lab_dir, settings, log=_report)
+
+
+@lab_app.command("report", epilog="Example:\n\n  zturbo lab report lab --plots docs/turbo")
+@fails_cleanly
+def lab_report(
+    lab_dir: Path = typer.Argument(..., help="A lab folder after `zturbo lab run`."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the curves as PNGs here (needs matplotlib)."),
+) -> None:
+    """Print the table (mean and min-max over seeds) and optionally plot the curves."""
+    from .lab.report import report
+
+    typer.echo(report(lab_dir, plots))
+
+
 @app.command(epilog="Examples:\n\n  zturbo sample --model builtin:tiny --prompt 'a red cube' --width 64 --height 64\n\n"
              "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 --prompt 'sks a red square' "
              "--count 4 --seed 1 --width 64 --height 64 --compare\n\n"
@@ -260,6 +316,8 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
+    drift: bool = typer.Option(False, "--drift", help="Report turbo_drift per image, with and without the LoRAs "
+                               "(how far they bend Turbo's few-step paths; see TURBO.md)."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
     from .sample import SampleSettings, parse_lora_spec, read_prompts_file
@@ -270,7 +328,7 @@ def sample(
     settings = SampleSettings(
         prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
         seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
-        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size)
+        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, drift=drift)
     run_sample(settings, log=_report)
 
 

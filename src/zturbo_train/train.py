@@ -68,6 +68,8 @@ class Session:
     data_state: dict | None = None
     rank: int = 0
     world: int = 1
+    drift: Any = None  # drift.DriftMonitor: turbo_drift of each preview against step 0's
+    metrics_log: Any = None  # the loop's MetricsLog, so a preview can add turbo_drift to its step's row
 
     @property
     def is_main(self) -> bool:
@@ -128,6 +130,9 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
                       dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
                       world=ranks.world)
+    from .drift import DriftMonitor
+
+    session.drift = DriftMonitor()
     if resume:
         _resume(session)
     elif ranks.is_main:
@@ -162,6 +167,16 @@ def _resume(s: Session) -> None:
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
         _truncate_metrics(s.run.metrics, s.start_step)
+        s.drift.start = _drift_start(s.run.metrics)
+
+
+def _drift_start(path: Path) -> float | None:
+    from .drift import start_from_metrics
+
+    if not path.exists():
+        return None
+    return start_from_metrics([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                               if "turbo_drift_start" in line])
 
 
 def _pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -217,7 +232,8 @@ def save_training_state(s: Session, step: int, loader) -> Path:
 
 @torch.no_grad()
 def preview(s: Session, step: int) -> list[Path]:
-    """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo)."""
+    """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo), and their turbo_drift."""
+    from .drift import DriftProbe
     from .fileio import write_with
     from .sample import generate_images, make_grid
 
@@ -225,20 +241,33 @@ def preview(s: Session, step: int) -> list[Path]:
     if not cfg.prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
+    probe = DriftProbe()
     s.network.eval()
     try:
         with s.adapter.inverted(), _autocast(s):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
-                                     negative_embeds=s.negative_embeds, device=s.device)
+                                     negative_embeds=s.negative_embeds, device=s.device, observe=probe.observe)
     finally:
         s.network.train()
+    _report_drift(s, step, probe.value())
     folder = s.run.samples / f"step-{step:06d}"
     paths = [write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
              for i, im in enumerate(images)]
     grid = make_grid([images], [f"step {step}"])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
+
+
+def _report_drift(s: Session, step: int, drift: float) -> None:
+    """turbo_drift into the step's metrics row and the progress output; a one-line warning past the threshold."""
+    fields, warning = s.drift.update(step, drift)
+    if s.metrics_log is not None and step > 0:
+        s.metrics_log.note(step, fields)
+    if s.console is not None:
+        s.console.print(f"[dim]{s.drift.line(step, fields)}[/]", highlight=False, soft_wrap=True)
+        if warning:
+            s.console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def _autocast(s: Session):
@@ -300,12 +329,28 @@ class MetricsLog:
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
+        self.notes: dict[int, dict] = {}  # extra fields (turbo_drift) for rows not written yet
         self.smooth: float | None = None
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int) -> None:
         self.pending.append((step, loss, grad_norm, lr, epoch))
+
+    def note(self, step: int, fields: dict) -> None:
+        """Add fields to step's row: merged at flush if it is pending, else written into the file's row."""
+        if any(p[0] == step for p in self.pending):
+            self.notes.setdefault(step, {}).update(fields)
+        elif self.write and self.path.exists():
+            from .fileio import write_text
+
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for i in range(len(lines) - 1, -1, -1):
+                row = json.loads(lines[i]) if lines[i].startswith("{") else {}
+                if row.get("step") == step:
+                    lines[i] = json.dumps({**row, **fields})
+                    write_text(self.path, "".join(f"{line}\n" for line in lines))
+                    break
 
     def flush(self, device: torch.device) -> dict | None:
         """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved."""
@@ -329,7 +374,8 @@ class MetricsLog:
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
             self.last_loss = loss
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
-                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time()}
+                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
+                   **self.notes.pop(step, {})}
             if self.write:
                 append_line(self.path, json.dumps(row))
         self.pending.clear()
@@ -365,6 +411,7 @@ def out_of_memory_message(cfg: Config) -> str:
 def loop(s: Session, started: float) -> TrainResult:
     cfg = s.cfg.train
     log = MetricsLog(s.run.metrics, cfg.log_every, s.is_main, distributed.mean_over_ranks if s.world > 1 else None)
+    s.metrics_log = log
     previews: list[Path] = []
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
