@@ -11,7 +11,7 @@ Every checkpoint the run saves is measured on the student (adapter removed, as u
 it): blur / precision / coverage on the new concept and on the old ones (what the LoRA
 broke elsewhere) at several sampler steps, and turbo_drift from the same 8-step sampling
 the preview uses. The final LoRA gets the full table (1, 2, 4, 8, 30 steps). Everything
-goes to `results.json` beside the runs; `summarize` turns it into the TURBO.md table.
+goes to `lab-result.json` in each run folder; `summarize` turns them into the TURBO.md table.
 """
 
 from __future__ import annotations
@@ -157,12 +157,14 @@ def measure_run(lab: Lab, run_dir: Path, r: RunSettings) -> dict:
 
 
 def run_lab(root: Path, r: RunSettings | None = None, log: Log = print) -> dict:
-    """Every strategy and seed: train, measure, and write `runs/results.json` (returned)."""
+    """Every strategy and seed: train, measure, write `runs/<strategy>-seed<N>/lab-result.json`; return them all.
+
+    One file per run, so several `zturbo lab run` processes (different strategies) can share a lab.
+    """
     from ..fileio import write_json
 
     r = r or RunSettings()
     lab = load_lab(root)
-    results: dict = {"settings": asdict(r), "runs": {}}
     for strategy in r.strategies:
         for seed in r.seeds:
             clock = time.perf_counter()
@@ -170,13 +172,22 @@ def run_lab(root: Path, r: RunSettings | None = None, log: Log = print) -> dict:
             trained = time.perf_counter() - clock
             measured = measure_run(lab, run_dir, r)
             measured["seconds"] = {"train": trained, "measure": time.perf_counter() - clock - trained}
-            results["runs"].setdefault(strategy, {})[str(seed)] = measured
+            measured["settings"] = asdict(r)
+            write_json(run_dir / "lab-result.json", measured)
             final = measured["final"]
             log(f"{strategy} seed {seed}: new blur @2 {final['new']['2']['blur']:.3f} "
                 f"@8 {final['new']['8']['blur']:.3f} @30 {final['new']['30']['blur']:.3f}; "
                 f"old @2 {final['old']['2']['blur']:.3f}; drift {final['drift']:.3f} ({trained:.0f}s train)")
-            write_json(lab.root / "runs" / "results.json", results)
-    return results
+    return collect(lab.root)
+
+
+def collect(root: Path) -> dict:
+    """{"runs": {strategy: {seed: result}}} from every finished run of a lab."""
+    runs: dict = {}
+    for path in sorted(Path(root, "runs").glob("*-seed*/lab-result.json")):
+        strategy, _, seed = path.parent.name.rpartition("-seed")
+        runs.setdefault(strategy, {})[seed] = json.loads(path.read_text(encoding="utf-8"))
+    return {"runs": runs}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .experiment import summarize
+from .experiment import collect, summarize
 
 STEPS = ("1", "2", "4", "8", "30")
 LABELS = {"direct": "directly on the student", "merge": "over the adapter (merge)",
@@ -36,10 +36,9 @@ def drift_table(summary: dict) -> str:
 def report(lab_dir: Path, plots: Path | None = None) -> str:
     from ..errors import DataError
 
-    path = Path(lab_dir) / "runs" / "results.json"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; run `zturbo lab run {lab_dir}` first")
-    results = json.loads(path.read_text(encoding="utf-8"))
+    results = collect(Path(lab_dir))
+    if not results["runs"]:
+        raise DataError(f"{lab_dir} has no measured runs; run `zturbo lab run {lab_dir}` first")
     summary = summarize(results)
     parts = [table(summary, "new", m) for m in ("blur", "precision", "coverage")]
     parts += [table(summary, "old", m) for m in ("blur", "precision")]
