@@ -14,7 +14,6 @@ import torch
 
 from zturbo_train.drift import DriftMonitor, DriftProbe
 
-
 # ------------------------------------------------------------------------------ cheap units
 
 

@@ -267,7 +267,7 @@ def lab_run(
     steps: int = typer.Option(400, "--steps", help="Training steps of each user LoRA."),
     quick: bool = typer.Option(False, "--quick", help="Shorter runs, fewer samples (the CI-sized variant)."),
 ) -> None:
-    """Train user LoRAs on the lab's new concept with `zturbo train` and measure them; writes runs/results.json."""
+    """Train user LoRAs on the lab's new concept with `zturbo train` and measure them (lab-result.json per run)."""
     import torch
 
     from .lab.experiment import RunSettings, run_lab
