@@ -79,3 +79,39 @@ def test_metric_scores_hand_placed_samples():
     assert result["precision"] == pytest.approx(2 / 3)
     assert result["coverage"] == pytest.approx(0.5)
     assert result["blur"] == pytest.approx((0 + 0.05 + 0.5) / 3)
+
+
+# ------------------------------------------------------------------------------ the lab, CI-sized
+
+
+@pytest.fixture(scope="session")
+def quick_lab(tmp_path_factory):
+    """The CI-sized lab, built once: `zturbo lab build --quick` through the library."""
+    from zturbo_train.lab.build import LabSettings, build_lab
+
+    return build_lab(tmp_path_factory.mktemp("lab") / "lab", LabSettings.quick(), log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def quick_runs(quick_lab):
+    """Direct and over-the-adapter (merge) user LoRAs on the new concept, through the real trainer."""
+    from zturbo_train.lab.experiment import RunSettings, run_lab
+
+    return run_lab(quick_lab.root, RunSettings.quick(), log=lambda _: None)["runs"]
+
+
+def test_lab_folder_is_usable_by_the_ordinary_commands(quick_lab):
+    """student/ and teacher/ load as model.path; adapter.safetensors has the real adapter's keys and loads."""
+    from safetensors import safe_open
+
+    from zturbo_train.adapter import TrainingAdapter
+    from zturbo_train.loader import load_parts
+
+    with safe_open(str(quick_lab.adapter), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("diffusion_model.layers.") for k in keys)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)  # no alpha keys
+    parts = load_parts(str(quick_lab.student), ["transformer"], dtype="fp32", device="cpu")
+    adapter = TrainingAdapter.load(str(quick_lab.adapter), parts.transformer)
+    assert adapter.summary()["modules"] == len(keys) // 2
+    assert (quick_lab.root / "data" / "new").is_dir() and (quick_lab.root / "data" / "old").is_dir()
