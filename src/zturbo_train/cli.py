@@ -246,15 +246,16 @@ app.add_typer(lab_app, name="lab")
 def lab_build(
     out: Path = typer.Argument(..., help="Folder for the lab (student/, teacher/, adapter.safetensors, data/)."),
     quick: bool = typer.Option(False, "--quick", help="The CI-sized build (fewer iterations, same code)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Retrain only the adapter of a built lab."),
 ) -> None:
     """Build the distilled tiny Z-Image: VAE, teacher, Turbo student, de-distill adapter, data."""
     import torch
 
-    from .lab.build import LabSettings, build_lab
+    from .lab.build import LabSettings, build_lab, rebuild_adapter
 
     quiet_libraries()
     torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
-    build_lab(out, LabSettings.quick() if quick else LabSettings(), log=_report)
+    (rebuild_adapter if adapter_only else build_lab)(out, LabSettings.quick() if quick else LabSettings(), log=_report)
 
 
 @lab_app.command("run", epilog="Examples:\n\n  zturbo lab run lab\n\n"
@@ -264,7 +265,8 @@ def lab_run(
     lab_dir: Path = typer.Argument(..., help="A folder made by `zturbo lab build`."),
     seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated training seeds."),
     strategies: str = typer.Option("direct,merge,live,base", "--strategies", help="Comma-separated strategies."),
-    steps: int = typer.Option(400, "--steps", help="Training steps of each user LoRA."),
+    steps: int = typer.Option(240, "--steps", help="Training steps of each user LoRA."),
+    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of each user LoRA."),
     quick: bool = typer.Option(False, "--quick", help="Shorter runs, fewer samples (the CI-sized variant)."),
 ) -> None:
     """Train user LoRAs on the lab's new concept with `zturbo train` and measure them (lab-result.json per run)."""
@@ -274,7 +276,7 @@ def lab_run(
 
     quiet_libraries()
     torch.set_num_threads(1)
-    settings = RunSettings.quick() if quick else RunSettings(steps=steps)
+    settings = RunSettings.quick() if quick else RunSettings(steps=steps, lr=lr)
     settings.seeds = tuple(int(x) for x in seeds.split(",") if x)
     settings.strategies = tuple(x for x in strategies.split(",") if x)
     run_lab(lab_dir, settings, log=_report)

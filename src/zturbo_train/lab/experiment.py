@@ -39,18 +39,18 @@ class RunSettings:
 
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = 400
-    lr: float = 5e-4
+    steps: int = 240
+    lr: float = 2e-3
     rank: int = 8
     batch_size: int = 3
-    checkpoints: int = 4  # saves (and curve points) before the final LoRA
-    eval_samples: int = 24
+    checkpoints: int = 3  # saves (and curve points) before the final LoRA
+    eval_samples: int = 16
     preview_seeds: int = 4
     extra: dict = field(default_factory=dict)  # more `section.key` overrides, e.g. {"train.lr_scheduler": "cosine"}
 
     @classmethod
     def quick(cls) -> "RunSettings":
-        return cls(strategies=("direct", "merge"), seeds=(1,), steps=150, checkpoints=2, eval_samples=16)
+        return cls(strategies=("direct", "merge"), seeds=(1,), steps=120, checkpoints=1, eval_samples=12)
 
 
 def strategy_model(lab: Lab, strategy: str) -> dict:
