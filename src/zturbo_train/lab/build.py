@@ -68,9 +68,8 @@ class LabSettings:
 
     @classmethod
     def quick(cls) -> "LabSettings":
-        return cls(vae_steps=150, teacher_steps=500, pairs_per_concept=48, student_steps=400, adapter_steps=200,
-                   adapter_samples_per_concept=32, eval_samples=16)
-
+        return cls(vae_steps=50, teacher_steps=300, pairs_per_concept=24, student_steps=200, adapter_steps=150,
+                   adapter_samples_per_concept=16, eval_samples=8)
 
 @dataclass
 class Lab:
@@ -227,8 +226,8 @@ def rebuild_adapter(out: Path, settings: LabSettings | None = None, log: Log = p
 
     s = settings or LabSettings()
     lab = load_lab(out)
-    pipe = ZImagePipeline.from_pretrained(str(lab.student), torch_dtype=torch.float32)
-    teacher = ZImagePipeline.from_pretrained(str(lab.teacher), torch_dtype=torch.float32).transformer
+    pipe = ZImagePipeline.from_pretrained(str(lab.student), dtype=torch.float32)
+    teacher = ZImagePipeline.from_pretrained(str(lab.teacher), dtype=torch.float32).transformer
     clock = time.perf_counter()
     adapter = train_adapter(pipe.transformer, pipe.scheduler, lab.old_captions, lab.embeds, s, log)
     timings = {**lab.info["seconds"], "adapter": time.perf_counter() - clock}

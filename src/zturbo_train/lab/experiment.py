@@ -50,7 +50,7 @@ class RunSettings:
 
     @classmethod
     def quick(cls) -> "RunSettings":
-        return cls(strategies=("direct", "merge"), seeds=(1,), steps=120, checkpoints=1, eval_samples=12)
+        return cls(strategies=("direct", "merge"), seeds=(1,), steps=80, checkpoints=1, eval_samples=8)
 
 
 def strategy_model(lab: Lab, strategy: str) -> dict:
