@@ -512,9 +512,9 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
     for start in range(0, len(jobs), s.batch_size):
         batch = jobs[start:start + s.batch_size]
         drifts = _drift_probes(s, networks)
-        images = _render(parts, batch, embeds, s, device, dtype, observe=drifts[0])
+        images = _render(parts, batch, embeds, s, device, dtype, probe=drifts[0])
         if s.compare or drifts[1] is not None:
-            base = _render(parts, batch, embeds, s, device, dtype, networks, observe=drifts[1])
+            base = _render(parts, batch, embeds, s, device, dtype, networks, probe=drifts[1])
             pairs += zip(base, images) if s.compare else []
         extra = _report_drift(drifts, batch, log)
         for job, image, more in zip(batch, images, extra):
@@ -564,7 +564,7 @@ def _report_drift(probes: tuple, batch: Sequence[Job], log: Log) -> list[dict[st
 
 
 def _render(parts, batch: Sequence[Job], embeds: dict[str, Tensor], s: SampleSettings, device: torch.device,
-            dtype: torch.dtype, disabled: Sequence["LoraNetwork"] = (), observe=None) -> list["Image"]:
+            dtype: torch.dtype, disabled: Sequence["LoraNetwork"] = (), probe=None) -> list["Image"]:
     """One batch of images; `disabled` LoRAs are switched off for it (the `--compare` base row)."""
     for network in disabled:
         network.enabled = False
@@ -573,7 +573,7 @@ def _render(parts, batch: Sequence[Job], embeds: dict[str, Tensor], s: SampleSet
         return generate_images(parts.transformer, parts.scheduler, parts.vae, [embeds[j.prompt] for j in batch],
                                width=s.width, height=s.height, seeds=[j.seed for j in batch], steps=s.steps,
                                guidance=s.guidance, negative_embeds=negative, device=device, dtype=dtype,
-                               observe=observe)
+                               observe=probe.observe if probe is not None else None)
     finally:
         for network in disabled:
             network.enabled = True
