@@ -197,7 +197,9 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 def summarize(results: dict) -> dict:
     """{strategy: {"new"|"old": {steps: {metric: spread over seeds}}, "drift": spread}} of the final LoRAs."""
     out = {}
-    for strategy, seeds in results["runs"].items():
+    order = sorted(results["runs"], key=lambda k: STRATEGIES.index(k) if k in STRATEGIES else len(STRATEGIES))
+    for strategy in order:
+        seeds = results["runs"][strategy]
         finals = [run["final"] for run in seeds.values()]
         entry = {"drift": spread([f["drift"] for f in finals])}
         for part in ("new", "old"):
