@@ -168,3 +168,18 @@ def test_sample_drift_reports_with_and_without_the_lora(smoke_lab, tmp_path):
     assert len(drift_lines) == 2 and all("without LoRAs" in line for line in drift_lines)
     info = json.loads(Image.open(paths[0]).text["zturbo"])
     assert info["turbo_drift"] > 0 and info["turbo_drift_without_loras"] > 0
+
+
+def test_lab_cli_help_and_a_folder_that_is_no_lab(tmp_path):
+    from typer.testing import CliRunner
+
+    from zturbo_train.cli import app
+
+    runner = CliRunner()
+    for args in (["lab", "--help"], ["lab", "build", "--help"], ["lab", "run", "--help"], ["lab", "report", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and "Usage" in result.output
+    result = runner.invoke(app, ["lab", "run", str(tmp_path)])
+    assert result.exit_code != 0 and "zturbo lab build" in result.output
+    result = runner.invoke(app, ["lab", "report", str(tmp_path)])
+    assert result.exit_code != 0 and "zturbo lab run" in result.output
