@@ -21,8 +21,6 @@ drift differs by prompt, size and step count, but a LoRA that breaks Turbo multi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -82,5 +80,3 @@ def start_from_metrics(rows: list[dict]) -> float | None:
     """The step-0 drift a resumed run compares against (stored in every drift row)."""
     return next((r["turbo_drift_start"] for r in rows if "turbo_drift_start" in r), None)
 
-
-Observer = Callable[[int, Tensor], None]
