@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .experiment import collect, summarize
+from .experiment import STRATEGIES, collect, summarize
 
 STEPS = ("1", "2", "4", "8", "30")
 LABELS = {"direct": "directly on the student", "merge": "over the adapter (merge)",
           "live": "over the adapter (live)", "base": "on the teacher (base), used on the student"}
+COLOURS = {"direct": "tab:orange", "merge": "tab:red", "live": "tab:green", "base": "tab:blue"}  # same in every plot
 
 
 def _cell(spread: dict[str, float]) -> str:
@@ -72,9 +73,9 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
               ("new concept precision, 2 steps", lambda p: p["new"]["2"]["precision"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, key) in zip(axes.flat, panels):
-        for strategy in results["runs"]:
+        for strategy in sorted(results["runs"], key=lambda k: STRATEGIES.index(k) if k in STRATEGIES else 99):
             steps, mean, low, high = _curve(results, strategy, key)
-            line, = ax.plot(steps, mean, marker="o", label=LABELS.get(strategy, strategy))
+            line, = ax.plot(steps, mean, marker="o", label=LABELS.get(strategy, strategy), color=COLOURS.get(strategy))
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
