@@ -304,6 +304,20 @@ def train_adapter(student, scheduler, old: list[str], embeds: dict[str, Tensor],
     return loras
 
 
+def model_drift(transformer, scheduler, lab: Lab, n: int) -> dict[str, float]:
+    """turbo_drift at 8 steps on the old concepts and on the new one (drift.py, as previews compute it)."""
+    from ..drift import DriftProbe
+    from .measure import EVAL_SEED
+
+    out = {}
+    for part, captions in (("old", lab.old_captions), ("new", [lab.new_caption])):
+        probe = DriftProbe()
+        sample_latents(transformer, scheduler, [lab.embeds[c] for c in captions for _ in range(n)],
+                       [EVAL_SEED + i for _ in captions for i in range(n)], 8, observe=probe.observe)
+        out[part] = round(probe.value(), 4)
+    return out
+
+
 def adapter_state_dict(loras) -> dict[str, Tensor]:
     """The real adapter's key format: `diffusion_model.<module>.lora_A/B.weight`, no alpha (alpha = rank)."""
     out = {}
@@ -347,7 +361,8 @@ def save_lab(out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSe
 
 
 def quality_report(lab: Lab, n: int, log: Log) -> dict:
-    """Teacher, student and student + adapter on the old concepts, and the student on the unseen new one."""
+    """Teacher, student and student + adapter on the old concepts, and the student on the unseen new one,
+    with each one's turbo_drift (8 steps) on the old concepts and on the new one."""
     from ..keys import read_lora_file
     from ..loader import load_parts
     from ..lora import load_lora
@@ -359,12 +374,15 @@ def quality_report(lab: Lab, n: int, log: Log) -> dict:
                          lab.old_captions + [lab.new_caption], EVAL_STEPS, n)
         report[name] = averaged(result, lab.old_captions)
         report[f"{name}_new_concept"] = averaged(result, [lab.new_caption])
+        report[f"{name}_drift"] = model_drift(parts.transformer, parts.scheduler, lab, n)
         if name == "student":
             load_lora(parts.transformer, read_lora_file(lab.adapter)[0], what="the lab adapter")
             result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes, lab.old_captions,
                              EVAL_STEPS, n)
             report["student_adapter"] = averaged(result, lab.old_captions)
+            report["student_adapter_drift"] = model_drift(parts.transformer, parts.scheduler, lab, n)
     for name in ("teacher", "student", "student_adapter"):
+        log(f"{name} turbo_drift (8 steps): {report[f'{name}_drift']}")
         blur = " ".join(f"{k}:{v['blur']:.3f}" for k, v in report[name].items())
         log(f"{name} blur on old concepts by steps: {blur}")
     return report
