@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from .config import TURBO_REPO
 from .errors import AdapterError, ConfigError, LoraError, ModelError
+from .fileio import temp_dir
 from .keys import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
 from .sample import LoadedLora, LoraSpec, read_loras
 
@@ -217,8 +217,7 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
     adapter_weights = read_adapter(adapter_path) if adapter_path is not None else None
     plan = _merge_plan(loras, adapter_weights, adapter_weight, linear_shapes_from_files(transformer_files(model_dir)), log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         for item in sorted(model_dir.iterdir()):
             if item.name.startswith(".") or item.name == "transformer":
