@@ -155,7 +155,7 @@ def _resume(s: Session) -> None:
     if latest_state(s.run) is None:  # rank 0 found one: this rank's machine does not see the run folder
         raise TrainingError(f"rank {s.rank} sees no saved state in {s.run.root}; for --resume on several machines "
                             f"put train.output_dir on a filesystem they all see")
-    log = (lambda line: s.console.print(line, highlight=False, markup=False)) if s.console is not None else print
+    log = (lambda line: s.console.print(line, highlight=False, markup=False, soft_wrap=True)) if s.console is not None else print
     _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
