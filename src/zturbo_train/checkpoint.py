@@ -198,8 +198,9 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     try:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-            raise ValueError("it has no step number")
+        missing = {"step", "optimizer", "rng"} - set(meta) if isinstance(meta, dict) else {"everything"}
+        if missing or not isinstance(meta["step"], int):
+            raise ValueError(f"it lacks {', '.join(sorted(missing)) or 'a step number'}")
     except (OSError, ValueError) as exc:
         raise DamagedState(f"state.json is unreadable ({exc})") from None
     if meta.get("version") != STATE_VERSION:

@@ -40,7 +40,10 @@ def umask() -> int:
 def as_created(path: Path) -> Path:
     """Give a mkstemp/mkdtemp path (owner-only) the mode open()/mkdir() would have given it under the umask,
     so files and folders we rename into place are readable by whoever the user's umask lets read them."""
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask())
+    try:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask())
+    except PermissionError:  # file systems without Unix modes (FAT, some network mounts): keep what they give
+        pass
     return path
 
 
