@@ -260,8 +260,11 @@ def test_to_lora_bad_inputs(tmp_path, two_loras):
         merge_to_lora([LoraSpec(a)], a, overwrite=True)
     existing = tmp_path / "e.safetensors"
     existing.write_bytes(b"")
+    with pytest.raises(ConfigError, match="was not written by `zturbo merge`.*with or without --overwrite"):
+        merge_to_lora([LoraSpec(a)], existing, overwrite=True)
+    merge_to_lora([LoraSpec(a)], tmp_path / "ours.safetensors")
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
-        merge_to_lora([LoraSpec(a)], existing)
+        merge_to_lora([LoraSpec(a)], tmp_path / "ours.safetensors")
     with pytest.raises(ConfigError, match="--format 'safetensors' is not one of"):
         merge_to_lora([LoraSpec(a)], tmp_path / "y.safetensors", style="safetensors")
 

@@ -129,7 +129,17 @@ def read_lora_file(path: str | Path) -> tuple[LoraDict, dict[str, str]]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"{path} is not a safetensors file ({_sniff(path)}); only .safetensors LoRAs are "
                         f"accepted, since pickle files can run code: convert it to safetensors first") from exc
+    require_finite(tensors, str(path))
     return parse_state_dict(tensors, _diffusers_alphas(metadata, tensors), source=str(path)), metadata
+
+
+def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/inf weights by name: applied or merged, they turn every image black and every weight NaN."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LoraError(f"{source}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; the file is "
+                            "broken (saved from a run whose loss diverged?): use an earlier checkpoint of it")
 
 
 def _sniff(path: Path) -> str:

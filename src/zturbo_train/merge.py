@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from .config import TURBO_REPO
 from .errors import AdapterError, ConfigError, LoraError, ModelError
+from .fileio import temp_dir
 from .keys import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
 from .sample import LoadedLora, LoraSpec, read_loras
 
@@ -77,21 +77,80 @@ def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]
 
 
 def check_output(out: Path, overwrite: bool, sources: Sequence[Path] = (), kind: str = "folder") -> None:
-    """Refuse an output that is the wrong kind, overlaps an input, or exists without `--overwrite`."""
+    """Refuse an output that is the wrong kind, overlaps an input, or exists without `--overwrite`.
+
+    `--overwrite` replaces only what merge wrote before (a folder with zturbo_merge.json, a LoRA whose
+    header has zturbo.merged_from); a run, a dataset, a model or any other file is refused with the reason."""
     out_real = out.expanduser().resolve()
     for source in sources:
         source_real = source.expanduser().resolve()
-        if out_real == source_real or source_real in out_real.parents or out_real in source_real.parents:
-            raise ConfigError(f"output {out} overlaps the input {source}; write to a new path such as "
-                              f"{source_real.parent / (source_real.stem + '-merged')}")
+        if out_real == source_real or source_real in out_real.parents or out_real in source_real.parents \
+                or (out.is_file() and source.is_file() and os.path.samefile(out, source)):
+            suffix = "-merged.safetensors" if kind == "file" else "-merged"
+            suggestion = source_real.parent / (source_real.stem + suffix)
+            raise ConfigError(f"output {out} overlaps the input {source}; write to a new path such as {suggestion}")
     if kind == "folder" and out.is_file():
         raise ConfigError(f"--out {out} is an existing file; a merged model is a folder, pass a new folder path")
     if kind == "file" and out.is_dir():
         raise ConfigError(f"--to-lora {out} is an existing folder; pass a .safetensors file path")
     if kind == "file" and out.suffix != ".safetensors":
         raise ConfigError(f"--to-lora {out} must end in .safetensors; LoRAs are written only as safetensors")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or choose another path")
+    if not out.exists():
+        return
+    foreign = _foreign_folder(out) if kind == "folder" else _foreign_file(out)
+    if foreign:
+        raise ConfigError(f"{out} {foreign}; merge replaces only its own earlier output, with or without "
+                          f"--overwrite: choose a new path")
+    if not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it (an earlier merge output), "
+                          f"or choose another path")
+
+
+def _run_holding(path: Path) -> Path | None:
+    """The training run folder `path` is or lies in (its own folder, checkpoints/ or state/step-N/), if any."""
+    from .checkpoint import RunFolder
+
+    for folder in [path, *path.parents][:4]:
+        if RunFolder(folder).holds_run():
+            return folder
+    return None
+
+
+def _foreign_folder(out: Path) -> str | None:
+    """Why an existing --out folder is not merge's to replace, or None when it is (merge output or empty)."""
+    from .checkpoint import RunFolder
+    from .data.dataset import IMAGE_EXTS
+
+    if RunFolder(out).holds_run():
+        return "holds a training run (its config, state, LoRAs and previews)"
+    names = sorted(p.name for p in out.iterdir())
+    if PROVENANCE_NAME in names or not names:
+        return None
+    run = _run_holding(out.parent)
+    if run is not None:
+        return f"lies inside the training run {run}"
+    images = [n for n in names if Path(n).suffix.lower() in IMAGE_EXTS]
+    if images:
+        return f"holds images ({len(images)}, e.g. {images[0]}): a dataset, not a merge output"
+    if "model_index.json" in names:
+        return f"is a model folder without {PROVENANCE_NAME} (a download or a copy), not a merge output"
+    return f"holds files merge did not write ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def _foreign_file(out: Path) -> str | None:
+    """Why an existing --to-lora file is not merge's to replace, or None when merge wrote it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as handle:
+            if "zturbo.merged_from" in (handle.metadata() or {}):
+                return None
+    except (SafetensorError, OSError, ValueError):
+        pass
+    run = _run_holding(out.parent)
+    if run is not None:
+        return f"is a file of the training run {run}"
+    return "was not written by `zturbo merge` (its header has no zturbo.merged_from)"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -212,13 +271,13 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
     if not specs and adapter is None:
         raise ConfigError("nothing to merge; pass --lora PATH[:STRENGTH] (repeatable) and/or --adapter REF")
     model_dir = resolve_model_dir(model)
-    check_output(out, overwrite, [model_dir])
-    loras = read_loras(specs)
     adapter_path = resolve_adapter(adapter) if adapter is not None else None
+    check_output(out, overwrite, [model_dir, *(s.path for s in specs), *([adapter_path] if adapter_path else [])])
+    loras = read_loras(specs)
     adapter_weights = read_adapter(adapter_path) if adapter_path is not None else None
-    plan = _merge_plan(loras, adapter_weights, adapter_weight, linear_shapes_from_files(transformer_files(model_dir)), log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    shapes = linear_shapes_from_files(transformer_files(model_dir))
+    plan = _merge_plan(loras, adapter_weights, adapter_weight, shapes, log)
+    tmp = temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         for item in sorted(model_dir.iterdir()):
             if item.name.startswith(".") or item.name == "transformer":

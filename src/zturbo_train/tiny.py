@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 TINY_VERSION = "2"
@@ -49,8 +48,9 @@ def tiny_model_dir() -> Path:
     target = cache_root() / "builtin" / f"{TINY_NAME}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    from .fileio import temp_dir
+
+    tmp = temp_dir(".tiny-", target.parent)
     try:
         build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
         try:

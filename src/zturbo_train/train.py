@@ -25,8 +25,8 @@ from typing import Any, Iterator
 import torch
 
 from . import __version__, distributed
-from .checkpoint import (RunFolder, capture_rng, latest_state, load_state, lora_tensors, open_run_folder, prune,
-                         restore_optimizer, restore_rng, save_state)
+from .checkpoint import (RunFolder, RunLock, capture_rng, latest_state, load_latest_state, lora_tensors,
+                         open_run_folder, prune, restore_optimizer, restore_rng, save_state)
 from .config import Config
 from .errors import TrainingError
 from .fileio import append_line, write_json
@@ -86,10 +86,11 @@ def pick_device() -> torch.device:
 
 
 def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.device | None = None,
-          ranks: distributed.Ranks | None = None) -> Session:
+          ranks: distributed.Ranks | None = None, lock: RunLock | None = None) -> Session:
     """Caches first (one encoder at a time), then the transformer, adapter, LoRA, optimizer, state.
 
-    Under torchrun (`ranks`): rank 0 opens the output folder, the ranks share the caching,
+    `lock` (held by the caller for the whole run) is taken on the output folder before anything in it changes.
+    Under torchrun (`ranks`): rank 0 locks and opens the output folder, the ranks share the caching,
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
     from .adapter import TrainingAdapter
@@ -101,7 +102,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     device = device or pick_device()
     preflight(cfg)
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
-        run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name) if ranks.is_main else \
+        run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name, lock) if ranks.is_main else \
             RunFolder(cfg.train.output_dir)
     dataset = distributed.prepare_dataset(cfg, device, ranks, console)
     dtype = torch_dtype(cfg.model.dtype)
@@ -151,11 +152,11 @@ def preflight(cfg: Config) -> None:
 
 def _resume(s: Session) -> None:
     """Continue from the newest state: LoRA, optimizer, RNG streams, data position, step."""
-    path = latest_state(s.run)
-    if path is None:  # rank 0 found one: this rank's machine does not see the run folder
+    if latest_state(s.run) is None:  # rank 0 found one: this rank's machine does not see the run folder
         raise TrainingError(f"rank {s.rank} sees no saved state in {s.run.root}; for --resume on several machines "
                             f"put train.output_dir on a filesystem they all see")
-    tensors, meta = load_state(path)
+    log = (lambda line: s.console.print(line, highlight=False, markup=False, soft_wrap=True)) if s.console is not None else print
+    _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
     restore_rng(s.step.generator, tensors, meta)
@@ -341,10 +342,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=N
     """Train a LoRA as `cfg` says; returns where the results went. Under torchrun, one rank of a data-parallel run."""
     from rich.console import Console
 
-    with distributed.launched() as ranks:
+    with distributed.launched() as ranks, RunLock() as lock:  # one live run per output folder, until it returns
         console = console or Console(stderr=True, quiet=quiet or not ranks.is_main)
         started = time.perf_counter()
-        s = setup(cfg, resume, overwrite, console, device, ranks)
+        s = setup(cfg, resume, overwrite, console, device, ranks, lock)
         if ranks.parallel:
             console.print(distributed.batch_line(cfg.train, ranks, s.device), highlight=False, soft_wrap=True)
         try:
