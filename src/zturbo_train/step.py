@@ -75,8 +75,8 @@ class TrainStep:
             noise, sigmas = self._draw(latents, seeds)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with self._autocast():
-            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas).to(self.model_dtype), embeds)
+        with self._autocast():  # t stays fp32, as ZImagePipeline and our sampler pass it: a bf16 t rounds the time
+            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
             loss_weights = loss_weights * to_device(weights, loss_weights.device)
