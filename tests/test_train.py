@@ -426,3 +426,44 @@ def test_noise_is_drawn_on_the_loader_thread_not_in_the_step(tmp_path, example_d
     monkeypatch.setattr(step_module, "draw_noise", recording)
     result = run(load_config(make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0)), quiet=True)
     assert result.steps_done == 3 and threads == {"zturbo-data"}
+
+
+def test_lora_alpha_other_than_rank_trains_what_diffusers_loads(tmp_path, example_data):
+    """rank 8, alpha 2 (scale 1/4): the final preview equals ZImagePipeline loading the saved file, and the
+    LoRA visibly changed the image. Fails if create_lora's scale alpha/rank is replaced by 1 (checked:
+    training then runs the LoRA 4x stronger than the file says)."""
+    from diffusers import ZImagePipeline
+
+    from zturbo_train.tiny import tiny_model_dir
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=6, lr=2e-2, save_every=0, sample_every=0),
+                      ["lora.alpha=2"])
+    result = run(cfg, quiet=True)
+    lora, meta = read_lora_file(result.lora_path)
+    assert {w.alpha for w in lora.values()} == {2.0} and meta["zturbo.alpha"] == "2.0"
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    pipe.load_lora_weights(str(result.lora_path))
+    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    samples = result.run_dir / "samples"
+    preview = np.asarray(Image.open(samples / "step-000006" / "00.png"), dtype=np.float32) / 255
+    before = np.asarray(Image.open(samples / "step-000000" / "00.png"), dtype=np.float32) / 255
+    assert np.abs(preview - before).max() > 20 / 255, "the LoRA must change the preview for the check to mean anything"
+    assert np.abs(image - preview).max() <= 1.5 / 255
+
+
+def test_fp16_training_is_refused_before_anything_is_done(tmp_path, example_data):
+    """No gradient scaler: fp16 training is refused with one line that points to bf16, before the output
+    folder exists; the step itself refuses too (`zturbo bench` builds it)."""
+    from zturbo_train.config import TrainConfig
+    from zturbo_train.errors import ConfigError
+    from zturbo_train.step import StepSettings
+
+    result = runner.invoke(app, ["train", str(make_config(tmp_path, example_data, steps=1)), "-q",
+                                 "--set", 'model.dtype="fp16"'])
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a configuration error
+    assert 'model.dtype = "fp16" cannot train' in result.output and 'set model.dtype = "bf16"' in result.output
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="fp16"):
+        StepSettings.from_config(TrainConfig(), torch.float16, torch.device("cpu"))
+    assert StepSettings.from_config(TrainConfig(), torch.bfloat16, torch.device("cpu")).autocast_dtype == torch.bfloat16

@@ -32,7 +32,7 @@ from .errors import TrainingError
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
-from .step import StepSettings, TrainStep, build_optimizer, lr_at
+from .step import StepSettings, TrainStep, build_optimizer, check_training_dtype, lr_at
 
 
 @dataclass
@@ -143,6 +143,7 @@ def preflight(cfg: Config) -> None:
     from .data.dataset import list_images
     from .loader import resolve_model_dir
 
+    check_training_dtype(torch_dtype(cfg.model.dtype))
     resolve_model_dir(cfg.model.path)
     resolve_adapter(cfg.model.adapter)
     for data in cfg.data:
