@@ -467,3 +467,33 @@ def test_fp16_training_is_refused_before_anything_is_done(tmp_path, example_data
     with pytest.raises(ConfigError, match="fp16"):
         StepSettings.from_config(TrainConfig(), torch.float16, torch.device("cpu"))
     assert StepSettings.from_config(TrainConfig(), torch.bfloat16, torch.device("cpu")).autocast_dtype == torch.bfloat16
+
+
+def test_lora_dropout_resumes_bit_exactly_and_is_off_in_previews(tmp_path, example_data, monkeypatch):
+    """lora.dropout = 0.5: dropout draws from the global torch RNG, which the state saves, so a run
+    stopped at step 2 and resumed ends on the same LoRA bit for bit; the dropout acts in training (the
+    LoRA differs from a run without it) and not in previews (the final preview equals diffusers loading
+    the saved file; checked: without network.eval() in preview() it does not)."""
+    from diffusers import ZImagePipeline
+
+    from zturbo_train.tiny import tiny_model_dir
+
+    settings = dict(steps=4, lr=2e-2, save_every=0, sample_every=0, log_every=1)
+    full = run(load_config(make_config(tmp_path / "a", example_data, **settings), ["lora.dropout=0.5"]), quiet=True)
+    plain = run(load_config(make_config(tmp_path / "c", example_data, **settings)), quiet=True)
+    cfg = load_config(make_config(tmp_path / "b", example_data, **settings), ["lora.dropout=0.5"])
+    _interrupt_after(monkeypatch, 2)
+    assert run(cfg, quiet=True).steps_done == 2
+    monkeypatch.undo()
+    resumed = run(cfg, resume=True, quiet=True)
+    a, b, c = (read_lora_file(r.lora_path)[0] for r in (full, resumed, plain))
+    assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)
+    assert [r["loss"] for r in metrics(full.run_dir)] == [r["loss"] for r in metrics(resumed.run_dir)]
+    assert any(not torch.equal(a[k].up, c[k].up) for k in a), "dropout must act in training"
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    pipe.load_lora_weights(str(full.lora_path))
+    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    preview = np.asarray(Image.open(full.run_dir / "samples" / "step-000004" / "00.png"), dtype=np.float32) / 255
+    assert np.abs(image - preview).max() <= 1.5 / 255
