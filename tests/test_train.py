@@ -497,3 +497,21 @@ def test_lora_dropout_resumes_bit_exactly_and_is_off_in_previews(tmp_path, examp
                  generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
     preview = np.asarray(Image.open(full.run_dir / "samples" / "step-000004" / "00.png"), dtype=np.float32) / 255
     assert np.abs(image - preview).max() <= 1.5 / 255
+
+
+def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
+    """keep_last = 2 with saves at steps 2, 4, 6 and the end (7): the two newest step LoRAs and states
+    stay, the older ones go; the final LoRA and files of another name are never pruned."""
+    from zturbo_train.checkpoint import prune
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=7, save_every=2, sample_every=0, keep_last=2))
+    result = run(cfg, quiet=True)
+    checkpoints = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["t-step000004.safetensors", "t-step000006.safetensors"]
+    assert sorted(p.name for p in (result.run_dir / "state").iterdir()) == ["step-000006", "step-000007"]
+    assert result.lora_path == result.run_dir / "t.safetensors" and result.lora_path.is_file()
+    (checkpoints / "other-step000001.safetensors").write_bytes(b"a user's file")
+    (checkpoints / "t-step000008.safetensors").write_bytes(b"newer")
+    prune(checkpoints, "t-step*.safetensors", 2)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "other-step000001.safetensors", "t-step000006.safetensors", "t-step000008.safetensors"]
