@@ -515,3 +515,31 @@ def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
     prune(checkpoints, "t-step*.safetensors", 2)
     assert sorted(p.name for p in checkpoints.iterdir()) == [
         "other-step000001.safetensors", "t-step000006.safetensors", "t-step000008.safetensors"]
+
+
+def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
+    """OOM while loading the model / creating the LoRA (before any step): one line, no traceback; a new
+    run can simply be started again, and a resumed run's saved states and LoRAs are untouched."""
+    import zturbo_train.lora as lora_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg_path = make_config(tmp_path, example_data, steps=2, save_every=0, sample_every=0)
+    monkeypatch.setattr(lora_module, "create_lora", oom)
+    result = runner.invoke(app, ["train", str(cfg_path), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: out of GPU memory while setting up (loading the model, adapter and LoRA) for resolution 64, " \
+           "batch 2; lower memory with" in result.output
+    assert "nothing was trained or saved; run the same command again" in result.output
+    monkeypatch.undo()
+    assert runner.invoke(app, ["train", str(cfg_path), "-q"]).exit_code == 0  # the same command again
+
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    monkeypatch.setattr(lora_module, "create_lora", oom)
+    result = runner.invoke(app, ["train", str(cfg_path), "-q", "--resume", "--set", "train.steps=3"])
+    assert result.exit_code == 1 and "saved states are untouched; run again with --resume" in result.output
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run(load_config(cfg_path, ["train.steps=3"]), resume=True, quiet=True).steps_done == 3
