@@ -66,6 +66,7 @@ class FakeHub:
         self.fail_after_drop: set[str] = set()  # "repo/path" whose GETs answer 500 after their drop
         self.dropped: set[str] = set()
         self.corrupt: set[str] = set()  # "repo/path" served with one byte flipped (same size, wrong hash)
+        self.ignore_range: set[str] = set()  # "repo/path" whose GETs answer 200 and the whole file to a Range
         self.lock = threading.Lock()
         self.servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Handler) for _ in range(2)]
         for server in self.servers:
@@ -166,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         start = 0
         ranged = self.headers.get("Range")
-        if ranged and not head:
+        if ranged and not head and key not in hub.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", ranged).group(1))
         self.send_response(206 if start else 200)
         self.send_header("X-Repo-Commit", repo["commit"])
@@ -338,6 +339,34 @@ def test_interrupted_run_resumes_in_the_next_run(hub, model_files):
     assert next(f.action for f in result.files if f.path == SHARD) == "resumed"
     assert (folder / SHARD).read_bytes() == model_files[SHARD]
     assert not (folder / STAGING / "partial").exists()
+
+
+def test_server_that_ignores_range_still_gives_the_right_file(hub, model_files):
+    """A CDN may answer a Range request with 200 and the whole file: the partial bytes must be replaced,
+    not prepended, and the hash checked on what is on disk. Both in the next run and within one run."""
+    key = f"{REPO}/{SHARD}"
+    hub.drop[key] = 1024
+    hub.fail_after_drop.add(key)
+    with pytest.raises(DownloadError, match="partial ones resume"):
+        download_model(REPO)
+    hub.fail_after_drop.clear()
+    hub.ignore_range.add(key)
+    hub.log.clear()
+    result = download_model(REPO)
+    (last,) = hub.gets(SHARD)
+    assert last["range"] is not None and last["sent"] == len(model_files[SHARD])  # asked to resume, got it all
+    folder = download_dir(REPO)
+    assert (folder / SHARD).read_bytes() == model_files[SHARD]
+    assert result.fetched_bytes == sum(e["sent"] for e in hub.gets())  # counts the re-sent bytes too
+    assert next(f.action for f in result.files if f.path == SHARD) == "resumed"
+    assert not (folder / STAGING / "partial").exists()
+    shutil.rmtree(folder)
+    hub.dropped.clear()
+    hub.drop[key] = 1024  # a drop within the run, retried with a Range the server ignores
+    hub.log.clear()
+    download_model(REPO)
+    assert [g["range"] is not None for g in hub.gets(SHARD)] == [False, True]
+    assert (folder / SHARD).read_bytes() == model_files[SHARD]
 
 
 def test_repo_not_found_404(hub):

@@ -426,3 +426,120 @@ def test_noise_is_drawn_on_the_loader_thread_not_in_the_step(tmp_path, example_d
     monkeypatch.setattr(step_module, "draw_noise", recording)
     result = run(load_config(make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0)), quiet=True)
     assert result.steps_done == 3 and threads == {"zturbo-data"}
+
+
+def test_lora_alpha_other_than_rank_trains_what_diffusers_loads(tmp_path, example_data):
+    """rank 8, alpha 2 (scale 1/4): the final preview equals ZImagePipeline loading the saved file, and the
+    LoRA visibly changed the image. Fails if create_lora's scale alpha/rank is replaced by 1 (checked:
+    training then runs the LoRA 4x stronger than the file says)."""
+    from diffusers import ZImagePipeline
+
+    from zturbo_train.tiny import tiny_model_dir
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=6, lr=2e-2, save_every=0, sample_every=0),
+                      ["lora.alpha=2"])
+    result = run(cfg, quiet=True)
+    lora, meta = read_lora_file(result.lora_path)
+    assert {w.alpha for w in lora.values()} == {2.0} and meta["zturbo.alpha"] == "2.0"
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    pipe.load_lora_weights(str(result.lora_path))
+    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    samples = result.run_dir / "samples"
+    preview = np.asarray(Image.open(samples / "step-000006" / "00.png"), dtype=np.float32) / 255
+    before = np.asarray(Image.open(samples / "step-000000" / "00.png"), dtype=np.float32) / 255
+    assert np.abs(preview - before).max() > 20 / 255, "the LoRA must change the preview for the check to mean anything"
+    assert np.abs(image - preview).max() <= 1.5 / 255
+
+
+def test_fp16_training_is_refused_before_anything_is_done(tmp_path, example_data):
+    """No gradient scaler: fp16 training is refused with one line that points to bf16, before the output
+    folder exists; the step itself refuses too (`zturbo bench` builds it)."""
+    from zturbo_train.config import TrainConfig
+    from zturbo_train.errors import ConfigError
+    from zturbo_train.step import StepSettings
+
+    result = runner.invoke(app, ["train", str(make_config(tmp_path, example_data, steps=1)), "-q",
+                                 "--set", 'model.dtype="fp16"'])
+    assert result.exit_code == 2 and "Traceback" not in result.output  # a configuration error
+    assert 'model.dtype = "fp16" cannot train' in result.output and 'set model.dtype = "bf16"' in result.output
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="fp16"):
+        StepSettings.from_config(TrainConfig(), torch.float16, torch.device("cpu"))
+    assert StepSettings.from_config(TrainConfig(), torch.bfloat16, torch.device("cpu")).autocast_dtype == torch.bfloat16
+
+
+def test_lora_dropout_resumes_bit_exactly_and_is_off_in_previews(tmp_path, example_data, monkeypatch):
+    """lora.dropout = 0.5: dropout draws from the global torch RNG, which the state saves, so a run
+    stopped at step 2 and resumed ends on the same LoRA bit for bit; the dropout acts in training (the
+    LoRA differs from a run without it) and not in previews (the final preview equals diffusers loading
+    the saved file; checked: without network.eval() in preview() it does not)."""
+    from diffusers import ZImagePipeline
+
+    from zturbo_train.tiny import tiny_model_dir
+
+    settings = dict(steps=4, lr=2e-2, save_every=0, sample_every=0, log_every=1)
+    full = run(load_config(make_config(tmp_path / "a", example_data, **settings), ["lora.dropout=0.5"]), quiet=True)
+    plain = run(load_config(make_config(tmp_path / "c", example_data, **settings)), quiet=True)
+    cfg = load_config(make_config(tmp_path / "b", example_data, **settings), ["lora.dropout=0.5"])
+    _interrupt_after(monkeypatch, 2)
+    assert run(cfg, quiet=True).steps_done == 2
+    monkeypatch.undo()
+    resumed = run(cfg, resume=True, quiet=True)
+    a, b, c = (read_lora_file(r.lora_path)[0] for r in (full, resumed, plain))
+    assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)
+    assert [r["loss"] for r in metrics(full.run_dir)] == [r["loss"] for r in metrics(resumed.run_dir)]
+    assert any(not torch.equal(a[k].up, c[k].up) for k in a), "dropout must act in training"
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    pipe.load_lora_weights(str(full.lora_path))
+    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    preview = np.asarray(Image.open(full.run_dir / "samples" / "step-000004" / "00.png"), dtype=np.float32) / 255
+    assert np.abs(image - preview).max() <= 1.5 / 255
+
+
+def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
+    """keep_last = 2 with saves at steps 2, 4, 6 and the end (7): the two newest step LoRAs and states
+    stay, the older ones go; the final LoRA and files of another name are never pruned."""
+    from zturbo_train.checkpoint import prune
+
+    cfg = load_config(make_config(tmp_path, example_data, steps=7, save_every=2, sample_every=0, keep_last=2))
+    result = run(cfg, quiet=True)
+    checkpoints = result.run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["t-step000004.safetensors", "t-step000006.safetensors"]
+    assert sorted(p.name for p in (result.run_dir / "state").iterdir()) == ["step-000006", "step-000007"]
+    assert result.lora_path == result.run_dir / "t.safetensors" and result.lora_path.is_file()
+    (checkpoints / "other-step000001.safetensors").write_bytes(b"a user's file")
+    (checkpoints / "t-step000008.safetensors").write_bytes(b"newer")
+    prune(checkpoints, "t-step*.safetensors", 2)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "other-step000001.safetensors", "t-step000006.safetensors", "t-step000008.safetensors"]
+
+
+def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
+    """OOM while loading the model / creating the LoRA (before any step): one line, no traceback; a new
+    run can simply be started again, and a resumed run's saved states and LoRAs are untouched."""
+    import zturbo_train.lora as lora_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg_path = make_config(tmp_path, example_data, steps=2, save_every=0, sample_every=0)
+    monkeypatch.setattr(lora_module, "create_lora", oom)
+    result = runner.invoke(app, ["train", str(cfg_path), "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: out of GPU memory while setting up (loading the model, adapter and LoRA) for resolution 64, " \
+           "batch 2; lower memory with" in result.output
+    assert "nothing was trained or saved; run the same command again" in result.output
+    monkeypatch.undo()
+    assert runner.invoke(app, ["train", str(cfg_path), "-q"]).exit_code == 0  # the same command again
+
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    monkeypatch.setattr(lora_module, "create_lora", oom)
+    result = runner.invoke(app, ["train", str(cfg_path), "-q", "--resume", "--set", "train.steps=3"])
+    assert result.exit_code == 1 and "saved states are untouched; run again with --resume" in result.output
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run(load_config(cfg_path, ["train.steps=3"]), resume=True, quiet=True).steps_done == 3

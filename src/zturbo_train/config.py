@@ -84,7 +84,8 @@ class ModelConfig(_Section):
     adapter: str = Field("v2", description="Training adapter: v1, v2, none, builtin:tiny-adapter, a .safetensors file, or owner/repo/file.safetensors.")
     adapter_mode: Literal["merge", "live"] = Field("merge", description="merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, works on quantized bases).")
     adapter_weight: float = Field(1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training.")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Dtype of the frozen base weights. Training takes bf16 or fp32 (fp16 has no gradient scaler).")
     quantize: Literal["auto", "none", "fp8", "nf4", "int8"] = Field("auto", description="Storage of the block linears: none (dtype), fp8 (stored float8, cast per layer for compute), nf4 or int8 (bitsandbytes); modulation, norms, embedders and the final layer stay in dtype. auto: from train.memory.")
     offload: Literal["auto", "none", "blocks"] = Field("auto", description="blocks: keep the transformer blocks in pinned host memory and stream each to the GPU ahead of use (small cards; needs full checkpointing, no compile). auto: from train.memory.")
 

@@ -141,7 +141,7 @@ class Hub:
         finally:
             reporter.end()
         verify(part, remote.path, oid, size, writer.hexdigest())
-        return part.stat().st_size - have
+        return writer.received  # not size - have: a server that ignored the Range sent the whole file again
 
     def error(self, exc: Exception, revision: str | None, path: str | None = None, cdn: bool = False) -> DownloadError:
         """One line for a failed Hub call: what, why, and what to do next (never the token)."""
@@ -275,6 +275,7 @@ class HashingWriter:
         self.handle, self.reporter = handle, reporter
         self.hasher = _hasher(oid, size)
         self.rewound = False
+        self.received = 0  # bytes this transfer wrote, re-sent ones included
         start = handle.tell()
         if self.hasher is not None and start:
             handle.seek(0)
@@ -283,6 +284,7 @@ class HashingWriter:
 
     def write(self, data: bytes) -> int:
         written = self.handle.write(data)
+        self.received += written
         if self.hasher is not None:
             self.hasher.update(data)
         self.reporter.update(self.handle.tell())

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import flow
 from .config import TrainConfig
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,25 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, train: TrainConfig, base_dtype: torch.dtype, device: torch.device) -> "StepSettings":
+        check_training_dtype(base_dtype)
         # Autocast runs the frozen bf16/fp16 base and the fp32 LoRA in one low-precision dtype.
         autocast = base_dtype if base_dtype != torch.float32 else None
         return cls(train.timestep_sampling, train.logit_mean, train.logit_std, train.timestep_shift,
                    train.grad_accum, train.max_grad_norm, autocast)
+
+
+def check_training_dtype(dtype: torch.dtype) -> None:
+    """fp16 training is refused rather than patched with a gradient scaler.
+
+    Z-Image's weights are trained and used in bf16, whose range is fp32's. fp16 tops out at
+    65504, and large DiTs' activations are known to pass it (Z-Image's not measured here). A
+    GradScaler only rescues gradients that underflow: it cannot fix a forward that overflows,
+    and would hide it by skipping those steps. Every GPU with the memory and speed to train
+    this 6B model (Ampere and later) has bf16, and fp32 is left for one that does not.
+    """
+    if dtype == torch.float16:
+        raise ConfigError('model.dtype = "fp16" cannot train: fp16 overflows where Z-Image\'s bf16 weights do not, '
+                          'and there is no gradient scaler; set model.dtype = "bf16" (or "fp32" on a GPU without bf16)')
 
 
 class TrainStep:
@@ -75,8 +91,8 @@ class TrainStep:
             noise, sigmas = self._draw(latents, seeds)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with self._autocast():
-            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas).to(self.model_dtype), embeds)
+        with self._autocast():  # t stays fp32, as ZImagePipeline and our sampler pass it: a bf16 t rounds the time
+            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
             loss_weights = loss_weights * to_device(weights, loss_weights.device)

@@ -32,7 +32,7 @@ from .errors import TrainingError
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
-from .step import StepSettings, TrainStep, build_optimizer, lr_at
+from .step import StepSettings, TrainStep, build_optimizer, check_training_dtype, lr_at
 
 
 @dataclass
@@ -144,6 +144,7 @@ def preflight(cfg: Config) -> None:
     from .data.dataset import list_images
     from .loader import resolve_model_dir
 
+    check_training_dtype(torch_dtype(cfg.model.dtype))
     resolve_model_dir(cfg.model.path)
     resolve_adapter(cfg.model.adapter)
     for data in cfg.data:
@@ -345,7 +346,10 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=N
     with distributed.launched() as ranks, RunLock() as lock:  # one live run per output folder, until it returns
         console = console or Console(stderr=True, quiet=quiet or not ranks.is_main)
         started = time.perf_counter()
-        s = setup(cfg, resume, overwrite, console, device, ranks, lock)
+        try:
+            s = setup(cfg, resume, overwrite, console, device, ranks, lock)
+        except torch.cuda.OutOfMemoryError:  # before any step: nothing was trained, no saved state was touched
+            raise TrainingError(out_of_memory_message(cfg, setting_up=True, resume=resume)) from None
         if ranks.parallel:
             console.print(distributed.batch_line(cfg.train, ranks, s.device), highlight=False, soft_wrap=True)
         try:
@@ -356,11 +360,18 @@ def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=N
             s.adapter.deactivate()
 
 
-def out_of_memory_message(cfg: Config) -> str:
-    return (f"out of GPU memory at resolution {max(r for d in cfg.data for r in d.resolution)}, batch "
+def out_of_memory_message(cfg: Config, setting_up: bool = False, resume: bool = False) -> str:
+    where = "while setting up (loading the model, adapter and LoRA) for" if setting_up else "at"
+    if not setting_up:
+        kept = "the last saved state is kept; resume with --resume"
+    elif resume:
+        kept = "nothing was trained and the saved states are untouched; run again with --resume"
+    else:
+        kept = "nothing was trained or saved; run the same command again"
+    return (f"out of GPU memory {where} resolution {max(r for d in cfg.data for r in d.resolution)}, batch "
             f"{cfg.train.batch_size}; lower memory with --set train.memory=12gb (or 8gb), "
-            f"train.gradient_checkpointing=true, train.batch_size=1, train.optimizer=adamw8bit, a smaller data.resolution or lora.rank "
-            f"(the last saved state is kept; resume with --resume)")
+            f"train.gradient_checkpointing=true, train.batch_size=1, train.optimizer=adamw8bit, "
+            f"a smaller data.resolution or lora.rank ({kept})")
 
 
 def loop(s: Session, started: float) -> TrainResult:
