@@ -33,6 +33,7 @@ from .errors import AdapterError, DownloadError
 from .fileio import write_json
 from .hubfetch import (Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint)
 from .loader import PIPELINE_CLASSES, download_dir
+from .preflight import check_writable
 
 MANIFEST = "zturbo.json"
 STAGING = ".zturbo"
@@ -631,8 +632,13 @@ def download_all(model: str = TURBO_REPO, adapter: str = "v2", folder: str | Pat
     """`zturbo download`: the model (unless `none`), then the adapter (unless `none`)."""
     if model == "none" and adapter == "none":
         raise DownloadError("--model none and --adapter none leave nothing to download; drop one of them")
+    if model != "none":
+        if not _REPO_ID.fullmatch(model) or ".." in model:
+            raise DownloadError(f"--model {model!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
+        target = Path(folder).expanduser() if folder else download_dir(model)
+        check_writable(target, "--dir" if folder else "the model folder")
     if adapter != "none":
-        adapter_ref(adapter)  # a bad --adapter fails before gigabytes of model
+        check_writable(adapter_dir(adapter_ref(adapter)[0]), "the adapter folder")  # a bad --adapter fails first
     results = []
     if model != "none":
         results.append(download_model(model, folder, revision=revision, token=token, bf16=bf16, reporter=reporter))

@@ -32,6 +32,7 @@ from .errors import TrainingError
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
+from .preflight import check_train
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
 
 
@@ -99,7 +100,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 
     ranks = ranks or distributed.Ranks()
     device = device or pick_device()
-    preflight(cfg)
+    check_train(cfg, resume, overwrite)
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
         run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name) if ranks.is_main else \
             RunFolder(cfg.train.output_dir)
@@ -134,19 +135,6 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
         write_json(run.config, {"zturbo_version": __version__, **cfg.model_dump(mode="json")})
     distributed.data_parallel(session, ranks)
     return session
-
-
-def preflight(cfg: Config) -> None:
-    """The cheap checks (model folder, adapter file, data folders) before the output folder is touched,
-    so a typo is reported as itself and leaves no empty run folder behind."""
-    from .adapter import resolve_adapter
-    from .data.dataset import list_images
-    from .loader import resolve_model_dir
-
-    resolve_model_dir(cfg.model.path)
-    resolve_adapter(cfg.model.adapter)
-    for data in cfg.data:
-        list_images(data.dir)
 
 
 def _resume(s: Session) -> None:
