@@ -189,9 +189,10 @@ def check_merge(specs: Sequence[LoraSpec], out: Path | None, to_lora: Path | Non
 # ------------------------------------------------------------------ zturbo train
 
 
-def check_train(cfg: "Config", resume: bool, overwrite: bool) -> None:
+def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool = True) -> None:
     """The cheap checks of `zturbo train`, before the output folder is touched or anything is cached:
-    the flags, every output location, the model folder, the data folders, the adapter file."""
+    the flags, every output location, the model folder, the data folders, the adapter file.
+    `writes_run` False (ranks other than 0, which never write the run folder) skips that folder."""
     from .data.cache import default_cache_dir
     from .data.dataset import list_images
     from .loader import resolve_model_dir
@@ -199,7 +200,8 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "
                             "pass one of them")
-    check_writable(cfg.train.output_dir, "train.output_dir")
+    if writes_run:
+        check_writable(cfg.train.output_dir, "train.output_dir")
     check_writable(default_cache_dir(), "the latent cache folder ($ZTURBO_HOME/cache)")
     resolve_model_dir(cfg.model.path)
     for data in cfg.data:

@@ -101,7 +101,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 
     ranks = ranks or distributed.Ranks()
     device = device or pick_device()
-    check_train(cfg, resume, overwrite)
+    check_train(cfg, resume, overwrite, writes_run=ranks.is_main)
     plan = None
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
         run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name) if ranks.is_main else \
