@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import statistics
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,65 @@ def test_resume_with_another_lora_rank_is_a_clear_error(tmp_path, example_data):
     run(load_config(cfg_path), quiet=True)
     with pytest.raises(LoraError, match=r"rank 8.*lora.rank = 4.*resume with the same \[lora\] settings"):
         run(load_config(cfg_path, ["lora.rank=4", "train.steps=3"]), resume=True, quiet=True)
+
+
+def test_resume_says_where_it_continues_lists_and_records_what_changed(tmp_path, example_data):
+    """A resumed run used to train with the new lr silently while config.json kept the old one."""
+    cfg_path = make_config(tmp_path, example_data, steps=2, save_every=0, sample_every=0, log_every=1)
+    run(load_config(cfg_path), quiet=True)
+    run_dir = tmp_path / "run"
+    changed = ["--set", "train.steps=4", "--set", "train.lr=1e-3"]
+    result = runner.invoke(app, ["train", str(cfg_path), "--resume", *changed], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "resuming at step 2 of 4 from state/step-000002" in result.output
+    assert "changed since the saved run (recorded in config-history.jsonl): train.steps 2 -> 4, " \
+           "train.lr 0.002 -> 0.001" in result.output
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["train"]["steps"] == 4
+    history = [json.loads(line) for line in (run_dir / "config-history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["step"] == 2 and history[0]["time"]
+    assert history[0]["changes"] == {"train.steps": {"from": 2, "to": 4}, "train.lr": {"from": 2e-3, "to": 1e-3}}
+    assert [r["lr"] for r in metrics(run_dir)] == [2e-3, 2e-3, 1e-3, 1e-3]
+    again = runner.invoke(app, ["train", str(cfg_path), "--resume", *changed, "-q"])
+    assert again.exit_code == 0 and len((run_dir / "config-history.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_refuses_fewer_steps_and_settings_that_cannot_change_before_caching(tmp_path, example_data,
+                                                                                    monkeypatch):
+    import zturbo_train.distributed as distributed
+
+    cfg_path = make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0)
+    run(load_config(cfg_path), quiet=True)
+
+    def no_caching(*args, **kwargs):
+        raise AssertionError("the dataset was prepared before the resume was checked")
+
+    monkeypatch.setattr(distributed, "prepare_dataset", no_caching)
+    with pytest.raises(TrainingError, match=r"is already at step 3, past train.steps = 2; set train.steps above 3"):
+        run(load_config(cfg_path, ["train.steps=2"]), resume=True, quiet=True)
+    with pytest.raises(TrainingError, match=r"trained with train.optimizer \"adamw\"; this config says "
+                                            r"train.optimizer = \"adamw8bit\", which cannot change on resume"):
+        run(load_config(cfg_path, ["train.optimizer=adamw8bit", "train.steps=4"]), resume=True, quiet=True)
+    from zturbo_train.errors import LoraError
+
+    with pytest.raises(LoraError, match=r"lora.alpha 8.0; this config says lora.alpha = 16.0"):
+        run(load_config(cfg_path, ["lora.alpha=16", "train.steps=4"]), resume=True, quiet=True)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["steps"] == 3 and not (tmp_path / "run" / "config-history.jsonl").exists()
+
+
+def test_a_changed_dataset_on_resume_is_one_warning_line_not_a_python_warning(tmp_path, data_copy):
+    cfg_path = make_config(tmp_path, data_copy, steps=2, save_every=0, sample_every=0)
+    run(load_config(cfg_path), quiet=True)
+    for suffix in ("png", "txt"):
+        (data_copy / f"img_04.{suffix}").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["train", str(cfg_path), "--resume", "--set", "train.steps=3"],
+                               env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "warning: the dataset changed since this state was saved; continuing at the start of epoch" in result.output
+    assert "UserWarning" not in result.output and not [w for w in caught if "dataset changed" in str(w.message)]
 
 
 def test_bad_model_or_data_is_reported_before_the_output_folder_is_touched(tmp_path, example_data):

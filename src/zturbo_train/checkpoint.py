@@ -40,6 +40,10 @@ class RunFolder:
         return self.root / "metrics.jsonl"
 
     @property
+    def config_history(self) -> Path:
+        return self.root / "config-history.jsonl"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

@@ -113,8 +113,11 @@ def train(
 ) -> None:
     """Train a LoRA: merge the training adapter, cache latents and captions, train, save, preview."""
     from .config import load_config
+    from .preflight import check_train
 
     cfg = load_config(config, overrides or [])
+    if not dry_run:
+        check_train(cfg, resume, overwrite)  # before torch, diffusers and the dataset cache: a typo fails in a second
     quiet_libraries()
     if dry_run:
         from .plan import dry_run as plan_run
@@ -262,15 +265,17 @@ def sample(
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
-    from .sample import SampleSettings, parse_lora_spec, read_prompts_file
-    from .sample import sample as run_sample
+    from .preflight import SampleSettings, check_sample, parse_lora_spec, read_prompts_file
 
-    quiet_libraries()
     texts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
     settings = SampleSettings(
         prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
         seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
         low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size)
+    check_sample(settings)  # before torch and diffusers are imported: a bad option fails in a second
+    quiet_libraries()
+    from .sample import sample as run_sample
+
     run_sample(settings, log=_report)
 
 
@@ -292,22 +297,17 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
-    from .errors import ConfigError
-    from .merge import merge_into_model, merge_to_lora
-    from .sample import parse_lora_spec
+    from .preflight import check_merge, parse_lora_spec
 
-    quiet_libraries()
     specs = [parse_lora_spec(s) for s in loras or []]
-    if (out is None) == (to_lora is None):
-        raise ConfigError("pass exactly one of --out DIR (merge into the model) and --to-lora FILE (merge into one LoRA)")
+    check_merge(specs, out, to_lora, adapter, style, dtype)  # before torch is imported: a bad option fails in a second
+    quiet_libraries()
+    from .merge import merge_into_model, merge_to_lora
+
     if to_lora is not None:
-        if adapter is not None:
-            raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
         merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
                       model_required=model != "Tongyi-MAI/Z-Image-Turbo", overwrite=overwrite, log=_report)
     else:
-        if style is not None:
-            raise ConfigError("--format sets the style of a --to-lora file; a merged model has no LoRA keys")
         merge_into_model(specs, out, model=model, adapter=adapter, adapter_weight=adapter_weight,
                          dtype=dtype or "bf16", overwrite=overwrite, log=_report)
 

@@ -33,6 +33,7 @@ from .errors import AdapterError, DownloadError
 from .fileio import write_json
 from .hubfetch import (Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint)
 from .loader import PIPELINE_CLASSES, download_dir
+from .preflight import check_writable
 
 MANIFEST = "zturbo.json"
 STAGING = ".zturbo"
@@ -407,11 +408,15 @@ def _listing_or_fallback(hub: Hub, folder: Path, manifest: dict[str, Any] | None
 # ---------------------------------------------------------------- the model
 
 
+def check_repo_id(repo: str) -> None:
+    if not _REPO_ID.fullmatch(repo) or ".." in repo:
+        raise DownloadError(f"--model {repo!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
+
+
 def download_model(repo: str = TURBO_REPO, folder: str | Path | None = None, *, revision: str | None = None,
                    token: str | None = None, bf16: bool = False, reporter: Reporter | None = None) -> DownloadResult:
     """Fetch the files of a Z-Image diffusers repo the trainer needs into `folder` (default: where the loader looks)."""
-    if not _REPO_ID.fullmatch(repo) or ".." in repo:
-        raise DownloadError(f"--model {repo!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
+    check_repo_id(repo)
     folder = Path(folder).expanduser().resolve() if folder else download_dir(repo)
     manifest = open_folder(folder, repo)
     hub = Hub(repo, hub_endpoint(), token)
@@ -631,8 +636,12 @@ def download_all(model: str = TURBO_REPO, adapter: str = "v2", folder: str | Pat
     """`zturbo download`: the model (unless `none`), then the adapter (unless `none`)."""
     if model == "none" and adapter == "none":
         raise DownloadError("--model none and --adapter none leave nothing to download; drop one of them")
+    if model != "none":
+        check_repo_id(model)
+        target = Path(folder).expanduser() if folder else download_dir(model)
+        check_writable(target, "--dir" if folder else "the model folder")
     if adapter != "none":
-        adapter_ref(adapter)  # a bad --adapter fails before gigabytes of model
+        check_writable(adapter_dir(adapter_ref(adapter)[0]), "the adapter folder")  # a bad --adapter fails first
     results = []
     if model != "none":
         results.append(download_model(model, folder, revision=revision, token=token, bf16=bf16, reporter=reporter))

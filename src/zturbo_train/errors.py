@@ -39,3 +39,7 @@ class TrainingError(ZTurboError):
 
 class DownloadError(ZTurboError):
     """A download failed: network, authorisation, disk space or a bad folder."""
+
+
+class OutputError(ZTurboError):
+    """An output location cannot be written (read-only, no permission, or under a file)."""

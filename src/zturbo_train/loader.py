@@ -38,9 +38,14 @@ def torch_dtype(name: str):
 
     if isinstance(name, torch.dtype):
         return name
+    check_dtype(name)
+    return getattr(torch, DTYPES[name])
+
+
+def check_dtype(name: str) -> None:
+    """A dtype name a user typed: one of DTYPES (checked before torch is imported)."""
     if name not in DTYPES:
         raise ModelError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}; use e.g. --dtype bf16")
-    return getattr(torch, DTYPES[name])
 
 
 def download_dir(repo_id: str) -> Path:

@@ -19,16 +19,25 @@ import os
 import re
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .config import TURBO_REPO
-from .errors import ConfigError, DataError, LoraError, ModelError
+from .errors import ConfigError, ModelError
 from .keys import LoraDict, read_lora_file
+from .preflight import (  # noqa: F401  (parse_lora_spec, read_prompts_file: imported from here by callers)
+    SIZE_MULTIPLE,
+    LoraSpec,
+    SampleSettings,
+    check_lora_files,
+    check_sample,
+    check_size,
+    parse_lora_spec,
+    read_prompts_file,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -37,7 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Log = Callable[[str], None]
 LATENT_CHANNELS = 16
-SIZE_MULTIPLE = 16  # VAE factor 8 times patch 2
 NAME_PATTERN = re.compile(r"^(\d{5,})-")
 OFFLOAD_MARGIN_BYTES = 3 * 2**30  # activations, VAE and LoRAs beside the transformer on the GPU
 
@@ -47,14 +55,6 @@ def _quiet(message: str) -> None:
 
 
 # ------------------------------------------------------------------ LoRA arguments
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One `--lora PATH[:STRENGTH]` argument."""
-
-    path: Path
-    strength: float = 1.0
 
 
 @dataclass
@@ -72,23 +72,6 @@ class LoadedLora:
                 "sha256": self.sha256}
 
 
-def parse_lora_spec(text: str) -> LoraSpec:
-    """`PATH[:STRENGTH]`; an existing file wins, so a path containing `:` still works."""
-    if Path(text).expanduser().is_file() or ":" not in text:
-        return LoraSpec(Path(text).expanduser(), 1.0)
-    path, _, strength = text.rpartition(":")
-    if not path or "/" in strength or "\\" in strength:
-        return LoraSpec(Path(text).expanduser(), 1.0)
-    try:
-        value = float(strength)
-    except ValueError:
-        raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a number; "
-                          f"write PATH:STRENGTH, e.g. {path}:0.8") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a finite number; use e.g. 0.8")
-    return LoraSpec(Path(path).expanduser(), value)
-
-
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed (LoRAs can be hundreds of MB)."""
     digest = hashlib.sha256()
@@ -102,9 +85,7 @@ def read_loras(specs: Iterable[LoraSpec]) -> list[LoadedLora]:
     """Read every LoRA before any model loads, so a bad file fails in a second, not after minutes."""
     loaded = []
     for spec in specs:
-        if not spec.path.is_file():
-            hint = "it is a folder; pass the .safetensors file inside" if spec.path.is_dir() else "check the path"
-            raise LoraError(f"LoRA file {spec.path} does not exist; {hint}")
+        check_lora_files([spec])
         weights, metadata = read_lora_file(spec.path)
         loaded.append(LoadedLora(spec, weights, metadata, file_sha256(spec.path)))
     return loaded
@@ -125,14 +106,6 @@ def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log:
 
 
 # ------------------------------------------------------------------ the denoising loop
-
-
-def check_size(width: int, height: int) -> None:
-    """Z-Image needs sides that are multiples of 16 (VAE factor 8 times patch 2)."""
-    for name, side in (("width", width), ("height", height)):
-        if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE:
-            raise ConfigError(f"{name} {side} is not a multiple of {SIZE_MULTIPLE}; use e.g. "
-                              f"{max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
 
 
 def sampling_sigmas(steps: int) -> list[float]:
@@ -394,28 +367,6 @@ def apply_offload(mode: str, parts, networks: Sequence["LoraNetwork"], device: t
 
 
 @dataclass
-class SampleSettings:
-    """Everything `zturbo sample` takes; see the CLI for each option's meaning."""
-
-    prompts: list[str]
-    loras: list[LoraSpec] = field(default_factory=list)
-    model: str = TURBO_REPO
-    steps: int = 8
-    guidance: float = 0.0
-    seed: int | None = None
-    count: int = 1
-    width: int = 1024
-    height: int = 1024
-    negative: str = ""
-    out_dir: Path = Path("samples")
-    compare: bool = False
-    low_mem: bool = False
-    device: str = "auto"
-    dtype: str = "bf16"
-    batch_size: int = 1
-
-
-@dataclass
 class Job:
     """One image to make: which prompt, which seed."""
 
@@ -424,34 +375,9 @@ class Job:
     seed: int
 
 
-def read_prompts_file(path: Path) -> list[str]:
-    """One prompt per line; blank lines and `#` comments skipped."""
-    if not path.is_file():
-        raise DataError(f"prompts file {path} does not exist; pass a UTF-8 text file with one prompt per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"prompts file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise DataError(f"prompts file {path} has no prompts; write one prompt per line")
-    return prompts
-
-
 def check_settings(s: SampleSettings) -> None:
-    """Refuse bad options before anything heavy loads."""
-    if not s.prompts or not all(p.strip() for p in s.prompts):
-        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT or --prompts FILE")
-    check_size(s.width, s.height)
-    for name, value in (("steps", s.steps), ("count", s.count), ("batch-size", s.batch_size)):
-        if value < 1:
-            raise ConfigError(f"--{name} {value} must be at least 1")
-    if s.guidance < 0:
-        raise ConfigError(f"--guidance {s.guidance} must be 0 or more (Turbo: 0)")
-    if s.compare and not s.loras:
-        raise ConfigError("--compare shows images without and with LoRAs; add at least one --lora")
-    if s.out_dir.exists() and not s.out_dir.is_dir():
-        raise ConfigError(f"--out {s.out_dir} is a file; images go into a folder, pass a folder path")
+    """Refuse bad options before anything heavy loads (the CLI runs it before importing this module)."""
+    check_sample(s)
 
 
 def make_jobs(prompts: Sequence[str], count: int, seed: int) -> list[Job]:

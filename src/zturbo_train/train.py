@@ -32,7 +32,9 @@ from .errors import TrainingError
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
-from .step import StepSettings, TrainStep, build_optimizer, check_training_dtype, lr_at
+from .preflight import check_train
+from .resume import plan_resume, record_resume
+from .step import StepSettings, TrainStep, build_optimizer, lr_at
 
 
 @dataclass
@@ -100,10 +102,15 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 
     ranks = ranks or distributed.Ranks()
     device = device or pick_device()
-    preflight(cfg)
+    check_train(cfg, resume, overwrite, writes_run=ranks.is_main)
+    plan = None
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
         run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name, lock) if ranks.is_main else \
             RunFolder(cfg.train.output_dir)
+        if resume and ranks.is_main:  # before caching: a setting that cannot change is refused in a second
+            plan = plan_resume(run, cfg, latest_state(run))
+            for line in plan.describe(run, cfg.train.steps) if console is not None else ():
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
     dataset = distributed.prepare_dataset(cfg, device, ranks, console)
     dtype = torch_dtype(cfg.model.dtype)
     levers = levers_for(cfg, device)  # quantized or offloaded bases load on the host first
@@ -131,24 +138,12 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
                       world=ranks.world)
     if resume:
         _resume(session)
+        if plan is not None:
+            record_resume(run, cfg, plan)
     elif ranks.is_main:
         write_json(run.config, {"zturbo_version": __version__, **cfg.model_dump(mode="json")})
     distributed.data_parallel(session, ranks)
     return session
-
-
-def preflight(cfg: Config) -> None:
-    """The cheap checks (model folder, adapter file, data folders) before the output folder is touched,
-    so a typo is reported as itself and leaves no empty run folder behind."""
-    from .adapter import resolve_adapter
-    from .data.dataset import list_images
-    from .loader import resolve_model_dir
-
-    check_training_dtype(torch_dtype(cfg.model.dtype))
-    resolve_model_dir(cfg.model.path)
-    resolve_adapter(cfg.model.adapter)
-    for data in cfg.data:
-        list_images(data.dir)
 
 
 def _resume(s: Session) -> None:
@@ -381,7 +376,7 @@ def loop(s: Session, started: float) -> TrainResult:
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
     step, due_save = s.start_step, False
-    with s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for) as loader, \
+    with s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader, \
             StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
             _progress(s, cfg.steps) as bar:
         while step < cfg.steps and stop.reason is None:
@@ -414,6 +409,14 @@ def loop(s: Session, started: float) -> TrainResult:
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
                          time.perf_counter() - started, interrupted, previews, s.rank)
     return result
+
+
+def _warning(s: Session):
+    """Library notes (the dataset changed since the saved state, ...) as one `warning:` line on our console."""
+    def warn(message: str) -> None:
+        s.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    return warn
 
 
 @contextmanager

@@ -232,8 +232,14 @@ class TrainDataset:
 
     def loader(self, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
                pin_memory: bool | None = None, dtype: Any = None,
-               draw: Callable[[Batch], Batch] | None = None) -> "BatchLoader":
-        return BatchLoader(self, device, state, prefetch, pin_memory, dtype, draw)
+               draw: Callable[[Batch], Batch] | None = None,
+               warn: Callable[[str], None] | None = None) -> "BatchLoader":
+        return BatchLoader(self, device, state, prefetch, pin_memory, dtype, draw, warn)
+
+
+def _python_warning(message: str) -> None:
+    """The default for library callers: a UserWarning."""
+    warnings.warn(message, stacklevel=4)
 
 
 class _Failure:
@@ -249,11 +255,13 @@ class BatchLoader:
     """
 
     def __init__(self, dataset: TrainDataset, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
-                 pin_memory: bool | None = None, dtype: Any = None, draw: Callable[[Batch], Batch] | None = None):
+                 pin_memory: bool | None = None, dtype: Any = None, draw: Callable[[Batch], Batch] | None = None,
+                 warn: Callable[[str], None] | None = None):
         import torch
 
         self.dataset, self.device, self.dtype, self.prefetch = dataset, torch.device(device), dtype, prefetch
         self.draw = draw
+        self.warn = warn or _python_warning  # `zturbo train` passes its console: one plain `warning:` line
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.epoch, self.position = self._restore(state)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -268,8 +276,7 @@ class BatchLoader:
             return self._normalise(epoch, position)
         if state.get("data_fingerprint") == self.dataset.data_fingerprint and state.get("epoch_batches"):
             return epoch, self._regrouped(epoch, position, int(state["epoch_batches"]))
-        warnings.warn(f"the dataset changed since this state was saved; continuing at the start of epoch {epoch}",
-                      stacklevel=3)
+        self.warn(f"the dataset changed since this state was saved; continuing at the start of epoch {epoch}")
         return epoch, 0
 
     def _regrouped(self, epoch: int, position: int, saved_batches: int) -> int:
@@ -280,9 +287,9 @@ class BatchLoader:
         """
         batches = len(self.dataset.epoch_order(epoch))
         moved = position * batches // max(1, saved_batches)
-        warnings.warn(f"the global batch (batch_size x ranks) is now {self.dataset.global_batch}, not the one this "
-                      f"state was saved with; continuing epoch {epoch} at the same fraction of it (batch {moved} of "
-                      f"{batches}, was {position} of {saved_batches})", stacklevel=4)
+        self.warn(f"the global batch (batch_size x ranks) is now {self.dataset.global_batch}, not the one this "
+                  f"state was saved with; continuing epoch {epoch} at the same fraction of it (batch {moved} of "
+                  f"{batches}, was {position} of {saved_batches})")
         return moved
 
     def _normalise(self, epoch: int, position: int) -> tuple[int, int]:
