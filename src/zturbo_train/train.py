@@ -35,16 +35,20 @@ from .loader import torch_dtype
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
 
 
+LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     lora_path: Path | None
     steps_done: int
-    final_loss: float | None
+    final_loss: float | None  # the last logged step's raw loss
     seconds: float
     interrupted: bool = False
     previews: list[Path] = field(default_factory=list)
     rank: int = 0
+    smoothed_loss: float | None = None  # the moving average the progress bar shows
 
 
 @dataclass
@@ -400,7 +404,7 @@ def loop(s: Session, started: float) -> TrainResult:
             if not interrupted:
                 previews += preview(s, step)
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews, s.rank)
+                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth)
     return result
 
 
@@ -408,7 +412,8 @@ def loop(s: Session, started: float) -> TrainResult:
 def _progress(s: Session, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
                TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[rate]} it/s"), TimeRemainingColumn()]
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:
         task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-")
