@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.markup import escape
 
 from . import __version__, distributed
 from .checkpoint import (RunFolder, capture_rng, latest_state, load_state, lora_tensors, open_run_folder, prune,
                          restore_optimizer, restore_rng, save_state)
 from .config import Config
 from .errors import TrainingError
+from .estimate import rank_warning
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
@@ -122,6 +124,10 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
                       highlight=False, soft_wrap=True)
     network = create_lora(transformer, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.blocks, cfg.lora.targets,
                           cfg.lora.dropout, seed=cfg.train.seed)
+    warning = rank_warning(cfg.lora.rank, {name: (layer.up.shape[0], layer.down.shape[1])
+                                           for name, layer in zip(network.names, network.layers)})
+    if warning and console is not None:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     network.train()
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
