@@ -133,7 +133,8 @@ def _scan_one(cfg: DataConfig, index: int, scan: Scan, console, exclude: Sequenc
             ThreadPoolExecutor(max_workers=_SCAN_THREADS) as pool:  # decoding releases the GIL
         for item, problems in pool.map(lambda path: scan_image(path, cfg, index), found.images):
             advance(1)
-            scan.problems.extend(_strict(problems) if cfg.strict else problems)
+            problems = _strict(problems) if cfg.strict else problems
+            scan.problems.extend(problems)
             if item is not None and not any(p.level in ("error", "skip") for p in problems):
                 scan.items.append(item)
     orphans = [Problem(path, "warn", "caption file with no image of the same name beside it, not used; add its "
