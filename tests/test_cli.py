@@ -86,3 +86,17 @@ def test_bad_dtype_names_the_option_and_the_choices():
     result = runner.invoke(app, ["sample", "--model", "builtin:tiny", "--prompt", "x", "--dtype", "fp64"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: --dtype 'fp64' is not one of bf16, fp16, fp32; use e.g. --dtype bf16" in result.output
+
+
+def test_flags_show_no_value_type_in_help():
+    """Typer 0.29 printed `<bool>` beside flags such as --dry-run and --help, which take no value (issue 12).
+    Options that take a value keep their type."""
+    for args in (["--help"], ["train", "--help"], ["check", "--help"], ["download", "--help"], ["sample", "--help"],
+                 ["merge", "--help"], ["bench", "--help"], ["data", "--help"], ["data", "inspect", "--help"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, args
+        assert "--help" in result.output and "<bool>" not in result.output, args
+    train = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--dry-run " in train and "--overwrite " in train
+    sample = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "200"}).output
+    assert "<int>" in sample and "<path>" in sample
