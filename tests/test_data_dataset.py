@@ -367,8 +367,9 @@ def test_one_report_names_every_problem_in_the_folder(tmp_path):
     assert message.startswith("2 dataset problems found before training (nothing was encoded); fix them and run "
                               "again:\n  ")
     assert "latin.txt: caption is not UTF-8" in message and "nocaption.png: has no caption file" in message
-    assert "\nalso found (4; not errors, but each image named is left out or trains worse):\n" in message
-    for name, reason in (("fake.jpg", "is not an image Pillow can read"), ("empty.png", "is not an image Pillow can read"),
+    assert "\nalso found (4; not errors: skipped files are left out, warnings are worth a look):\n" in message
+    for name, reason in (("fake.jpg", "is not an image Pillow can read"),
+                         ("empty.png", "is not an image Pillow can read"),
                          ("truncated.png", "is truncated or corrupt"), ("orphan.txt", "caption file with no image")):
         label = "warning" if name == "orphan.txt" else "skipped"
         assert f"  {label}: {tmp_path / name}: {reason}" in message, name

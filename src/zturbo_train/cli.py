@@ -57,7 +57,8 @@ app = _Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
-    epilog="Examples (the quick start: under a minute on a quiet 2-core CPU, no download; `zturbo COMMAND --help` for each command):\n\n"
+    epilog="Examples (the quick start: under a minute on a quiet 2-core CPU, no download; "
+    "`zturbo COMMAND --help` for each command):\n\n"
     "  zturbo train configs/quickstart.toml\n\n"
     "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors --prompt 'sks a red square' "
     "--width 64 --height 64\n\n"

@@ -91,7 +91,7 @@ def also_found(problems: Sequence[Problem]) -> str:
     """The skipped files and warnings that go with an error report ('' when there are none)."""
     if not problems:
         return ""
-    return f"\nalso found ({len(problems)}; not errors, but each image named is left out or trains worse):" + \
+    return f"\nalso found ({len(problems)}; not errors: skipped files are left out, warnings are worth a look):" + \
         _listed(problems, labelled=True)
 
 
