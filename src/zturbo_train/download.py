@@ -124,7 +124,8 @@ def rich_reporter(console: Any, enabled: bool = True) -> Iterator[Reporter]:
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # not drawn where stderr is not a terminal: a transient bar shows nothing there but an empty line
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield RichReporter(progress)
 
 
