@@ -170,12 +170,14 @@ def walk_dataset(root: Path, caption_ext: str = "txt", exclude: Sequence[Path] =
         raise DataError(f"`data.dir` {root} does not exist; set it to a folder of images with .txt captions")
     if not root.is_dir():
         raise DataError(f"`data.dir` {root} is a file, not a folder; set it to the folder that holds the images")
-    skip = {Path(os.path.abspath(p)) for p in exclude}
+    skip = {Path(p).resolve() for p in exclude}
     images, captions, runs = [], [], []
     for folder, subfolders, names in os.walk(root):
         here = Path(folder)
-        runs += [here / d for d in subfolders if not d.startswith(".") and _is_run(here / d, skip)]
-        subfolders[:] = [d for d in subfolders if not d.startswith(".") and not _is_run(here / d, skip)]
+        visible = [d for d in subfolders if not d.startswith(".")]
+        found = [d for d in visible if _is_run(here / d, skip)]
+        runs += [here / d for d in found]
+        subfolders[:] = [d for d in visible if d not in found]
         images += [here / n for n in names if Path(n).suffix.lower() in IMAGE_EXTS and (here / n).is_file()]
         captions += [here / n for n in names if n.endswith("." + caption_ext) and not n.startswith(".")]
     if not images:
@@ -187,7 +189,7 @@ def walk_dataset(root: Path, caption_ext: str = "txt", exclude: Sequence[Path] =
 
 def _is_run(folder: Path, exclude: set[Path]) -> bool:
     """The configured output folder, or any folder a zturbo run wrote (config.json plus metrics or state)."""
-    if Path(os.path.abspath(folder)) in exclude:
+    if folder.resolve() in exclude:
         return True
     return (folder / "config.json").is_file() and any((folder / m).exists() for m in RUN_FOLDER_MARKERS)
 
