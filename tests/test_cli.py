@@ -226,3 +226,40 @@ def test_argument_errors_come_before_heavy_imports(tmp_path, tiny_dir):
         report = _in_fresh_process(*args)
         assert report["code"] == code and needle in report["output"], (args, report)
         assert report["heavy"] == [], (args, report["heavy"])
+
+
+def test_flags_show_no_value_type_in_help():
+    """Typer 0.29 printed `<bool>` beside flags such as --dry-run and --help, which take no value (issue 12).
+    Options that take a value keep their type."""
+    for args in (["--help"], ["train", "--help"], ["check", "--help"], ["download", "--help"], ["sample", "--help"],
+                 ["merge", "--help"], ["bench", "--help"], ["data", "--help"], ["data", "inspect", "--help"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, args
+        assert "--help" in result.output and "<bool>" not in result.output, args
+    train = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--dry-run " in train and "--overwrite " in train
+    sample = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "200"}).output
+    assert "<int>" in sample and "<path>" in sample
+
+
+def test_transient_bars_print_nothing_where_output_is_not_a_terminal():
+    """Issue 12: logs and pipes started with an empty line, left by progress bars that vanish when done."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from zturbo_train.data.progress import progress
+    from zturbo_train.download import rich_reporter
+
+    piped = Console(file=StringIO())
+    with progress(piped, "checking", 3, transient=True) as advance:
+        advance(3)
+    with rich_reporter(piped) as reporter:
+        reporter.grow_overall(10)
+        reporter.begin("model.safetensors", 10)
+        reporter.update(10)
+        reporter.end()
+    assert piped.file.getvalue() == ""
+    with progress(piped, "caching", 2) as advance:  # a bar that stays is drawn once, at the end
+        advance(2)
+    assert piped.file.getvalue().startswith("caching")

@@ -285,3 +285,102 @@ def test_every_extension_scans(tmp_path, ext, fmt):
     (tmp_path / "a.txt").write_text("x")
     item = scan(tmp_path).items[0]
     assert (item.width, item.height) == (70, 90)
+
+
+# ----------------------------------------------------------------------------- what a new user hits (issue 12)
+
+
+def test_image_cropped_by_more_than_half_warns_with_the_share_lost(tmp_path):
+    """800x80 (10:1) goes to 64 px's widest bucket, 128x32: scaled by max(128/800, 32/80) = 0.4 to 320x32,
+    then 128 of 320 columns are kept, so 1 - 128*32 / (320*32) = 60 % is cut off. A 2:1 image loses 17 %
+    to its 80x48 bucket (scaled 0.6 to 96x48): no warning. Fails if the check is dropped or the share
+    is computed the other way round (40 %, under the threshold)."""
+    image(tmp_path / "wide.png", size=(800, 80))
+    image(tmp_path / "two.png", size=(160, 80))
+    result, _ = scan_and_plan([DataConfig(dir=tmp_path, resolution=[64])])
+    problem = only_problem(result, "warn")
+    assert problem.path == tmp_path / "wide.png" and problem.kind == "cropped"
+    assert problem.reason == ("is 800x80 px, centre-cropped to the 128x32 bucket of resolution 64, which cuts off "
+                              "60% of the picture; crop it yourself to what matters")
+    with pytest.raises(DataError, match=r"wide\.png: .*cuts off 60%.*an error because data.strict = true"):
+        scan_and_plan([DataConfig(dir=tmp_path, resolution=[64], strict=True)])
+
+
+def run_folder(root: Path, *markers: str) -> Path:
+    """A folder laid out like a zturbo run: previews without captions, plus the given marker files."""
+    image(root / "samples" / "step-000000" / "00.png", caption=None)
+    (root / "config.json").write_text("{}")
+    for marker in markers:
+        (root / marker).mkdir() if marker == "state" else (root / marker).write_text("")
+    return root
+
+
+def test_run_folder_inside_data_dir_is_never_read(tmp_path):
+    image(tmp_path / "a.png")
+    old = run_folder(tmp_path / "output" / "old-run", "metrics.jsonl")
+    fresh = tmp_path / "output" / "this-run"  # the configured output_dir: only previews so far
+    image(fresh / "samples" / "00.png", caption=None)
+    result = scan_datasets([DataConfig(dir=tmp_path)], exclude=[fresh])
+    assert [i.path.name for i in result.items] == ["a.png"]
+    notes = result.at("note")
+    assert [(p.path, p.kind) for p in notes] == [(old, "run_folder"), (fresh, "run_folder")]
+    assert notes[0].reason.startswith("is a zturbo run folder inside data.dir: its files")
+    assert result.at("error", "skip", "warn") == []
+    # a folder with a config.json but none of a run's other files is a dataset folder like any other
+    image(tmp_path / "sub" / "b.png")
+    (tmp_path / "sub" / "config.json").write_text("{}")
+    assert sorted(i.path.name for i in scan(tmp_path).items) == ["a.png", "b.png"]
+    assert len(scan(tmp_path, strict=True).at("note")) == 1  # a note, never an error
+
+
+def test_orphan_captions_are_listed(tmp_path):
+    image(tmp_path / "a.png")
+    (tmp_path / "gone.txt").write_text("its image was deleted")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.txt").write_text("no image either")
+    (tmp_path / "._a.txt").write_bytes(b"\x00macOS metadata")
+    result = scan(tmp_path)
+    orphans = result.at("warn")
+    assert [p.path for p in orphans] == [tmp_path / "gone.txt", tmp_path / "sub" / "x.txt"]
+    assert all(p.kind == "orphan_caption" for p in orphans)
+    assert orphans[0].reason == ("caption file with no image of the same name beside it, not used; add its image "
+                                 "or delete it")
+    assert [p.path.name for p in scan(tmp_path, caption_ext="caption").at("warn")] == []
+
+
+def test_one_report_names_every_problem_in_the_folder(tmp_path):
+    """The case from issue 12: a non-UTF-8 caption used to stop the run while three unreadable images
+    beside it went unmentioned. Every problem, of every level, is in the one error."""
+    image(tmp_path / "good.png")
+    image(tmp_path / "latin.png", caption="caf\xe9".encode("latin-1"))
+    image(tmp_path / "nocaption.png", caption=None)
+    (tmp_path / "fake.jpg").write_text("I am a text file")
+    (tmp_path / "fake.txt").write_text("caption")
+    image(tmp_path / "empty.png").write_bytes(b"")
+    truncated = image(tmp_path / "truncated.png", size=(128, 128))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    (tmp_path / "orphan.txt").write_text("no image")
+    with pytest.raises(DataError) as err:
+        scan_and_plan([DataConfig(dir=tmp_path, resolution=[64])])
+    message = str(err.value)
+    assert message.startswith("2 dataset problems found before training (nothing was encoded); fix them and run "
+                              "again:\n  ")
+    assert "latin.txt: caption is not UTF-8" in message and "nocaption.png: has no caption file" in message
+    assert "\nalso found (4; not errors: skipped files are left out, warnings are worth a look):\n" in message
+    for name, reason in (("fake.jpg", "is not an image Pillow can read"),
+                         ("empty.png", "is not an image Pillow can read"),
+                         ("truncated.png", "is truncated or corrupt"), ("orphan.txt", "caption file with no image")):
+        label = "warning" if name == "orphan.txt" else "skipped"
+        assert f"  {label}: {tmp_path / name}: {reason}" in message, name
+
+
+def test_nothing_usable_lists_every_skipped_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    (tmp_path / "b.png").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        scan(tmp_path, default_caption="x")
+    message = str(err.value)
+    assert message.startswith(f"no usable image in `data.dir` {tmp_path}: all 2 were skipped")
+    assert f"skipped: {tmp_path / 'a.png'}: is not an image" in message
+    assert f"skipped: {tmp_path / 'b.png'}: is not an image" in message

@@ -603,3 +603,108 @@ def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, 
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
     assert run(load_config(cfg_path, ["train.steps=3"]), resume=True, quiet=True).steps_done == 3
+
+
+# ----------------------------------------------------------------------------- what users see (issue 12)
+
+
+def test_summary_labels_both_losses_and_output_starts_with_no_blank_line(trained):
+    """The bar shows the smoothed loss and the summary used to show the raw last step under "final loss"
+    (issue 12): both are labelled now, with the values metrics.jsonl holds. The hidden dataset-check bar
+    used to print an empty first line where the output is not a terminal."""
+    import re
+
+    run_dir, _, output = trained
+    last = metrics(run_dir)[-1]
+    assert re.search(rf"loss \(smoothed\)\s+│ {last['loss_smooth']:.4f}", output), output
+    assert re.search(rf"last step loss\s+│ {last['loss']:.4f}", output), output
+    assert "final loss" not in output
+    assert f"loss (smoothed) {last['loss_smooth']:.4f}" in output  # the bar's last draw
+    assert output.splitlines()[0].strip(), output[:200]
+
+
+def test_dry_run_plans_the_real_model_before_the_download(example_data):
+    """No weights anywhere (the tests' ZTURBO_HOME and HF_HOME are empty): the plan comes from
+    Z-Image Turbo's known shapes, the dataset is still checked, and the figures say what they are."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from zturbo_train.estimate import shape_from_config
+    from zturbo_train.levers import levers_for, workload_of
+    from zturbo_train.plan import NOT_DOWNLOADED, dry_run
+    from zturbo_train.presets import estimate_for
+    from zturbo_train.synthetic import ZIMAGE_CONFIG
+
+    config = ROOT / "configs" / "zimage-turbo-lora.toml"
+    data = f"data.dir={json.dumps(str(example_data))}"
+    result = runner.invoke(app, ["train", str(config), "--dry-run", "--set", data], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "training plan" in result.output and "img_05.png" in result.output
+    assert f"note: the memory figures are {NOT_DOWNLOADED}; run `zturbo download` before training" in result.output
+    assert "Tongyi-MAI/Z-Image-Turbo (not downloaded yet" in result.output
+    cfg = load_config(config, [data])
+    plan = dry_run(cfg, Console(file=StringIO(), width=200))
+    shape = shape_from_config(ZIMAGE_CONFIG)
+    peak = estimate_for(levers_for(cfg, torch.device("cpu"), shape), shape, workload_of(cfg)).total
+    assert f"estimated peak {peak:.1f} GiB" in plan["memory"] and plan["memory"].endswith(NOT_DOWNLOADED)
+    assert 40 < peak < 60  # 6.15 B bf16 weights, uncheckpointed 1024 px activations (high preset without CUDA)
+    other = runner.invoke(app, ["train", str(config), "--dry-run", "--set", data, "--set", "model.path=someone/else"])
+    assert other.exit_code == 1 and "model someone/else is not downloaded yet" in other.output
+
+
+def test_rank_above_the_layer_width_warns(tmp_path, example_data):
+    """builtin:tiny's linears are at least 64 wide: rank 128 cannot be used in full. Warned in the dry
+    run (from the model's shapes) and in training (from the LoRA made)."""
+    expected = ("warning: lora.rank 128 is above the width of 7 of the 7 kinds of adapted layer (narrowest: "
+                "layers.*.attention.to_q, 64x64); a LoRA cannot use rank beyond min(in, out), so the extra rank adds "
+                "parameters but no capacity; set lora.rank to 64 or less")
+    cfg = make_config(tmp_path, example_data, steps=1, save_every=0, sample_every=0)
+    dry = runner.invoke(app, ["train", str(cfg), "--dry-run", "--set", "lora.rank=128"], env={"COLUMNS": "300"})
+    assert dry.exit_code == 0 and expected in dry.output, dry.output
+    fits = runner.invoke(app, ["train", str(cfg), "--dry-run", "--set", "lora.rank=64"], env={"COLUMNS": "300"})
+    assert fits.exit_code == 0 and "warning: lora.rank" not in fits.output
+    trained = runner.invoke(app, ["train", str(cfg), "--set", "lora.rank=128"], env={"COLUMNS": "300"})
+    assert trained.exit_code == 0 and expected in trained.output, trained.output
+
+
+def test_train_reports_every_dataset_problem_at_once(tmp_path, example_data):
+    """Issue 12: a non-UTF-8 caption stopped `zturbo train` while three unreadable images in the same
+    folder went unmentioned; one report now names all of them, before anything is encoded."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(example_data, data)
+    (data / "img_00.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for name in ("bad1.png", "bad2.jpg", "bad3.webp"):
+        (data / name).write_text("not an image")
+        (data / name).with_suffix(".txt").write_text("a caption")
+    (data / "img_01.txt").unlink()
+    (data / "lost.txt").write_text("no image")
+    cfg = make_config(tmp_path, data, steps=1)
+    result = runner.invoke(app, ["train", str(cfg), "-q"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: 2 dataset problems found before training (nothing was encoded)" in result.output
+    for name in ("img_00.txt: caption is not UTF-8", "img_01.png: has no caption file", "bad1.png: is not an image",
+                 "bad2.jpg: is not an image", "bad3.webp: is not an image", "lost.txt: caption file with no image"):
+        assert name in result.output, name
+    assert not list((tmp_path / "run").glob("*"))
+
+
+def test_run_folder_inside_data_dir_is_left_out_of_the_dataset(tmp_path, example_data):
+    """train.output_dir inside data.dir: its previews (no captions) would be errors, or training data."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(example_data, data)
+    out = data / "run"
+    (out / "samples" / "step-000000").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(out / "samples" / "step-000000" / "00.png")
+    cfg = make_config(tmp_path, data, steps=1, output_dir=str(out))
+    result = runner.invoke(app, ["train", str(cfg), "--dry-run"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "6 images" in result.output and "is a zturbo run folder inside data.dir" in result.output
+    trained = runner.invoke(app, ["train", str(cfg), "--set", "train.save_every=0", "--set", "train.sample_every=0"],
+                            env={"COLUMNS": "300"})
+    assert trained.exit_code == 0, trained.output
+    assert "data: 6 images" in trained.output and "is a zturbo run folder inside data.dir" in trained.output

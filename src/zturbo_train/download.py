@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from . import __version__
 from .bf16 import convert_to_bf16, rewrite_index_total
 from .config import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
-from .errors import AdapterError, DownloadError
+from .errors import AdapterError, AdapterNotDownloadedError, DownloadError
 from .fileio import write_json
 from .hubfetch import (Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint)
 from .loader import PIPELINE_CLASSES, download_dir
@@ -125,7 +125,8 @@ def rich_reporter(console: Any, enabled: bool = True) -> Iterator[Reporter]:
 
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # not drawn where stderr is not a terminal: a transient bar shows nothing there but an empty line
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield RichReporter(progress)
 
 
@@ -623,7 +624,7 @@ def resolve_adapter_file(ref: str) -> Path:
     if cached is not None:
         return cached
     arg = ref if ref in ADAPTER_ALIASES else f"{repo}/{filename}"
-    raise AdapterError(f"training adapter {ref} ({repo}/{filename}) is not downloaded; run "
+    raise AdapterNotDownloadedError(f"training adapter {ref} ({repo}/{filename}) is not downloaded; run "
                        f"`zturbo download --adapter {arg}` (it goes to {ours})")
 
 

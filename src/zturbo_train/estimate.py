@@ -18,6 +18,7 @@ estimate is for the eager step and so errs high.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -155,18 +156,41 @@ def checkpointed_layers(n_layers: int, checkpointing: str, fraction: float) -> s
     return set()
 
 
+LEAF_PATHS = {"to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
+              "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
+              "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}  # lora target -> block leaf
+
+
 def lora_params(shape: ModelShape, work: Workload) -> int:
     """Trainable LoRA parameters: rank x (in + out) per adapted linear."""
-    paths = {"to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
-             "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-             "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}
     total = 0
     for stack in work.lora_blocks:
         leaves = shape.linears.get(stack, {})
-        per_block = sum(work.rank * (o + i) for t in work.targets if (p := paths[t]) in leaves
+        per_block = sum(work.rank * (o + i) for t in work.targets if (p := LEAF_PATHS[t]) in leaves
                         for o, i in [leaves[p]])
         total += per_block * shape.stack_sizes.get(stack, 0)
     return total
+
+
+def adapted_linears(shape: ModelShape, blocks: Iterable[str], targets: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each kind of linear a LoRA adapts, as `stack.*.leaf` (every block of a stack is alike)."""
+    return {f"{stack}.*.{LEAF_PATHS[t]}": shape.linears[stack][LEAF_PATHS[t]] for stack in blocks for t in targets
+            if LEAF_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)}
+
+
+def rank_warning(rank: int, linears: dict[str, tuple[int, int]]) -> str | None:
+    """Why a rank above a layer's width is wasted: up @ down has rank at most min(in, out), so the extra
+    rank adds parameters, memory and time but no capacity. None when the rank fits every layer.
+    `linears`: module name -> (out, in); block indices are folded (`layers.3.x` counts as `layers.*.x`)."""
+    kinds = {re.sub(r"\.\d+\.", ".*.", name): size for name, size in linears.items()}
+    narrow = {name: size for name, size in kinds.items() if rank > min(size)}
+    if not narrow:
+        return None
+    name = min(narrow, key=lambda n: min(narrow[n]))
+    width = min(narrow[name])
+    return (f"lora.rank {rank} is above the width of {len(narrow)} of the {len(kinds)} kinds of adapted layer "
+            f"(narrowest: {name}, {narrow[name][0]}x{narrow[name][1]}); a LoRA cannot use rank beyond min(in, out), "
+            f"so the extra rank adds parameters but no capacity; set lora.rank to {width} or less")
 
 
 def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, fraction: float) -> float:

@@ -104,9 +104,10 @@ def resolve_levers(model: ModelConfig, train: TrainConfig, work: Workload, devic
                   free_gib=free_gib(device), shape=shape, work=work)
 
 
-def levers_for(cfg: Config, device: torch.device) -> Levers:
-    """resolve_levers for a whole training config."""
-    return resolve_levers(cfg.model, cfg.train, workload_of(cfg), device)
+def levers_for(cfg: Config, device: torch.device, shape: ModelShape | None = None) -> Levers:
+    """resolve_levers for a whole training config (`shape`: known shapes when the model is not on disk)."""
+    return resolve_levers(cfg.model, cfg.train, workload_of(cfg), device,
+                          shape=None if shape is None else (lambda: shape))
 
 
 # ------------------------------------------------------------------------------ applying
@@ -311,13 +312,14 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 # ------------------------------------------------------------------------------ the dry-run line
 
 
-def memory_line(cfg: Config, device: torch.device | None = None) -> str:
-    """What `zturbo train --dry-run` says about memory: the preset, its levers, the estimated peak."""
+def memory_line(cfg: Config, device: torch.device | None = None, shape: ModelShape | None = None) -> str:
+    """What `zturbo train --dry-run` says about memory: the preset, its levers, the estimated peak
+    (`shape`: the model's known shapes when its weights are not downloaded)."""
     from .presets import BUDGET_GIB, estimate_for
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    levers = levers_for(cfg, device)
-    est = estimate_for(levers, model_shape(cfg.model.path), workload_of(cfg))
+    levers = levers_for(cfg, device, shape)
+    est = estimate_for(levers, shape or model_shape(cfg.model.path), workload_of(cfg))
     text = (f"{levers.memory}: {levers.describe()}; estimated peak {est.total:.1f} GiB (weights {est.weights:.1f}, "
             f"LoRA and optimizer {est.lora:.1f}, activations {est.activations:.1f})")
     if est.host:

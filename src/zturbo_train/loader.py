@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ModelError
+from .errors import ModelError, ModelNotDownloadedError
 from .tiny import cache_root, tiny_model_dir
 
 PARTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
@@ -78,8 +78,8 @@ def _find_downloaded(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
-        raise ModelError(f"model {repo_id} is not downloaded yet; run `zturbo download --model {repo_id}` "
-                         f"(it goes to {ours})") from None
+        raise ModelNotDownloadedError(f"model {repo_id} is not downloaded yet; run `zturbo download --model "
+                                      f"{repo_id}` (it goes to {ours})") from None
 
 
 def check_model_dir(path: Path) -> Path:

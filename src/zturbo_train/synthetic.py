@@ -22,6 +22,8 @@ ZIMAGE_CONFIG: dict[str, Any] = dict(
     axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
 )
 SYNTHETIC_MODELS = {"synthetic": "ZIMAGE_CONFIG", "synthetic:tiny": "TINY_TRANSFORMER"}
+# Hub models whose transformer config is known here, so `--dry-run` can plan before the download.
+KNOWN_HUB_CONFIGS: dict[str, dict[str, Any]] = {"Tongyi-MAI/Z-Image-Turbo": ZIMAGE_CONFIG}
 
 
 def synthetic_config(name: str) -> dict[str, Any]:

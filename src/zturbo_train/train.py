@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.markup import escape
 
 from . import __version__, distributed
 from .checkpoint import (RunFolder, RunLock, capture_rng, latest_state, load_latest_state, lora_tensors,
                          open_run_folder, prune, restore_optimizer, restore_rng, save_state)
 from .config import Config
 from .errors import TrainingError
+from .estimate import rank_warning
 from .fileio import append_line, write_json
 from .keys import LoraWeights, modules_of, write_lora_file
 from .loader import torch_dtype
@@ -37,16 +39,20 @@ from .resume import plan_resume, record_resume
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
 
 
+LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     lora_path: Path | None
     steps_done: int
-    final_loss: float | None
+    final_loss: float | None  # the last logged step's raw loss
     seconds: float
     interrupted: bool = False
     previews: list[Path] = field(default_factory=list)
     rank: int = 0
+    smoothed_loss: float | None = None  # the moving average the progress bar shows
 
 
 @dataclass
@@ -126,6 +132,10 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
                       highlight=False, soft_wrap=True)
     network = create_lora(transformer, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.blocks, cfg.lora.targets,
                           cfg.lora.dropout, seed=cfg.train.seed)
+    warning = rank_warning(cfg.lora.rank, {name: (layer.up.shape[0], layer.down.shape[1])
+                                           for name, layer in zip(network.names, network.layers)})
+    if warning and console is not None:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     network.train()
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -407,7 +417,7 @@ def loop(s: Session, started: float) -> TrainResult:
             if not interrupted:
                 previews += preview(s, step)
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews, s.rank)
+                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth)
     return result
 
 
@@ -423,7 +433,8 @@ def _warning(s: Session):
 def _progress(s: Session, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
                TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[rate]} it/s"), TimeRemainingColumn()]
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:
         task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-")
