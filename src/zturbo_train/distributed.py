@@ -198,13 +198,13 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ data and caches
 
 
-def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console) -> Any:
+def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console, scanned: Any = None) -> Any:
     """The dataset for this rank: the ranks of a node fill the caches in shares, wait, then read them all."""
     from .data.prepare import prepare_dataset as prepare
     from .loader import resolve_model_dir
 
     if not ranks.parallel:
-        return prepare(cfg, device, console=console)
+        return prepare(cfg, device, console=console, scanned=scanned)
     with phase(ranks, "finding the model"):
         if ranks.local_rank == 0:  # builds builtin:tiny once per node instead of once per rank
             resolve_model_dir(cfg.model.path)
@@ -217,7 +217,7 @@ def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console) -> An
 
     try:
         return prepare(cfg, device, console=console, share=(ranks.local_rank, ranks.local_world), wait=wait,
-                       rank=(ranks.rank, ranks.world))
+                       rank=(ranks.rank, ranks.world), scanned=scanned)
     except Exception as exc:
         if not waited:
             _check(ranks, exc, "caching")

@@ -102,6 +102,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
     from .adapter import TrainingAdapter
+    from .data.prepare import scan_dataset
     from .levers import apply_levers, levers_for, workload_of
     from .loader import load_parts
     from .lora import create_lora
@@ -109,6 +110,8 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     ranks = ranks or distributed.Ranks()
     device = device or pick_device()
     check_train(cfg, resume, overwrite, writes_run=ranks.is_main)
+    with distributed.phase(ranks, "checking the data"):  # every dataset problem before the output folder is touched
+        scanned = scan_dataset(cfg, console)
     plan = None
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
         run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name, lock) if ranks.is_main else \
@@ -117,7 +120,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
             plan = plan_resume(run, cfg, latest_state(run))
             for line in plan.describe(run, cfg.train.steps) if console is not None else ():
                 console.print(line, markup=False, highlight=False, soft_wrap=True)
-    dataset = distributed.prepare_dataset(cfg, device, ranks, console)
+    dataset = distributed.prepare_dataset(cfg, device, ranks, console, scanned)
     dtype = torch_dtype(cfg.model.dtype)
     levers = levers_for(cfg, device)  # quantized or offloaded bases load on the host first
     parts = load_parts(cfg.model.path, ["vae", "scheduler"], dtype=cfg.model.dtype, device=str(device))

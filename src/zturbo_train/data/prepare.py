@@ -68,6 +68,13 @@ def scan_and_plan(datasets: Sequence[DataConfig], console=None,
     return scan, samples
 
 
+def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
+    """Every image and caption of cfg.data checked, all problems reported at once (a DataError if any stops the run)."""
+    scan, samples = scan_and_plan(cfg.data, console, exclude=[cfg.train.output_dir])
+    report_problems(scan.problems, console)
+    return scan, samples
+
+
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
     from ..loader import resolve_model_dir
@@ -83,7 +90,8 @@ def sample_prompts(cfg: Config) -> list[str]:
 def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | None = None,
                     cache_dir: Path | None = None, extra_prompts: Sequence[str] | None = None, console=None,
                     vae_batch_size: int = 4, text_batch_size: int = 8, share: tuple[int, int] = (0, 1),
-                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1)) -> TrainDataset:
+                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1),
+                    scanned: tuple[Scan, list[Sample]] | None = None) -> TrainDataset:
     """Scan cfg.data, fill the latent and caption caches (only what is missing), and return the dataset.
 
     `encoders` says where the VAE / text encoder come from (default: cfg.model.path, VAE
@@ -95,9 +103,9 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     when n processes fill the cache together. `wait` is then called (a barrier across them)
     before the rest is checked, and anything still missing is encoded here. `rank` = (r, world)
     makes the dataset that of rank r in data-parallel training (`TrainDataset.for_rank`).
+    `scanned` is `scan_dataset`'s result when the caller checked the data already.
     """
-    scan, samples = scan_and_plan(cfg.data, console, exclude=[cfg.train.output_dir])
-    report_problems(scan.problems, console)
+    scan, samples = scanned or scan_dataset(cfg, console)
     encoders = encoders or default_encoders(cfg, device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     latent_root, text_root = root / "latents" / encoders.vae_id, root / "text" / encoders.text_id
