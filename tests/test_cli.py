@@ -68,7 +68,7 @@ def test_again_command_resumes_only_what_was_saved(tmp_path):
 
 
 def test_ctrl_c_while_setting_up_is_one_line(tmp_path, monkeypatch):
-    import zturbo_train.train as train_module
+    import zturbo_train.train.loop as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -52,10 +52,9 @@ def fails_cleanly(fn: Callable) -> Callable:
 
 def quiet_libraries() -> None:
     """Silence the progress bars and info logs of transformers / diffusers / hf_hub."""
+    import logging
     import os
     import warnings
-
-    import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
@@ -117,11 +116,11 @@ def train(
     cfg = load_config(config, overrides or [])
     quiet_libraries()
     if dry_run:
-        from .plan import dry_run as plan_run
+        from .train.dry_run import dry_run as plan_run
 
         plan_run(cfg, console)
         return
-    from .train import run as train_run
+    from .train.loop import run as train_run
 
     try:
         result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
@@ -148,7 +147,7 @@ def again_command(config: Path, overrides: List[str], run_dir: Path) -> str:
     """The command that goes on with a stopped run: the same config and --set, plus --resume when a state was saved."""
     import shlex
 
-    from .checkpoint import RunFolder, latest_state
+    from .train.state import RunFolder, latest_state
 
     run = RunFolder(Path(run_dir))
     flag = ["--resume"] if latest_state(run) is not None else ["--overwrite"] if run.holds_run() else []
@@ -181,7 +180,7 @@ def download(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
     """Download Z-Image Turbo and the training adapter: resumable, hash-verified, optionally bf16."""
-    from .download import download_all, rich_reporter, summary_lines, summary_table
+    from .hub.download import download_all, rich_reporter, summary_lines, summary_table
 
     with rich_reporter(console, enabled=not quiet) as reporter:
         results = download_all(model, adapter, folder, revision=revision, token=token, bf16=bf16, reporter=reporter)
@@ -262,8 +261,8 @@ def sample(
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
-    from .sample import SampleSettings, parse_lora_spec, read_prompts_file
-    from .sample import sample as run_sample
+    from .commands.sample import SampleSettings, parse_lora_spec, read_prompts_file
+    from .commands.sample import sample as run_sample
 
     quiet_libraries()
     texts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
@@ -292,9 +291,9 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
+    from .commands.merge import merge_into_model, merge_to_lora
+    from .commands.sample import parse_lora_spec
     from .errors import ConfigError
-    from .merge import merge_into_model, merge_to_lora
-    from .sample import parse_lora_spec
 
     quiet_libraries()
     specs = [parse_lora_spec(s) for s in loras or []]
@@ -335,7 +334,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON file; no table."),
 ) -> None:
     """Time the training step and 8-step sampling per memory preset; print a table, write JSON."""
-    from .bench import BenchSettings, render, run_bench
+    from .commands.bench import BenchSettings, render, run_bench
 
     quiet_libraries()
     settings = BenchSettings(model=model, presets=list(presets or ["auto"]), resolutions=list(resolutions or []),

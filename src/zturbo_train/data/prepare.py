@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
+from .batches import Sample, TrainDataset
 from .buckets import closest_bucket, fit
-from .cache import (CacheStats, Encoders, LatentJob, default_cache_dir, entry_path, fill_latents, fill_texts,
-                    latent_key, text_key)
+from .cache import (
+    CacheStats,
+    Encoders,
+    LatentJob,
+    default_cache_dir,
+    entry_path,
+    fill_latents,
+    fill_texts,
+    latent_key,
+    text_key,
+)
 from .dataset import Problem, Scan, scan_datasets
-from .loader import Sample, TrainDataset
 
 
 def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sample], list[Problem]]:
@@ -54,7 +63,7 @@ def scan_and_plan(datasets: Sequence[DataConfig], console=None) -> tuple[Scan, l
 
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
-    from ..loader import resolve_model_dir
+    from ..models import resolve_model_dir
 
     return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
 

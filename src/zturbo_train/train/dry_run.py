@@ -1,0 +1,42 @@
+"""`zturbo train --dry-run`: check everything a run needs and print the plan, training nothing.
+
+It reads the dataset (every problem listed), finds the model folder and the training
+adapter, and states the effective batch and the LoRA, so a long run does not fail an
+hour in on something a second's check would have found.
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+
+
+def dry_run(cfg: Config, console) -> dict:
+    """Validate dataset, model folder and adapter; print the plan; returns it for tests."""
+    from rich.table import Table
+
+    from ..data.inspect import check_errors, inspect_datasets, render
+    from ..lora.adapter import resolve_adapter
+    from ..memory.levers import memory_line
+    from ..models import resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model.path)
+    adapter = resolve_adapter(cfg.model.adapter)
+    inspection = inspect_datasets(cfg.data)
+    render(inspection, console)
+    check_errors(inspection)
+    counts = inspection.counts()
+    plan = {
+        "model": str(model_dir),
+        "adapter": f"{adapter or 'none'} ({cfg.model.adapter_mode}, weight {cfg.model.adapter_weight:g})",
+        "images": counts["images"], "samples per epoch": counts["samples_per_epoch"],
+        "steps": cfg.train.steps, "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
+        "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
+                f"in {', '.join(cfg.lora.blocks)}",
+        "memory": memory_line(cfg),
+        "output_dir": str(cfg.train.output_dir),
+    }
+    table = Table(title="training plan", show_header=False)
+    for key, value in plan.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    return plan
