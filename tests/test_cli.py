@@ -72,7 +72,7 @@ def test_again_command_resumes_only_what_was_saved(tmp_path):
 
 
 def test_ctrl_c_while_setting_up_is_one_line(tmp_path, monkeypatch):
-    import zturbo_train.train as train_module
+    import zturbo_train.train.loop as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -249,7 +249,7 @@ def test_transient_bars_print_nothing_where_output_is_not_a_terminal():
     from rich.console import Console
 
     from zturbo_train.data.progress import progress
-    from zturbo_train.download import rich_reporter
+    from zturbo_train.hub.download import rich_reporter
 
     piped = Console(file=StringIO())
     with progress(piped, "checking", 3, transient=True) as advance:

@@ -22,11 +22,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from test_train import make_config  # noqa: E402 - the shared quick-start config
+from train.test_loop import make_config  # noqa: E402 - the shared quick-start config
 from zturbo_train.cli import app
 from zturbo_train.config import load_config
 from zturbo_train.errors import AdapterError
-from zturbo_train.train import run
+from zturbo_train.train.loop import run
 
 runner = CliRunner()
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -104,7 +104,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from zturbo_train.checkpoint import RunLock
+        from zturbo_train.train.state import RunLock
         lock = RunLock()
         lock.acquire(Path({str(folder)!r}))
         print("locked", flush=True)
@@ -136,7 +136,7 @@ def test_a_live_run_folder_is_refused_and_a_killed_holder_does_not_block(tmp_pat
     result = runner.invoke(app, ["train", str(cfg_path), "-q"])
     assert result.exit_code == 0, result.output
     assert (folder / "t.safetensors").is_file()
-    from zturbo_train.checkpoint import RunLock
+    from zturbo_train.train.state import RunLock
 
     with RunLock() as lock:  # and the finished run released it
         lock.acquire(folder)
@@ -208,7 +208,7 @@ def test_a_lora_with_nan_or_inf_is_refused_by_name_everywhere(tmp_path, nan_lora
                  ["merge", "--model", "builtin:tiny", "--adapter", str(path), "--out", str(tmp_path / "m")]):
         one_line_error(runner.invoke(app, args), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"], "nothing written"
-    from zturbo_train.adapter import read_adapter
+    from zturbo_train.lora.adapter import read_adapter
 
     with pytest.raises(AdapterError, match=f"training adapter: .*{message}"):
         read_adapter(path)

@@ -84,10 +84,9 @@ def fails_cleanly(fn: Callable) -> Callable:
 
 def quiet_libraries() -> None:
     """Silence the progress bars and info logs of transformers / diffusers / hf_hub."""
+    import logging
     import os
     import warnings
-
-    import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
@@ -152,11 +151,11 @@ def train(
         check_train(cfg, resume, overwrite)  # before torch, diffusers and the dataset cache: a typo fails in a second
     quiet_libraries()
     if dry_run:
-        from .plan import dry_run as plan_run
+        from .train.dry_run import dry_run as plan_run
 
         plan_run(cfg, console)
         return
-    from .train import run as train_run
+    from .train.loop import run as train_run
 
     try:
         result = train_run(cfg, resume=resume, overwrite=overwrite, quiet=quiet)
@@ -183,7 +182,7 @@ def again_command(config: Path, overrides: List[str], run_dir: Path) -> str:
     """The command that goes on with a stopped run: the same config and --set, plus --resume when a state was saved."""
     import shlex
 
-    from .checkpoint import RunFolder, latest_state
+    from .train.state import RunFolder, latest_state
 
     run = RunFolder(Path(run_dir))
     flag = ["--resume"] if latest_state(run) is not None else ["--overwrite"] if run.holds_run() else []
@@ -194,7 +193,7 @@ def print_summary(result) -> None:
     """The end-of-run table: time, the losses (labelled: the bar showed the smoothed one), where the files are."""
     from rich.table import Table
 
-    from .train import LOSS_LABEL
+    from .train.loop import LOSS_LABEL
 
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -222,7 +221,7 @@ def download(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
     """Download Z-Image Turbo and the training adapter: resumable, hash-verified, optionally bf16."""
-    from .download import download_all, rich_reporter, summary_lines, summary_table
+    from .hub.download import download_all, rich_reporter, summary_lines, summary_table
 
     with rich_reporter(console, enabled=not quiet) as reporter:
         results = download_all(model, adapter, folder, revision=revision, token=token, bf16=bf16, reporter=reporter)
@@ -312,7 +311,7 @@ def sample(
         low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size)
     check_sample(settings)  # before torch and diffusers are imported: a bad option fails in a second
     quiet_libraries()
-    from .sample import sample as run_sample
+    from .commands.sample import sample as run_sample
 
     run_sample(settings, log=_report)
 
@@ -340,7 +339,7 @@ def merge(
     specs = [parse_lora_spec(s) for s in loras or []]
     check_merge(specs, out, to_lora, adapter, style, dtype)  # before torch is imported: a bad option fails in a second
     quiet_libraries()
-    from .merge import merge_into_model, merge_to_lora
+    from .commands.merge import merge_into_model, merge_to_lora
 
     if to_lora is not None:
         merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
@@ -373,7 +372,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the JSON file; no table."),
 ) -> None:
     """Time the training step and 8-step sampling per memory preset; print a table, write JSON."""
-    from .bench import BenchSettings, render, run_bench
+    from .commands.bench import BenchSettings, render, run_bench
 
     quiet_libraries()
     settings = BenchSettings(model=model, presets=list(presets or ["auto"]), resolutions=list(resolutions or []),

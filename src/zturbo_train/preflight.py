@@ -88,7 +88,7 @@ def check_lora_files(specs: Sequence[LoraSpec]) -> None:
 
 
 def check_dtype(name: str) -> None:
-    from .loader import check_dtype as check
+    from .models import check_dtype as check
 
     check(name)
 
@@ -195,7 +195,7 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
     `writes_run` False (ranks other than 0, which never write the run folder) skips that folder."""
     from .data.cache import default_cache_dir
     from .data.dataset import list_images
-    from .loader import resolve_model_dir
+    from .models import resolve_model_dir
 
     if resume and overwrite:
         raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "
@@ -206,9 +206,9 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
     resolve_model_dir(cfg.model.path)
     for data in cfg.data:
         list_images(data.dir)
-    from .adapter import resolve_adapter  # imports torch: the last checks
-    from .loader import torch_dtype
-    from .step import check_training_dtype
+    from .lora.adapter import resolve_adapter  # imports torch: the last checks
+    from .models import torch_dtype
+    from .train.step import check_training_dtype
 
     check_training_dtype(torch_dtype(cfg.model.dtype))
     resolve_adapter(cfg.model.adapter)

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from ..config import DataConfig, apply_override, load_config, validate_config
 from ..errors import ConfigError
+from .batches import Sample
 from .dataset import Scan, scan_datasets
-from .loader import Sample
 from .prepare import plan_samples
 
 _CAPTION_WIDTH = 60

@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
+from .batches import Sample, TrainDataset
 from .buckets import Fit, closest_bucket, fit
-from .cache import (CacheStats, Encoders, LatentJob, default_cache_dir, entry_path, fill_latents, fill_texts,
-                    latent_key, text_key)
+from .cache import (
+    CacheStats,
+    Encoders,
+    LatentJob,
+    default_cache_dir,
+    entry_path,
+    fill_latents,
+    fill_texts,
+    latent_key,
+    text_key,
+)
 from .dataset import ImageItem, Problem, Scan, scan_datasets
-from .loader import Sample, TrainDataset
 
 MAX_CROPPED = 0.5  # an image losing more than this share of its area to the bucket's crop gets a warning
 
@@ -77,7 +86,7 @@ def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
 
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
-    from ..loader import resolve_model_dir
+    from ..models import resolve_model_dir
 
     return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
 
