@@ -36,7 +36,7 @@ from zturbo_train.models import load_parts
 from zturbo_train.testing.synthetic import ZIMAGE_CONFIG, build_synthetic
 from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 CPU = torch.device("cpu")
 
@@ -296,7 +296,7 @@ def test_offload_prefetch_follows_forward_backward_and_sampling():
     misses = streamer.stats.misses
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from zturbo_train.commands.sample import generate_latents
+    from zturbo_train.sampling import generate_latents
     from zturbo_train.testing.tiny import SCHEDULER
 
     with torch.no_grad():

@@ -21,7 +21,7 @@ from zturbo_train.lora.formats import read_lora_file
 from zturbo_train.train.loop import run
 from zturbo_train.train.step import TrainStep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
