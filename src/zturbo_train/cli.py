@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import ZTurboError
+from .zimage import TURBO_REPO
 
 app = typer.Typer(
     name="zturbo",
@@ -171,7 +172,7 @@ def print_summary(result) -> None:
              "  zturbo download --adapter v1 --dir /data/z-image-turbo\n\n  zturbo download --model none --adapter v2")
 @fails_cleanly
 def download(
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", help="Hub id of the Z-Image diffusers repo, or none (adapter only)."),
+    model: str = typer.Option(TURBO_REPO, "--model", help="Hub id of the Z-Image diffusers repo, or none (adapter only)."),
     adapter: str = typer.Option("v2", "--adapter", help="Training adapter: v2 (usual), v1, owner/repo/file.safetensors, or none."),
     folder: Optional[Path] = typer.Option(None, "--dir", show_default=False, help="Folder for the model (default: $ZTURBO_HOME/models/<owner>--<name>, where `zturbo train` looks)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of the model (default: main)."),
@@ -245,7 +246,7 @@ def sample(
     loras: Optional[List[str]] = LoraOption,
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 text file, one prompt per line (# comments)."),
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    model: str = typer.Option(TURBO_REPO, "--model", "-m", help="Z-Image folder, downloaded Hub id, or builtin:tiny."),
     steps: int = typer.Option(8, "--steps", help="Sampling steps (Turbo: 8)."),
     guidance: float = typer.Option(0.0, "--guidance", help="CFG scale; 0 (Turbo's default) runs no negative pass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k of each prompt uses seed + k (default: random)."),
@@ -261,8 +262,9 @@ def sample(
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
-    from .commands.sample import SampleSettings, parse_lora_spec, read_prompts_file
+    from .commands.sample import SampleSettings, read_prompts_file
     from .commands.sample import sample as run_sample
+    from .lora.files import parse_lora_spec
 
     quiet_libraries()
     texts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
@@ -282,7 +284,7 @@ def sample(
 def merge(
     loras: Optional[List[str]] = LoraOption,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the merged diffusers model."),
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Base: Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    model: str = typer.Option(TURBO_REPO, "--model", "-m", help="Base: Z-Image folder, downloaded Hub id, or builtin:tiny."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Also fold in a training adapter (v1, v2, file, builtin:tiny-adapter): a de-distilled base."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Strength of --adapter."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (model default bf16; --to-lora default: exact fp32, or as read)."),
@@ -292,8 +294,8 @@ def merge(
 ) -> None:
     """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
     from .commands.merge import merge_into_model, merge_to_lora
-    from .commands.sample import parse_lora_spec
     from .errors import ConfigError
+    from .lora.files import parse_lora_spec
 
     quiet_libraries()
     specs = [parse_lora_spec(s) for s in loras or []]
@@ -303,7 +305,7 @@ def merge(
         if adapter is not None:
             raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
         merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
-                      model_required=model != "Tongyi-MAI/Z-Image-Turbo", overwrite=overwrite, log=_report)
+                      model_required=model != TURBO_REPO, overwrite=overwrite, log=_report)
     else:
         if style is not None:
             raise ConfigError("--format sets the style of a --to-lora file; a merged model has no LoRA keys")

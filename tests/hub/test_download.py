@@ -28,9 +28,8 @@ from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
 from zturbo_train.cli import app
-from zturbo_train.config import ADAPTER_ALIASES, ADAPTER_REPO
 from zturbo_train.errors import AdapterError, DownloadError, ModelError
-from zturbo_train.hub.bf16 import safetensors_data_bytes
+from zturbo_train.fileio import safetensors_data_bytes
 from zturbo_train.hub.download import (
     MANIFEST,
     STAGING,
@@ -43,7 +42,9 @@ from zturbo_train.hub.download import (
     stored_dtype,
     wanted,
 )
-from zturbo_train.models import build_pipeline, download_dir, load_parts, resolve_model_dir
+from zturbo_train.models import build_pipeline, load_parts, resolve_model_dir
+from zturbo_train.paths import download_dir
+from zturbo_train.zimage import ADAPTER_ALIASES, ADAPTER_REPO
 
 REPO = "test-org/z-image-tiny"
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"

@@ -22,15 +22,9 @@ import torch
 from zturbo_train.config import TrainConfig, validate_config
 from zturbo_train.errors import ConfigError
 from zturbo_train.lora.network import create_lora
+from zturbo_train.memory.attention import ATTENTION_BACKENDS, fastest_exact, probe_attention
 from zturbo_train.memory.estimate import ModelShape, Workload, estimate, reference_workloads, shape_from_config
-from zturbo_train.memory.levers import (
-    ATTENTION_BACKENDS,
-    apply_checkpointing,
-    apply_levers,
-    fastest_exact,
-    probe_attention,
-    resolve_levers,
-)
+from zturbo_train.memory.levers import apply_checkpointing, apply_levers, resolve_levers
 from zturbo_train.memory.presets import BUDGET_GIB, PRESETS, Levers, choose, estimate_for
 from zturbo_train.models import load_parts
 from zturbo_train.testing.synthetic import ZIMAGE_CONFIG, build_synthetic
@@ -297,7 +291,7 @@ def test_offload_prefetch_follows_forward_backward_and_sampling():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from zturbo_train.sampling import generate_latents
-    from zturbo_train.testing.tiny import SCHEDULER
+    from zturbo_train.zimage import SCHEDULER
 
     with torch.no_grad():
         generate_latents(step.transformer, FlowMatchEulerDiscreteScheduler(**SCHEDULER), caps[:1], width=64,
@@ -568,7 +562,7 @@ def test_cuda_compiled_step_equals_eager():
 @pytest.mark.cuda
 def test_cuda_attention_auto_picks_an_exact_backend():
     model = load_parts("builtin:tiny", parts=["transformer"], dtype="bf16", device="cuda").transformer
-    from zturbo_train.memory.levers import pick_attention
+    from zturbo_train.memory.attention import pick_attention
 
     name = pick_attention(model, CUDA, torch.bfloat16, Workload(1024))
     assert name in ATTENTION_BACKENDS and name != "sage"

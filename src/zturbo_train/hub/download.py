@@ -1,7 +1,7 @@
 """`zturbo download`: Z-Image Turbo and the training adapter, resumable, verified, optionally bf16.
 
 Where things go (the loader and the adapter loader look there):
-  <ZTURBO_HOME>/models/<owner>--<name>/   the model (`loader.download_dir`; `--dir` picks another folder)
+  <ZTURBO_HOME>/models/<owner>--<name>/   the model (`paths.download_dir`; `--dir` picks another folder)
   <ZTURBO_HOME>/models/ostris--zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors
   <folder>/zturbo.json                     the record: repo, commit, each file's Hub hash and our size, bf16
   <folder>/.zturbo/partial/                partial files of an interrupted run, resumed by the next one
@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..config import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
 from ..errors import AdapterError, DownloadError
 from ..fileio import write_json
-from ..models import PIPELINE_CLASSES, download_dir
+from ..models import PIPELINE_CLASSES
+from ..paths import download_dir
+from ..refs import WEIGHT_SUFFIX, hub_file, is_repo_id
+from ..testing.tiny import tiny_adapter_file
+from ..zimage import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
 from .bf16 import convert_to_bf16, rewrite_index_total
 from .fetch import Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint
 
@@ -38,11 +41,9 @@ MANIFEST = "zturbo.json"
 STAGING = ".zturbo"
 MODEL_INDEX = "model_index.json"
 BF16_PARTS = ("transformer",)  # parts `--bf16` rewrites; the text encoder ships as bf16 already
-WEIGHT_SUFFIX = ".safetensors"
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 # diffusers weight variants (fp16 copies and the like) duplicate the main weights: never fetched.
 VARIANT = re.compile(r"\.(fp16|bf16|fp32|fp8\w*|int8|int4|nf4)[.-]")
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # ---------------------------------------------------------------- results and progress
@@ -409,7 +410,7 @@ def _listing_or_fallback(hub: Hub, folder: Path, manifest: dict[str, Any] | None
 def download_model(repo: str = TURBO_REPO, folder: str | Path | None = None, *, revision: str | None = None,
                    token: str | None = None, bf16: bool = False, reporter: Reporter | None = None) -> DownloadResult:
     """Fetch the files of a Z-Image diffusers repo the trainer needs into `folder` (default: where the loader looks)."""
-    if not _REPO_ID.fullmatch(repo) or ".." in repo:
+    if not is_repo_id(repo):
         raise DownloadError(f"--model {repo!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
     folder = Path(folder).expanduser().resolve() if folder else download_dir(repo)
     manifest = open_folder(folder, repo)
@@ -552,13 +553,11 @@ def _publish(job: _Job, remote: RemoteFile) -> None:
 
 def adapter_ref(ref: str) -> tuple[str, str]:
     """`v1` / `v2` / `owner/repo/file.safetensors` as (repo, file)."""
-    full = ADAPTER_ALIASES.get(ref, ref)
-    pieces = full.split("/")
-    if len(pieces) != 3 or not full.endswith(WEIGHT_SUFFIX) or not all(pieces) or not _REPO_ID.fullmatch(
-            "/".join(pieces[:2])):
+    parsed = hub_file(ref)
+    if parsed is None:
         raise AdapterError(f"adapter {ref!r} is not one of {', '.join(ADAPTER_ALIASES)} or owner/repo/file.safetensors; "
                            f"use --adapter v2 (the usual choice), v1 or none")
-    return f"{pieces[0]}/{pieces[1]}", pieces[2]
+    return parsed
 
 
 def adapter_dir(repo: str = ADAPTER_REPO) -> Path:
@@ -603,8 +602,6 @@ def resolve_adapter_file(ref: str) -> Path:
     Nothing is fetched here.
     """
     if ref == "builtin:tiny-adapter":
-        from ..testing.tiny import tiny_adapter_file
-
         return tiny_adapter_file()
     local = Path(ref).expanduser()
     if ref not in ADAPTER_ALIASES and local.suffix == WEIGHT_SUFFIX and local.is_file():

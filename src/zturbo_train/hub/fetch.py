@@ -22,8 +22,8 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from .. import __version__
-from ..config import TURBO_REPO
 from ..errors import DownloadError
+from ..zimage import TURBO_REPO
 
 LIBRARY = {"library_name": "zturbo-train", "library_version": __version__}
 LOGIN_HINT = ("log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`), set HF_TOKEN "

@@ -51,8 +51,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import ADAPTER_ALIASES, ModelConfig
+from ..config import ModelConfig
 from ..errors import AdapterError, LoraError
+from ..refs import hub_file, is_builtin
+from ..zimage import ADAPTER_ALIASES
 from .formats import LoraDict, LoraWeights, linear_shapes, read_lora_file, require_fit, summarize
 from .network import LoraNetwork, load_lora, merge_into_weights
 
@@ -81,9 +83,7 @@ def _builtin_files() -> dict[str, Callable[[], Path]]:
 
 def is_hub_ref(ref: str) -> bool:
     """`v1`, `v2` or `owner/repo/file.safetensors` (when no such local file exists)."""
-    parts = ref.split("/")
-    return ref in ADAPTER_ALIASES or (len(parts) == 3 and all(parts) and ref.endswith(".safetensors")
-                                      and not ref.startswith((".", "~")))
+    return hub_file(ref) is not None
 
 
 def resolve_adapter(ref: str) -> Path | None:
@@ -94,7 +94,7 @@ def resolve_adapter(ref: str) -> Path | None:
     """
     if ref == "none":
         return None
-    if ref.startswith("builtin:"):
+    if is_builtin(ref):
         builtins = _builtin_files()
         if ref not in builtins:
             raise AdapterError(f"unknown builtin adapter {ref!r}; the builtin adapter is {', '.join(builtins)}")

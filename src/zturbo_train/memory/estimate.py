@@ -21,14 +21,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from ..zimage import BLOCK_STACKS, QUANT_LEAVES, REFINER_STACKS, SEQ_MULTIPLE
+
 GIB = 2**30
-# Block stacks of the Z-Image transformer, in the order forward runs them.
-BLOCK_STACKS = ("noise_refiner", "context_refiner", "layers")
-# The big linears of a block: what fp8 / nf4 / int8 store compactly (modulation, norms,
-# embedders and the final layer stay in the model dtype: they are small and sensitive).
-QUANT_LEAVES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
-                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-SEQ_MULTIPLE = 32  # Z-Image pads image and caption sequences to multiples of 32
 # Fitted constants (see the module docstring). Units: model-dtype vectors of length `dim`
 # per token. A block whose activations autograd keeps holds ~39 of them per token; a
 # checkpointed block keeps its input (1); the loss, the final layer and the gradient
@@ -173,7 +168,7 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, frac
     """Bytes autograd keeps between forward and backward, plus one recomputed block."""
     vector = shape.dim * work.dtype_bytes
     tokens = work.tokens()
-    grad_stacks = ["layers"] + [s for s in ("noise_refiner", "context_refiner") if s in work.lora_blocks]
+    grad_stacks = ["layers"] + [s for s in REFINER_STACKS if s in work.lora_blocks]
     kept = recompute = 0.0
     ckpt_layers = checkpointed_layers(shape.stack_sizes["layers"], checkpointing, fraction)
     for stack in grad_stacks:
@@ -232,7 +227,7 @@ def fit_checkpointing(shape: ModelShape, work: Workload, budget_gib: float, **le
 
 def reference_workloads() -> Iterable[tuple[str, Workload, dict[str, Any], float]]:
     """The measured rows of ZIMAGE_NOTES.md (name, workload, levers, GiB) the constants are fitted to."""
-    every = ("layers", "noise_refiner", "context_refiner")
+    every = ("layers", *REFINER_STACKS)
     w1024 = Workload(1024, lora_blocks=every)
     yield "1024 ckpt", w1024, {"checkpointing": "full"}, 15.0
     yield "1024 none", w1024, {"checkpointing": "none"}, 50.5

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .tiny import TINY_TRANSFORMER
+
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json (ZIMAGE_NOTES.md): ~6.15 B parameters.
 ZIMAGE_CONFIG: dict[str, Any] = dict(
     all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
@@ -26,8 +28,6 @@ SYNTHETIC_MODELS = {"synthetic": "ZIMAGE_CONFIG", "synthetic:tiny": "TINY_TRANSF
 
 def synthetic_config(name: str) -> dict[str, Any]:
     """The config behind `synthetic` (real shapes) or `synthetic:tiny` (builtin:tiny's shapes)."""
-    from .tiny import TINY_TRANSFORMER
-
     return {"synthetic": ZIMAGE_CONFIG, "synthetic:tiny": TINY_TRANSFORMER}[name]
 
 

@@ -33,7 +33,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..data.batches import derive_seed
+from ..data.prepare import prepare_dataset as prepare
 from ..errors import TrainingError, ZTurboError
+from ..models import resolve_model_dir
 
 _control: Any = None  # a gloo group for host-side agreement when the training group is NCCL
 
@@ -200,9 +203,6 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console) -> Any:
     """The dataset for this rank: the ranks of a node fill the caches in shares, wait, then read them all."""
-    from ..data.prepare import prepare_dataset as prepare
-    from ..models import resolve_model_dir
-
     if not ranks.parallel:
         return prepare(cfg, device, console=console)
     with phase(ranks, "finding the model"):
@@ -280,7 +280,6 @@ def data_parallel(session: Any, ranks: Ranks) -> None:
     ranks > 0 their own global RNG stream (used only by lora.dropout)."""
     if not ranks.parallel:
         return
-    from ..data.batches import derive_seed
 
     step = session.step
     model = LoraModel(session.transformer, session.network, step.forward)

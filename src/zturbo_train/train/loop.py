@@ -26,10 +26,16 @@ import torch
 
 from .. import __version__
 from ..config import Config
+from ..data.dataset import list_images
 from ..errors import TrainingError
-from ..fileio import append_line, write_json
+from ..fileio import append_line, write_json, write_text, write_with
+from ..images import make_grid
+from ..lora.adapter import TrainingAdapter, resolve_adapter
 from ..lora.formats import LoraWeights, modules_of, write_lora_file
-from ..models import torch_dtype
+from ..lora.network import create_lora
+from ..memory.levers import apply_levers, levers_for, workload_of
+from ..models import autocast, load_parts, resolve_device, resolve_model_dir, torch_dtype
+from ..sampling import generate_images
 from . import distributed
 from .state import (
     RunFolder,
@@ -85,14 +91,6 @@ class Session:
         return self.rank == 0
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------ setup
 
 
@@ -103,13 +101,8 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     Under torchrun (`ranks`): rank 0 opens the output folder, the ranks share the caching,
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
-    from ..lora.adapter import TrainingAdapter
-    from ..lora.network import create_lora
-    from ..memory.levers import apply_levers, levers_for, workload_of
-    from ..models import load_parts
-
     ranks = ranks or distributed.Ranks()
-    device = device or pick_device()
+    device = device or resolve_device()
     preflight(cfg)
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
         run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name) if ranks.is_main else \
@@ -150,10 +143,6 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 def preflight(cfg: Config) -> None:
     """The cheap checks (model folder, adapter file, data folders) before the output folder is touched,
     so a typo is reported as itself and leaves no empty run folder behind."""
-    from ..data.dataset import list_images
-    from ..lora.adapter import resolve_adapter
-    from ..models import resolve_model_dir
-
     resolve_model_dir(cfg.model.path)
     resolve_adapter(cfg.model.adapter)
     for data in cfg.data:
@@ -191,7 +180,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue
-    from ..fileio import write_text
 
     write_text(path, "".join(f"{line}\n" for line in kept))
 
@@ -229,16 +217,13 @@ def save_training_state(s: Session, step: int, loader) -> Path:
 @torch.no_grad()
 def preview(s: Session, step: int) -> list[Path]:
     """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo)."""
-    from ..commands.sample import generate_images, make_grid
-    from ..fileio import write_with
-
     cfg = s.cfg.sample
     if not cfg.prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
     s.network.eval()
     try:
-        with s.adapter.inverted(), _autocast(s):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device)
@@ -250,15 +235,6 @@ def preview(s: Session, step: int) -> list[Path]:
     grid = make_grid([images], [f"step {step}"])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
-
-
-def _autocast(s: Session):
-    dtype = s.step.settings.autocast_dtype
-    if dtype is None:
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return torch.autocast(s.device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------ the loop

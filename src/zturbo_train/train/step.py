@@ -7,7 +7,6 @@ only when it logs. Per-step Python work is limited to what cannot be hoisted.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from .. import flow
 from ..config import TrainConfig
+from ..models import autocast
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,6 @@ class TrainStep:
         self.device = generator.device
         self.model_dtype = next(transformer.parameters()).dtype
 
-    def _autocast(self):
-        if self.settings.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.settings.autocast_dtype)
-
     def loss(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
              weights: Sequence[float] | None = None, noise: Tensor | None = None,
              sigmas: Tensor | None = None) -> Tensor:
@@ -75,7 +70,7 @@ class TrainStep:
             noise, sigmas = self._draw(latents, seeds)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with self._autocast():
+        with autocast(self.device, self.settings.autocast_dtype):
             pred = self.forward(self.transformer, noisy, flow.model_time(sigmas).to(self.model_dtype), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
