@@ -351,6 +351,25 @@ def test_interrupted_run_resumes_in_the_next_run(hub, model_files):
     assert not (folder / STAGING / "partial").exists()
 
 
+def test_hf_hub_download_starts_over_after_an_interrupted_run(hub, model_files, tmp_path):
+    """Why hub/fetch.py has its own loop: huggingface_hub's hf_hub_download drops the bytes of an interrupted
+    run and fetches the whole file again in the next. If this fails, the hub resumes now: use hf_hub_download."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    key = f"{REPO}/{SHARD}"
+    hub.drop[key] = 1024
+    hub.fail_after_drop.add(key)
+    with pytest.raises(HfHubHTTPError):
+        hf_hub_download(REPO, SHARD, cache_dir=tmp_path / "hf", endpoint=hub.url)
+    hub.fail_after_drop.clear()
+    hub.log.clear()
+    path = hf_hub_download(REPO, SHARD, cache_dir=tmp_path / "hf", endpoint=hub.url)
+    (again,) = hub.gets(SHARD)
+    assert again["range"] is None and again["sent"] == len(model_files[SHARD])  # from byte 0: nothing kept
+    assert Path(path).read_bytes() == model_files[SHARD]
+
+
 def test_repo_not_found_404(hub):
     with pytest.raises(DownloadError) as info:
         download_model("nobody/missing")
