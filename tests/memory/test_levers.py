@@ -28,7 +28,7 @@ from zturbo_train.memory.levers import apply_checkpointing, apply_levers, resolv
 from zturbo_train.memory.presets import BUDGET_GIB, PRESETS, Levers, choose, estimate_for
 from zturbo_train.models import load_parts
 from zturbo_train.testing.synthetic import ZIMAGE_CONFIG, build_synthetic
-from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
+from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer, draw_noise
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
@@ -508,9 +508,11 @@ def test_cuda_full_size_offload_streams_within_the_estimate():
 def test_cuda_step_has_no_host_sync_and_no_new_device_allocations():
     step, _, _ = make_step(Levers("t", checkpointing="full"), dtype="bf16", device=CUDA)
     latents, caps = batch(CUDA, torch.bfloat16)
+    noise, sigmas = (t.pin_memory().to(CUDA, non_blocking=True)  # as the loader hands them over
+                     for t in draw_noise([1, 2], tuple(latents.shape[1:]), step.settings))
     for _ in range(3):
         step.backward(latents, caps)
-        step.backward(latents, caps, seeds=[1, 2], weights=[1.0, 0.5])
+        step.backward(latents, caps, weights=[1.0, 0.5], noise=noise, sigmas=sigmas)
         step.update(1e-3)
     torch.cuda.synchronize()
     segments = torch.cuda.memory_stats()["segment.all.allocated"]
@@ -518,7 +520,7 @@ def test_cuda_step_has_no_host_sync_and_no_new_device_allocations():
     try:
         for _ in range(3):
             step.backward(latents, caps)
-            step.backward(latents, caps, seeds=[1, 2], weights=[1.0, 0.5])  # the data-parallel path
+            step.backward(latents, caps, weights=[1.0, 0.5], noise=noise, sigmas=sigmas)  # the data-parallel path
             step.update(1e-3)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -412,7 +412,7 @@ def test_noise_is_drawn_on_the_loader_thread_not_in_the_step(tmp_path, example_d
 
     from zturbo_train.train import step as step_module
 
-    def no_draw(self, latents, seeds):
+    def no_draw(self, latents):
         raise AssertionError("the training step drew noise itself")
 
     threads = set()

@@ -18,7 +18,7 @@ estimate is for the eager step and so errs high.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..zimage import BLOCK_STACKS, QUANT_LEAVES, REFINER_STACKS, SEQ_MULTIPLE
@@ -130,9 +130,6 @@ class Estimate:
     @property
     def total(self) -> float:
         return self.weights + self.lora + self.activations + self.transient
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 2) for k, v in {**asdict(self), "total": self.total}.items()}
 
 
 def spread(n: int, count: int) -> list[int]:

@@ -124,10 +124,6 @@ class BlockStreamer:
             entry.module.__dict__.pop("forward", None)
         self.cache.clear()
 
-    @property
-    def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for entry in self.blocks for h in entry.homes)
-
     # -- the call
     def _call(self, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
         entry = self.blocks[index]

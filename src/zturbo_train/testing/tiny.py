@@ -9,7 +9,6 @@ benchmarks run on, since no model weights can be downloaded there.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -147,7 +146,3 @@ def build_tiny_tokenizer():
     fast.model_max_length = 1024
     return fast
 
-
-def describe() -> str:
-    """One line for `--help` and logs."""
-    return json.dumps({"transformer": TINY_TRANSFORMER["dim"], "layers": TINY_TRANSFORMER["n_layers"]})

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..data.batches import derive_seed
+from ..config import Config, TrainConfig
+from ..data.batches import TrainDataset, derive_seed
 from ..data.prepare import prepare_dataset as prepare
 from ..errors import TrainingError, ZTurboError
 from ..models import resolve_model_dir
@@ -201,7 +202,7 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ data and caches
 
 
-def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console) -> Any:
+def prepare_dataset(cfg: Config, device: torch.device, ranks: Ranks, console) -> TrainDataset:
     """The dataset for this rank: the ranks of a node fill the caches in shares, wait, then read them all."""
     if not ranks.parallel:
         return prepare(cfg, device, console=console)
@@ -224,7 +225,7 @@ def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console) -> An
         raise
 
 
-def batch_line(train: Any, ranks: Ranks, device: torch.device) -> str:
+def batch_line(train: TrainConfig, ranks: Ranks, device: torch.device) -> str:
     """The effective batch, said once at the start: batch_size stays per rank."""
     return (f"data parallel: {ranks.world} ranks ({torch.distributed.get_backend()}, {device.type}) x batch_size {train.batch_size} x "
             f"grad_accum {train.grad_accum} = {ranks.world * train.batch_size * train.grad_accum} samples per step")

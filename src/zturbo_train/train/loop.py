@@ -20,10 +20,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from rich.console import Console
+
+    from ..data.batches import TrainDataset
 from .. import __version__
 from ..config import Config
 from ..data.dataset import list_images
@@ -32,7 +37,7 @@ from ..fileio import append_line, write_json, write_text, write_with
 from ..images import make_grid
 from ..lora.adapter import TrainingAdapter, resolve_adapter
 from ..lora.formats import LoraWeights, modules_of, write_lora_file
-from ..lora.network import create_lora
+from ..lora.network import LoraNetwork, create_lora
 from ..memory.levers import apply_levers, levers_for, workload_of
 from ..models import autocast, load_parts, resolve_device, resolve_model_dir, torch_dtype
 from ..sampling import generate_images
@@ -71,16 +76,16 @@ class Session:
     cfg: Config
     run: RunFolder
     device: torch.device
-    transformer: Any
-    vae: Any
-    scheduler: Any
-    adapter: Any
-    network: Any
+    transformer: ZImageTransformer2DModel
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerDiscreteScheduler
+    adapter: TrainingAdapter
+    network: LoraNetwork
     step: TrainStep
-    dataset: Any
-    preview_embeds: list
-    negative_embeds: list | None
-    console: Any
+    dataset: TrainDataset
+    preview_embeds: list[torch.Tensor]
+    negative_embeds: list[torch.Tensor] | None
+    console: Console | None  # None when setup() is called without one
     start_step: int = 0
     data_state: dict | None = None
     rank: int = 0
