@@ -3,8 +3,8 @@
 Unknown keys are rejected (extra="forbid") with the closest valid key; wrong values name
 the key, the value and what is allowed. Relative paths resolve against the folder of the
 config file, so a config can be run from anywhere; those given with --set, against the
-current folder, as paths typed on a command line do. The field descriptions double as the
-reference that `zturbo config --help` style output and the README point to.
+current folder, as paths typed on a command line do. The field descriptions are the
+reference for each key; `zturbo check CONFIG` prints the resolved settings.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def _quiet(message: str) -> None:
 
 
 def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]]:
-    """(out, in) of every 2-D `.weight`, by module path: the same table keys.linear_shapes gives a loaded model."""
+    """(out, in) of every 2-D `.weight`, by module path: the same table formats.linear_shapes gives a loaded model."""
     return {key.removesuffix(".weight"): (shape[0], shape[1]) for key, (shape, _) in header_entries(files).items()
             if key.endswith(".weight") and len(shape) == 2}
 

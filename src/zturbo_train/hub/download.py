@@ -6,7 +6,7 @@ Where things go (the loader and the adapter loader look there):
   <folder>/zturbo.json                     the record: repo, commit, each file's Hub hash and our size, bf16
   <folder>/.zturbo/partial/                partial files of an interrupted run, resumed by the next one
 
-Each file goes through `hubfetch` (huggingface_hub's own calls, resumable, hash-checked) or,
+Each file goes through fetch.py (huggingface_hub's public API, resumable, hash-checked) or,
 when the Hugging Face cache already holds it, is hard-linked from there and re-verified. A file
 recorded in zturbo.json with the Hub's current hash and an unchanged size and mtime is taken as
 present without hashing it again, so a second run is one API call. model_index.json is put in

@@ -12,7 +12,7 @@ a second subtraction. `deactivate()` from `off` does nothing, so cleanup code ca
 
 Modes (`[model] adapter_mode`) and what they cost. Numbers: relative L2 error of the
 builtin:tiny transformer output with builtin:tiny-adapter (whose effect is ~5 %), pinned
-by tests/test_adapter.py. For scale: a bf16 forward of the base model is ~0.7 % off the
+by tests/lora/test_adapter.py. For scale: a bf16 forward of the base model is ~0.7 % off the
 fp32 forward, so anything below that is noise bf16 makes anyway.
 - `merge` folds `W <- W + w*scale*B@A` in fp32 and casts back: the training step costs
   nothing extra, but in bf16 the model trains on `round_bf16(W0 + dA)` instead of
@@ -33,7 +33,7 @@ fp32 forward, so anything below that is noise bf16 makes anyway.
   nothing), the base weights are never written (so it works over a quantized base), and
   each step pays a rank-r branch per adapted linear (small next to the linear itself).
 
-Adapter files: `diffusion_model.<module>.lora_A/lora_B` keys (any style keys.py reads),
+Adapter files: `diffusion_model.<module>.lora_A/lora_B` keys (any style formats.py reads),
 rank read from the lora_A shape, no alpha key meaning alpha = rank (scale 1). Every key
 must name a linear of the loaded transformer with the right shape; anything else means
 the adapter is for another model and is an error, never a silent skip.

@@ -7,11 +7,11 @@ a card before 12 GB of weights are read. The model is linear in what drives memo
          + activations (tokens x batch x blocks that need a backward, checkpointing)
          + one transient weight copy (fp8 upcast, nf4/int8 dequantize)
 
-Activation constants are fitted to the reference table in ZIMAGE_NOTES.md (plain diffusers
-+ peft step on an H200, random weights of the real shapes, rank 32 on all 34 blocks,
-batch 1, caption 128 tokens): 1024 px checkpointed 15.0 GiB, uncheckpointed 50.5 GiB,
-512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB. tests/test_levers.py holds
-the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
+Activation constants are fitted to peaks measured with a plain diffusers + peft step on an
+H200 (random weights of the real shapes, rank 32 on all 34 blocks, batch 1, caption 128
+tokens; `reference_workloads` below): 1024 px checkpointed 15.0 GiB, uncheckpointed
+50.5 GiB, 512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB.
+tests/memory/test_levers.py holds the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
 estimate is for the eager step and so errs high.
 """
 
@@ -223,7 +223,7 @@ def fit_checkpointing(shape: ModelShape, work: Workload, budget_gib: float, **le
 
 
 def reference_workloads() -> Iterable[tuple[str, Workload, dict[str, Any], float]]:
-    """The measured rows of ZIMAGE_NOTES.md (name, workload, levers, GiB) the constants are fitted to."""
+    """The measured peaks (name, workload, levers, GiB) the constants are fitted to (see the module docstring)."""
     every = ("layers", *REFINER_STACKS)
     w1024 = Workload(1024, lora_blocks=every)
     yield "1024 ckpt", w1024, {"checkpointing": "full"}, 15.0

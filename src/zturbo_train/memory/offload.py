@@ -1,8 +1,11 @@
-"""Block offload for small cards: the transformer blocks live in pinned host memory and are
-copied to the GPU just ahead of use, on a side CUDA stream, while LoRA trains on top.
+"""Offload. Training: block offload for small cards, the transformer blocks live in pinned host
+memory and are copied to the GPU just ahead of use, on a side CUDA stream, while LoRA trains
+on top. Sampling (`zturbo sample --low-mem`): which of diffusers' CPU offloads fits the card.
 
-Why our own design: diffusers' group offloading moves parameters in place and failed with
-a LoRA in training (ZIMAGE_NOTES.md). Here a block's Parameters never move. Each call of a
+Why our own design for training: diffusers' group offloading (`enable_group_offload`) moves
+parameters in place (it swaps each `param.data` between host and device), so the trained LoRA's
+autograd graph and the optimizer see tensors that move under them; it failed with a LoRA in
+training. Here a block's Parameters never move. Each call of a
 block gets fresh device copies, put into the block's parameter slots only for the length
 of the call and restored afterwards. Autograd keeps whatever it saved (device copies), so
 backward is correct no matter what the slots hold later. With full gradient checkpointing

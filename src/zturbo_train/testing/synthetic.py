@@ -17,7 +17,7 @@ from torch import nn
 
 from .tiny import TINY_TRANSFORMER
 
-# Tongyi-MAI/Z-Image-Turbo transformer/config.json (ZIMAGE_NOTES.md): ~6.15 B parameters.
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: ~6.15 B parameters.
 ZIMAGE_CONFIG: dict[str, Any] = dict(
     all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
     n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,

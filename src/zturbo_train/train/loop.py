@@ -4,7 +4,7 @@
              -> loop(step.backward / step.update, log, maybe_save, maybe_preview)
              -> final save
 
-The step itself lives in step.py (shared with `zturbo bench`); here sit the things beside
+The step itself lives in train/step.py (shared with `zturbo bench`); here sit the things beside
 it: reading the loss only when logging (one host sync per `log_every` steps), saving
 atomically, previews with the training adapter inverted, and stopping cleanly on Ctrl-C,
 SIGTERM, a NaN loss or out-of-memory without losing the last good checkpoint.
