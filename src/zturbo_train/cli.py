@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import ZTurboError
+from .errors import ConfigError, ZTurboError
 from .zimage import TURBO_REPO
 
 app = typer.Typer(
@@ -294,7 +294,6 @@ def merge(
 ) -> None:
     """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
     from .commands.merge import merge_into_model, merge_to_lora
-    from .errors import ConfigError
     from .lora.files import parse_lora_spec
 
     quiet_libraries()

@@ -54,6 +54,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import AdapterError, LoraError
 from ..refs import hub_file, is_builtin
+from ..testing.tiny import tiny_adapter_file
 from ..zimage import ADAPTER_ALIASES
 from .formats import LoraDict, LoraWeights, linear_shapes, read_lora_file, require_fit, summarize
 from .network import LoraNetwork, load_lora, merge_into_weights
@@ -76,8 +77,6 @@ class AdapterState(str, Enum):
 
 
 def _builtin_files() -> dict[str, Callable[[], Path]]:
-    from ..testing.tiny import tiny_adapter_file
-
     return {"builtin:tiny-adapter": tiny_adapter_file}
 
 
