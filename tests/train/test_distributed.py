@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: 2 CPU processes on gloo against one process.
 
 The 2-rank runs go through torchrun (`python -m torch.distributed.run`) as users start
-them; tests/dist_entry.py is the CLI plus an audit hook that lists each rank's writes (and
+them; tests/train/dist_entry.py is the CLI plus an audit hook that lists each rank's writes (and
 an injected failure where a test asks for one).
 """
 

@@ -11,7 +11,7 @@ Activation constants are fitted to peaks measured with a plain diffusers + peft 
 H200 (random weights of the real shapes, rank 32 on all 34 blocks, batch 1, caption 128
 tokens; `reference_workloads` below): 1024 px checkpointed 15.0 GiB, uncheckpointed
 50.5 GiB, 512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB.
-tests/memory/test_levers.py holds the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
+tests/memory/test_estimate.py holds the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
 estimate is for the eager step and so errs high.
 """
 
