@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .errors import ConfigError
 from .refs import hub_file, is_builtin, is_repo_id
-from .zimage import ADAPTER_ALIASES, BLOCK_STACKS, DEFAULT_TARGETS, TARGET_PATHS, TURBO_REPO
+from .zimage import ADAPTER_ALIASES, BLOCK_STACKS, DEFAULT_TARGETS, SIZE_MULTIPLE, TARGET_PATHS, TURBO_REPO
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +114,7 @@ class DataConfig(_Section):
         if not value:
             raise ValueError("give at least one resolution")
         for side in value:
-            if side < 64 or side % 16:
+            if side < 64 or side % SIZE_MULTIPLE:
                 raise ValueError(f"{side} is not allowed; use multiples of 16 of at least 64, e.g. 512 or 1024")
         return sorted(set(value))
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..zimage import BLOCK_STACKS, QUANT_LEAVES, REFINER_STACKS, SEQ_MULTIPLE
+from ..zimage import BLOCK_STACKS, QUANT_LEAVES, REFINER_STACKS, SEQ_MULTIPLE, SIZE_MULTIPLE, TARGET_PATHS
 
 GIB = 2**30
 # Fitted constants (see the module docstring). Units: model-dtype vectors of length `dim`
@@ -108,7 +108,7 @@ class Workload:
 
     def tokens(self) -> dict[str, int]:
         """Sequence length each stack sees: image, caption, or both (each padded to 32)."""
-        image = _pad((self.resolution // 16) ** 2)
+        image = _pad((self.resolution // SIZE_MULTIPLE) ** 2)  # one token per 16x16 pixels
         caption = _pad(self.caption_tokens)
         return {"noise_refiner": image, "context_refiner": caption, "layers": image + caption}
 
@@ -149,13 +149,10 @@ def checkpointed_layers(n_layers: int, checkpointing: str, fraction: float) -> s
 
 def lora_params(shape: ModelShape, work: Workload) -> int:
     """Trainable LoRA parameters: rank x (in + out) per adapted linear."""
-    paths = {"to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
-             "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-             "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}
     total = 0
     for stack in work.lora_blocks:
         leaves = shape.linears.get(stack, {})
-        per_block = sum(work.rank * (o + i) for t in work.targets if (p := paths[t]) in leaves
+        per_block = sum(work.rank * (o + i) for t in work.targets if (p := TARGET_PATHS[t]) in leaves
                         for o, i in [leaves[p]])
         total += per_block * shape.stack_sizes.get(stack, 0)
     return total
