@@ -11,7 +11,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable
+from typing import TYPE_CHECKING, ContextManager, Iterable
 
 from .errors import ConfigError, ModelError
 from .paths import download_dir
@@ -26,6 +26,8 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import PreTrainedTokenizerBase, Qwen3Model
 
 
 @dataclass
@@ -33,11 +35,11 @@ class ZImageParts:
     """The loaded components; those not asked for stay None."""
 
     path: Path
-    tokenizer: Any = None
-    text_encoder: Any = None
-    transformer: Any = None
-    vae: Any = None
-    scheduler: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    text_encoder: Qwen3Model | None = None
+    transformer: ZImageTransformer2DModel | None = None
+    vae: AutoencoderKL | None = None
+    scheduler: FlowMatchEulerDiscreteScheduler | None = None
     loaded: list[str] = field(default_factory=list)
 
 
