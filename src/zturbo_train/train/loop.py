@@ -4,7 +4,7 @@
              -> loop(step.backward / step.update, log, maybe_save, maybe_preview)
              -> final save
 
-The step itself lives in step.py (shared with `zturbo bench`); here sit the things beside
+The step itself lives in train/step.py (shared with `zturbo bench`); here sit the things beside
 it: reading the loss only when logging (one host sync per `log_every` steps), saving
 atomically, previews with the training adapter inverted, and stopping cleanly on Ctrl-C,
 SIGTERM, a NaN loss or out-of-memory without losing the last good checkpoint.
@@ -20,19 +20,30 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from rich.markup import escape
 
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from rich.console import Console
+
+    from ..data.batches import TrainDataset
 from .. import __version__
 from ..config import Config
+from ..drift import DriftMonitor, DriftProbe, start_from_metrics
 from ..errors import TrainingError
-from ..fileio import append_line, write_json
+from ..fileio import append_line, write_json, write_text, write_with
+from ..images import make_grid
+from ..lora.adapter import TrainingAdapter
 from ..lora.formats import LoraWeights, modules_of, write_lora_file
+from ..lora.network import LoraNetwork, create_lora
 from ..memory.estimate import rank_warning
-from ..models import torch_dtype
+from ..memory.levers import apply_levers, levers_for, workload_of
+from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..preflight import check_train
+from ..sampling import generate_images
 from . import distributed
 from .resume import plan_resume, record_resume
 from .state import (
@@ -49,7 +60,6 @@ from .state import (
     save_state,
 )
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
-
 
 LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
@@ -74,34 +84,26 @@ class Session:
     cfg: Config
     run: RunFolder
     device: torch.device
-    transformer: Any
-    vae: Any
-    scheduler: Any
-    adapter: Any
-    network: Any
+    transformer: ZImageTransformer2DModel
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerDiscreteScheduler
+    adapter: TrainingAdapter
+    network: LoraNetwork
     step: TrainStep
-    dataset: Any
-    preview_embeds: list
-    negative_embeds: list | None
-    console: Any
+    dataset: TrainDataset
+    preview_embeds: list[torch.Tensor]
+    negative_embeds: list[torch.Tensor] | None
+    console: Console | None  # None when setup() is called without one
     start_step: int = 0
     data_state: dict | None = None
     rank: int = 0
     world: int = 1
-    drift: Any = None  # drift.DriftMonitor: turbo_drift of each preview against step 0's
-    metrics_log: Any = None  # the loop's MetricsLog, so a preview can add turbo_drift to its step's row
+    drift: DriftMonitor = field(default_factory=DriftMonitor)  # each preview's turbo_drift against step 0's
+    metrics_log: MetricsLog | None = None  # the loop's log, so a preview can add turbo_drift to its step's row
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ setup
@@ -116,13 +118,9 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
     from ..data.prepare import scan_dataset
-    from ..lora.adapter import TrainingAdapter
-    from ..lora.network import create_lora
-    from ..memory.levers import apply_levers, levers_for, workload_of
-    from ..models import load_parts
 
     ranks = ranks or distributed.Ranks()
-    device = device or pick_device()
+    device = device or resolve_device()
     check_train(cfg, resume, overwrite, writes_run=ranks.is_main)
     with distributed.phase(ranks, "checking the data"):  # every dataset problem before the output folder is touched
         scanned = scan_dataset(cfg, console)
@@ -163,9 +161,6 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
                       dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
                       world=ranks.world)
-    from ..drift import DriftMonitor
-
-    session.drift = DriftMonitor()
     if resume:
         _resume(session)
         if plan is not None:
@@ -193,8 +188,7 @@ def _resume(s: Session) -> None:
 
 
 def _drift_start(path: Path) -> float | None:
-    from ..drift import start_from_metrics
-
+    """The step-0 turbo_drift of the run being resumed, from its metrics rows (None: it had no previews)."""
     if not path.exists():
         return None
     return start_from_metrics([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
@@ -217,7 +211,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue
-    from ..fileio import write_text
 
     write_text(path, "".join(f"{line}\n" for line in kept))
 
@@ -255,10 +248,6 @@ def save_training_state(s: Session, step: int, loader) -> Path:
 @torch.no_grad()
 def preview(s: Session, step: int) -> list[Path]:
     """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo), and their turbo_drift."""
-    from ..commands.sample import generate_images, make_grid
-    from ..drift import DriftProbe
-    from ..fileio import write_with
-
     cfg = s.cfg.sample
     if not cfg.prompts:
         return []
@@ -266,7 +255,7 @@ def preview(s: Session, step: int) -> list[Path]:
     probe = DriftProbe()
     s.network.eval()
     try:
-        with s.adapter.inverted(), _autocast(s):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device, observe=probe.observe)
@@ -290,15 +279,6 @@ def _report_drift(s: Session, step: int, drift: float) -> None:
         s.console.print(f"[dim]{s.drift.line(step, fields)}[/]", highlight=False, soft_wrap=True)
         if warning:
             s.console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-
-
-def _autocast(s: Session):
-    dtype = s.step.settings.autocast_dtype
-    if dtype is None:
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return torch.autocast(s.device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -364,8 +344,6 @@ class MetricsLog:
         if any(p[0] == step for p in self.pending):
             self.notes.setdefault(step, {}).update(fields)
         elif self.write and self.path.exists():
-            from ..fileio import write_text
-
             lines = self.path.read_text(encoding="utf-8").splitlines()
             for i in range(len(lines) - 1, -1, -1):
                 row = json.loads(lines[i]) if lines[i].startswith("{") else {}
