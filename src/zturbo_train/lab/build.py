@@ -238,8 +238,8 @@ def rebuild_adapter(out: Path, settings: LabSettings | None = None, log: Log = p
 
 def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) -> Lab:
     """Build every part into `out` (created; must not hold a lab already) and return it loaded."""
-    from ..sample import initial_latents
-    from ..tiny import build_tiny_pipeline
+    from ..sampling import initial_latents
+    from ..testing.tiny import build_tiny_pipeline
 
     s = settings or LabSettings()
     out = Path(out)
@@ -288,7 +288,7 @@ def encode_lab(pipe, concepts, pixels: dict[str, Tensor]) -> tuple[dict[str, Ten
 
 def train_adapter(student, scheduler, old: list[str], embeds: dict[str, Tensor], s: LabSettings, log: Log):
     """A LoRA trained with plain flow matching on the student's own 8-step samples, low lr (the adapter recipe)."""
-    from ..lora import create_lora
+    from ..lora.network import create_lora
 
     n = s.adapter_samples_per_concept
     seeds = [50_000 + i for i in range(n)] * len(old)
@@ -363,9 +363,9 @@ def save_lab(out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSe
 def quality_report(lab: Lab, n: int, log: Log) -> dict:
     """Teacher, student and student + adapter on the old concepts, and the student on the unseen new one,
     with each one's turbo_drift (8 steps) on the old concepts and on the new one."""
-    from ..keys import read_lora_file
-    from ..loader import load_parts
-    from ..lora import load_lora
+    from ..lora.formats import read_lora_file
+    from ..models import load_parts
+    from ..lora.network import load_lora
 
     report = {}
     for name, path in (("teacher", lab.teacher), ("student", lab.student)):

@@ -1,6 +1,6 @@
 """`zturbo lab run`: user LoRAs on the lab's new concept, trained with the real `zturbo train`, measured.
 
-Strategies (each a generated config run through `train.run`, several seeds):
+Strategies (each a generated config run through `train.loop.run`, several seeds):
 - direct: on the Turbo student, `adapter = "none"` (what breaks Turbo in practice);
 - merge: over the lab's de-distill adapter, merged (the trainer's default);
 - live: over the adapter kept as a frozen branch (same maths, another code path);
@@ -104,7 +104,7 @@ def train_one(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) -> 
     """One `zturbo train` run; its config.toml is written beside it."""
     from ..config import validate_config
     from ..fileio import write_text
-    from ..train import run
+    from ..train.loop import run
 
     raw = run_config(lab, strategy, seed, r, out)
     result = run(validate_config(raw), overwrite=True, quiet=True, device=torch.device("cpu"))
@@ -132,9 +132,9 @@ def drift_of(transformer, scheduler, lab: Lab, n: int) -> float:
 
 def measure_run(lab: Lab, run_dir: Path, r: RunSettings) -> dict:
     """Curve over the run's checkpoints and the full table for its final LoRA, all on the student."""
-    from ..keys import read_lora_file
-    from ..loader import load_parts
-    from ..lora import load_lora
+    from ..lora.formats import read_lora_file
+    from ..models import load_parts
+    from ..lora.network import load_lora
 
     parts = load_parts(str(lab.student), ["transformer", "scheduler"], dtype="fp32", device="cpu")
     parts.transformer.requires_grad_(False)
