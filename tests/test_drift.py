@@ -61,3 +61,37 @@ def test_metrics_note_merges_into_pending_rows_and_rewrites_written_ones(tmp_pat
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "turbo_drift" not in rows[0] and rows[1]["turbo_drift"] == 0.2 and rows[2]["turbo_drift"] == 0.3
     assert all("loss" in r for r in rows)
+
+
+def test_monitor_keeps_a_resumed_start_and_labels_one_preview():
+    """A resumed run passes its saved step-0 value: the first preview after resuming is judged against it."""
+    monitor = DriftMonitor(start=0.2)
+    fields, warning = monitor.update(300, 0.5)
+    assert fields == {"turbo_drift": 0.5, "turbo_drift_start": 0.2, "turbo_drift_ratio": pytest.approx(2.5)}
+    assert warning is not None and monitor.last == fields
+    assert monitor.line(300, fields) == "preview step 300: turbo_drift 0.500 (2.50x step 0)"
+
+
+def test_observer_sees_each_steps_x0_and_changes_nothing(tiny_parts):
+    """Off and on give bit-identical latents; on, one x0 per step, the last equal to the sample (sigma ends at 0)
+    and the first equal to noise - sigma_0 * velocity (checked by hand from the first model call).
+
+    Mutation checked: observing `latents` instead of the x0 prediction fails the last two asserts."""
+    from zturbo_train.flow import predict
+    from zturbo_train.sampling import encode_texts, generate_latents, initial_latents, set_schedule
+
+    embeds = encode_texts(tiny_parts.tokenizer, tiny_parts.text_encoder, ["a red cube"], torch.device("cpu"))
+    args = dict(seeds=[4], steps=3, width=64, height=64)
+    plain = generate_latents(tiny_parts.transformer, tiny_parts.scheduler, embeds, **args)
+    seen: list[tuple[int, torch.Tensor]] = []
+    observed = generate_latents(tiny_parts.transformer, tiny_parts.scheduler, embeds,
+                                observe=lambda i, x0: seen.append((i, x0)), **args)
+    assert torch.equal(plain, observed)
+    assert [i for i, _ in seen] == [0, 1, 2]
+    torch.testing.assert_close(seen[-1][1], observed, rtol=0, atol=1e-6)
+    schedule = type(tiny_parts.scheduler).from_config(tiny_parts.scheduler.config)
+    noise = initial_latents([4], 64, 64, torch.device("cpu"))
+    t0 = set_schedule(schedule, 3, noise.shape[2], noise.shape[3], torch.device("cpu"))[0]
+    with torch.no_grad():
+        velocity = -predict(tiny_parts.transformer, noise, ((1000 - t0) / 1000).expand(1), embeds).float()
+    torch.testing.assert_close(seen[0][1], noise - schedule.sigmas[0] * velocity, rtol=0, atol=1e-6)

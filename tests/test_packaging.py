@@ -28,9 +28,12 @@ def imported_packages() -> set[str]:
 
 
 def declared_packages() -> set[str]:
+    """`dependencies` plus the optional extras a feature imports (`lab`: matplotlib); `dev` is for tests only."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = [spec for name, specs in project.get("optional-dependencies", {}).items() if name != "dev"
+              for spec in specs]
     return {re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower().replace("-", "_")
-            for spec in project["dependencies"]}
+            for spec in [*project["dependencies"], *extras]}
 
 
 def test_dependencies_are_exactly_what_src_imports():

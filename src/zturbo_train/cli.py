@@ -194,6 +194,8 @@ def print_summary(result) -> None:
     """The end-of-run table: time, the losses (labelled: the bar showed the smoothed one), where the files are."""
     from rich.table import Table
 
+    from .drift import DRIFT_LABEL
+    from .drift import summary as drift_summary
     from .train.loop import LOSS_LABEL
 
     def loss(value: float | None) -> str:
@@ -204,6 +206,8 @@ def print_summary(result) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row(LOSS_LABEL, loss(result.smoothed_loss))
     table.add_row("last step loss", loss(result.final_loss))
+    if result.turbo_drift is not None:
+        table.add_row(DRIFT_LABEL, drift_summary(result.turbo_drift))
     table.add_row("LoRA", str(result.lora_path))
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
@@ -317,10 +321,7 @@ def lab_run(
 
     quiet_libraries()
     torch.set_num_threads(1)
-    settings = RunSettings.quick() if quick else RunSettings(steps=steps, lr=lr)
-    settings.seeds = tuple(int(x) for x in seeds.split(",") if x)
-    settings.strategies = tuple(x for x in strategies.split(",") if x)
-    run_lab(lab_dir, settings, log=_report)
+    run_lab(lab_dir, RunSettings.from_options(seeds, strategies, steps, lr, quick), log=_report)
 
 
 @lab_app.command("report", epilog="Example:\n\n  zturbo lab report lab --plots docs/turbo")

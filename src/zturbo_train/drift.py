@@ -20,6 +20,9 @@ only the change against the run's start is about the LoRA. `DriftMonitor` report
 warns when the ratio passes WARN_RATIO. The lab separated distilled from undistilled
 models with it, but did not separate direct from over-the-adapter LoRAs (its adapter did
 not de-distill), so the threshold is a judgement, not a measured boundary.
+
+Each value is one preview's, never smoothed (unlike the bar's "loss (smoothed)"): the
+progress line is labelled by its preview step, the end-of-run summary by DRIFT_LABEL.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 
 # Ratio to the step-0 value above which the run is warned: a judgement (no lab run passed 1.4x; TURBO.md).
 WARN_RATIO = 2.0
+DRIFT_LABEL = "turbo_drift (last preview)"  # the end-of-run summary's row, beside "loss (smoothed)"
 ADVICE = ("few-step quality is likely breaking: use an earlier checkpoint, lower train.lr, or train fewer steps "
           "(over the training adapter if you are not)")
 
@@ -57,10 +61,14 @@ class DriftProbe:
 
 
 class DriftMonitor:
-    """Keeps a run's step-0 drift and turns each preview's drift into metrics fields and a warning."""
+    """Keeps a run's step-0 drift and turns each preview's drift into metrics fields and a warning.
+
+    `start` is saved with the training state, so a resumed run compares against its own step 0.
+    """
 
     def __init__(self, start: float | None = None, warn_ratio: float = WARN_RATIO):
         self.start, self.warn_ratio = start, warn_ratio
+        self.last: dict[str, float] | None = None  # the latest preview's fields, for the summary
 
     def update(self, step: int, drift: float) -> tuple[dict[str, float], str | None]:
         """(fields for the metrics row, a one-line warning or None)."""
@@ -68,6 +76,7 @@ class DriftMonitor:
             self.start = drift
         ratio = drift / self.start if self.start > 0 else float("inf") if drift > 0 else 1.0
         fields = {"turbo_drift": drift, "turbo_drift_start": self.start, "turbo_drift_ratio": ratio}
+        self.last = fields
         warning = None
         if step > 0 and ratio > self.warn_ratio:
             warning = (f"turbo_drift {drift:.3f} at step {step} is {ratio:.1f}x its step-0 value {self.start:.3f}; "
@@ -75,11 +84,11 @@ class DriftMonitor:
         return fields, warning
 
     def line(self, step: int, fields: dict[str, float]) -> str:
-        return (f"preview step {step}: turbo_drift {fields['turbo_drift']:.3f} "
-                f"({fields['turbo_drift_ratio']:.2f}x step 0)")
+        """The progress output's line for one preview (its own value: nothing is averaged)."""
+        return f"preview step {step}: turbo_drift {summary(fields)}"
 
 
-def start_from_metrics(rows: list[dict]) -> float | None:
-    """The step-0 drift a resumed run compares against (stored in every drift row)."""
-    return next((r["turbo_drift_start"] for r in rows if "turbo_drift_start" in r), None)
+def summary(fields: dict[str, float]) -> str:
+    """`0.312 (1.10x step 0)`: a preview's value and its ratio to the run's start."""
+    return f"{fields['turbo_drift']:.3f} ({fields['turbo_drift_ratio']:.2f}x step 0)"
 

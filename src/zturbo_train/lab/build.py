@@ -364,8 +364,8 @@ def quality_report(lab: Lab, n: int, log: Log) -> dict:
     """Teacher, student and student + adapter on the old concepts, and the student on the unseen new one,
     with each one's turbo_drift (8 steps) on the old concepts and on the new one."""
     from ..lora.formats import read_lora_file
-    from ..models import load_parts
     from ..lora.network import load_lora
+    from ..models import load_parts
 
     report = {}
     for name, path in (("teacher", lab.teacher), ("student", lab.student)):

@@ -52,6 +52,24 @@ class RunSettings:
     def quick(cls) -> "RunSettings":
         return cls(strategies=("direct", "merge"), seeds=(1,), steps=80, checkpoints=1, eval_samples=8)
 
+    @classmethod
+    def from_options(cls, seeds: str, strategies: str, steps: int, lr: float, quick: bool) -> "RunSettings":
+        """`zturbo lab run`'s options (comma lists), checked before anything loads; --quick keeps its steps and lr."""
+        from ..errors import ConfigError
+
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 1,2,3") from None
+        names = tuple(x.strip() for x in strategies.split(",") if x.strip())
+        unknown = [n for n in names if n not in STRATEGIES]
+        if unknown or not names or not seed_list:
+            raise ConfigError(f"--strategies {strategies!r} / --seeds {seeds!r}: give at least one seed and strategies "
+                              f"from {', '.join(STRATEGIES)}" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+        settings = cls.quick() if quick else cls(steps=steps, lr=lr)
+        settings.seeds, settings.strategies = seed_list, names
+        return settings
+
 
 def strategy_model(lab: Lab, strategy: str) -> dict:
     table = {
@@ -133,8 +151,8 @@ def drift_of(transformer, scheduler, lab: Lab, n: int) -> float:
 def measure_run(lab: Lab, run_dir: Path, r: RunSettings) -> dict:
     """Curve over the run's checkpoints and the full table for its final LoRA, all on the student."""
     from ..lora.formats import read_lora_file
-    from ..models import load_parts
     from ..lora.network import load_lora
+    from ..models import load_parts
 
     parts = load_parts(str(lab.student), ["transformer", "scheduler"], dtype="fp32", device="cpu")
     parts.transformer.requires_grad_(False)

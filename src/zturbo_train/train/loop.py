@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..data.batches import TrainDataset
 from .. import __version__
 from ..config import Config
-from ..drift import DriftMonitor, DriftProbe, start_from_metrics
+from ..drift import DriftMonitor, DriftProbe
 from ..errors import TrainingError
 from ..fileio import append_line, write_json, write_text, write_with
 from ..images import make_grid
@@ -75,6 +75,7 @@ class TrainResult:
     previews: list[Path] = field(default_factory=list)
     rank: int = 0
     smoothed_loss: float | None = None  # the moving average the progress bar shows
+    turbo_drift: dict[str, float] | None = None  # the last preview's turbo_drift fields (drift.py); None: no previews
 
 
 @dataclass
@@ -184,15 +185,7 @@ def _resume(s: Session) -> None:
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
         _truncate_metrics(s.run.metrics, s.start_step)
-        s.drift.start = _drift_start(s.run.metrics)
-
-
-def _drift_start(path: Path) -> float | None:
-    """The step-0 turbo_drift of the run being resumed, from its metrics rows (None: it had no previews)."""
-    if not path.exists():
-        return None
-    return start_from_metrics([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                               if "turbo_drift_start" in line])
+        s.drift.start = meta.get("turbo_drift_start")  # the run's own step 0, not the first preview after resuming
 
 
 def _pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -238,7 +231,7 @@ def save_training_state(s: Session, step: int, loader) -> Path:
     lora = {}
     for name, layer in zip(s.network.names, s.network.layers):
         lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
-    extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json")}
+    extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json"), "turbo_drift_start": s.drift.start}
     return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last)
 
 
@@ -457,7 +450,8 @@ def loop(s: Session, started: float) -> TrainResult:
             if not interrupted:
                 previews += preview(s, step)
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth)
+                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth,
+                         turbo_drift=s.drift.last)
     return result
 
 
