@@ -110,16 +110,19 @@ def read_loras(specs: Iterable[LoraSpec]) -> list[LoadedLora]:
     return loaded
 
 
-def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet) -> list["LoraNetwork"]:
-    """Hook each LoRA on at its strength; another model's LoRA is refused, a partial match warned about."""
+def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet,
+                 allow_partial: bool = False) -> list["LoraNetwork"]:
+    """Hook each LoRA on at its strength; another model's LoRA is refused, and so is a partial match
+    unless `allow_partial` (then it is a warning naming the keys left out)."""
+    from .keys import partial_warning
     from .lora import load_lora
 
     networks = []
     for item in loras:
-        network = load_lora(transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path))
+        network = load_lora(transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path),
+                            partial_ok=allow_partial)
         if network.unmatched:
-            log(f"warning: {item.spec.path.name}: {len(network.unmatched)} of {len(item.weights)} modules are not in "
-                f"this model and were skipped (e.g. {', '.join(network.unmatched[:3])})")
+            log(partial_warning(item.spec.path.name, item.weights, network.unmatched))
         networks.append(network)
     return networks
 
@@ -413,6 +416,7 @@ class SampleSettings:
     device: str = "auto"
     dtype: str = "bf16"
     batch_size: int = 1
+    allow_partial: bool = False  # a LoRA that fits only in part: warn and use the rest instead of refusing it
 
 
 @dataclass
@@ -497,7 +501,7 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
     seed = s.seed if s.seed is not None else secrets.randbelow(2**31)
     embeds = encode_prompts_once(s, device, mode)
     parts = load_parts(s.model, parts=["transformer", "vae", "scheduler"], dtype=s.dtype, device="cpu")
-    networks = attach_loras(parts.transformer, loras, log)
+    networks = attach_loras(parts.transformer, loras, log, allow_partial=s.allow_partial)
     apply_offload(mode, parts, networks, device)
     jobs = make_jobs(s.prompts, s.count, seed)
     info = _base_info(s, loras, dtype)
