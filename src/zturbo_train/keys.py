@@ -261,7 +261,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoraError(f"{path} is not a readable safetensors file ({sniff(path)}); only .safetensors LoRAs are "
+        raise LoraError(f"{path} is not a safetensors file ({sniff(path)}); only .safetensors LoRAs are "
                         f"accepted, since pickle files can run code: convert it to safetensors, or download it "
                         f"again if it is cut short") from exc
     return tensors, metadata
@@ -444,8 +444,8 @@ def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, 
         keys = unplaced_keys(loras, unmatched)
         hint = "it was made for another model" if len(unmatched) == len(loras) else \
             "pass --allow-partial to use the rest anyway"
-        raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks; keys it could not "
-                        f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}; {hint}")
+        raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (keys it could not "
+                        f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); {hint}")
     return unmatched
 
 
