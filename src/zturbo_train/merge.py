@@ -24,7 +24,7 @@ import torch
 from .config import TURBO_REPO
 from .deltas import DeltaWeights
 from .errors import AdapterError, ConfigError, LoraError, ModelError, ZTurboError
-from .keys import LoraDict, LoraWeights, Update, partial_warning, require_fit, resolve_style, write_lora_file
+from .keys import STYLES, LoraDict, LoraWeights, Update, partial_warning, require_fit, resolve_style, write_lora_file
 from .sample import LoadedLora, LoraSpec, read_loras
 
 Log = Callable[[str], None]
@@ -327,8 +327,8 @@ def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", 
         raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH]")
     try:
         style = resolve_style(style)
-    except ZTurboError as exc:
-        raise ConfigError(f"--format: {exc}") from None
+    except ZTurboError:
+        raise ConfigError(f"--format {style!r} is not one of {', '.join(STYLES)} (kohya = musubi)") from None
     check_output(out, overwrite, [s.path for s in specs], kind="file")
     loras = read_loras(specs)
     combined, rescaled = combine_loras([(item.weights, item.spec.strength) for item in loras])
