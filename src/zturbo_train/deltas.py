@@ -28,9 +28,9 @@ KINDS = ("diff", "lokr", "loha")
 
 
 def _tucker(core: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """LyCORIS' Tucker rebuild (core i j k l, down j r, up i p -> p r k l), flattened to 2-D for a linear."""
-    full = torch.einsum("i j k l, j r, i p -> p r k l", core.float(), down.float(), up.float())
-    return full.reshape(full.shape[0], -1)
+    """LyCORIS' Tucker rebuild (core i j ..., down j r, up i p -> p r ...), flattened to 2-D for a linear."""
+    full = torch.einsum("i j ..., j r, i p -> p r ...", core.float(), down.float(), up.float())
+    return full.reshape(full.shape[0], -1).contiguous()
 
 
 def _side(whole: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None,

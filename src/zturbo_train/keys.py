@@ -323,6 +323,18 @@ def to_state_dict(loras: LoraDict, style: str = "comfyui", dtype: torch.dtype | 
     out: dict[str, torch.Tensor] = {}
     for module, update in sorted(loras.items()):
         out.update(_WRITERS[style](module, update, dtype))
+    return _unshared(out)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share storage (q, k, v split from one fused pair): safetensors refuses shared memory."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != tensor.numel() * tensor.element_size()
+        seen.add(storage.data_ptr())
+        out[key] = tensor.clone() if shared else tensor
     return out
 
 
