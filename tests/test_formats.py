@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save, save_file
+from test_keys_lora import _forward, random_lora  # noqa: E402 - the shared helpers
 from typer.testing import CliRunner
 
-from test_keys_lora import _forward, random_lora  # noqa: E402 - the shared helpers
 from zturbo_train import deltas, keys
 from zturbo_train.cli import app
 from zturbo_train.deltas import DeltaWeights
@@ -83,8 +83,11 @@ def lokr_factors(out_f: int, in_f: int, layout: str, gen: torch.Generator, rank:
 
 
 def loha_factors(out_f: int, in_f: int, gen: torch.Generator, rank: int = 3) -> dict[str, torch.Tensor]:
-    return {"hada_w1_a": torch.randn(out_f, rank, generator=gen) * 0.3, "hada_w1_b": torch.randn(rank, in_f, generator=gen),
-            "hada_w2_a": torch.randn(out_f, rank, generator=gen) * 0.3, "hada_w2_b": torch.randn(rank, in_f, generator=gen)}
+    def pair() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(out_f, rank, generator=gen) * 0.3, torch.randn(rank, in_f, generator=gen)
+
+    (w1_a, w1_b), (w2_a, w2_b) = pair(), pair()
+    return {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": w2_a, "hada_w2_b": w2_b}
 
 
 # ------------------------------------------------------------------ LyCORIS maths against the library
