@@ -109,3 +109,11 @@ def test_bad_files_are_one_line_errors(tmp_path, files):
 
 def test_readme_table_is_the_support_table():
     assert support_table_markdown() in README.read_text(encoding="utf-8")
+
+
+def test_inspect_help_shows_examples(tiny_adapter):
+    result = runner.invoke(app, ["inspect", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "zturbo inspect my_lora.safetensors --model builtin:tiny --json" in result.output
+    assert "inspect" in runner.invoke(app, ["--help"]).output
+    adapter = json.loads(runner.invoke(app, ["inspect", str(tiny_adapter), "--json"]).output)
+    assert adapter["style"]["name"] == "comfyui" and adapter["scales"] == [1.0]  # no alpha keys: scale 1
