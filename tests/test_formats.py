@@ -331,3 +331,26 @@ def test_cli_help_names_the_formats_and_tools():
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "musubi (alias kohya)" in text and "ComfyUI v0.3.76+" in text and "--allow-partial" in text
+
+
+def test_loha_tucker_equals_lycoris():
+    from lycoris.functional import loha
+
+    gen = torch.Generator().manual_seed(11)
+    t = {"hada_t1": torch.randn(3, 3, 1, 1, generator=gen), "hada_t2": torch.randn(3, 3, 1, 1, generator=gen),
+         "hada_w1_a": torch.randn(3, 64, generator=gen), "hada_w1_b": torch.randn(3, 170, generator=gen),
+         "hada_w2_a": torch.randn(3, 64, generator=gen), "hada_w2_b": torch.randn(3, 170, generator=gen)}
+    expected = loha.diff_weight(t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], t["hada_t1"],
+                                t["hada_t2"], gamma=2.0 / 3).reshape(64, 170)
+    update = DeltaWeights("loha", t, 2.0)
+    assert update.shape == (64, 170)
+    torch.testing.assert_close(update.delta(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_must_be_plain_lora_pairs(tmp_path):
+    from zturbo_train.adapter import read_adapter
+    from zturbo_train.errors import AdapterError
+
+    save_file({"diffusion_model.layers.0.feed_forward.w1.diff": torch.zeros(170, 64)}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(AdapterError, match="not plain LoRA pairs"):
+        read_adapter(tmp_path / "a.safetensors")

@@ -53,7 +53,7 @@ from torch import nn
 
 from .config import ADAPTER_ALIASES, ModelConfig
 from .errors import AdapterError, LoraError
-from .keys import LoraDict, LoraWeights, linear_shapes, read_lora_file, require_fit, summarize
+from .keys import LoraDict, LoraWeights, is_low_rank, linear_shapes, read_lora_file, require_fit, summarize
 from .lora import LoraNetwork, load_lora, merge_into_weights
 
 MODES = ("merge", "live")
@@ -117,6 +117,9 @@ def read_adapter(path: Path) -> LoraDict:
         loras, _ = read_lora_file(path)
     except LoraError as exc:
         raise AdapterError(f"training adapter: {exc}; {_NEXT_STEP}") from None
+    if not is_low_rank(loras):
+        raise AdapterError(f"training adapter {path} holds full patches, LoKr or LoHa updates, not plain LoRA pairs; "
+                           f"{_NEXT_STEP}")
     return loras
 
 
