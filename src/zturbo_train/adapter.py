@@ -126,7 +126,7 @@ def read_adapter(path: Path) -> LoraDict:
 def check_fit(loras: LoraDict, transformer: nn.Module, what: str) -> None:
     """Every module must exist in this transformer with the adapter's shape (no partial adapters)."""
     try:
-        require_fit(loras, linear_shapes(transformer), what, partial_ok=False)
+        require_fit(loras, linear_shapes(transformer), what, partial_ok=False, can_allow=False)
     except LoraError as exc:
         raise AdapterError(f"{exc}; {_NEXT_STEP}") from None
 

@@ -443,10 +443,11 @@ def unplaced_keys(loras: LoraDict, modules: Iterable[str]) -> list[str]:
 
 
 def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, partial_ok: bool = False,
-                biases: set[str] | None = None) -> list[str]:
+                biases: set[str] | None = None, can_allow: bool = True) -> list[str]:
     """Raise unless the LoRA fits the model; with `partial_ok`, return the modules it lacks instead.
 
     A LoRA that matches nothing, or whose shapes disagree, is always an error (another model).
+    `can_allow`: the caller has an `--allow-partial` to suggest (the training adapter has none).
     """
     unmatched, misfit = validate(loras, shapes, biases)
     if misfit:
@@ -454,8 +455,8 @@ def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, 
                         f"{'; '.join(misfit[:3])}); it was made for another model")
     if unmatched and (not partial_ok or len(unmatched) == len(loras)):
         keys = unplaced_keys(loras, unmatched)
-        hint = "it was made for another model" if len(unmatched) == len(loras) else \
-            "pass --allow-partial to use the rest anyway"
+        hint = "pass --allow-partial to use the rest anyway" if can_allow and len(unmatched) < len(loras) else \
+            "it was made for another model"
         raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (keys it could not "
                         f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); {hint}")
     return unmatched

@@ -146,7 +146,7 @@ def _merge_plan(loras: Sequence[LoadedLora], adapter: LoraDict | None, adapter_w
     plan: Plan = {}
     if adapter is not None:
         try:
-            require_fit(adapter, shapes, "the training adapter")
+            require_fit(adapter, shapes, "the training adapter", can_allow=False)
         except LoraError as exc:
             raise AdapterError(f"{exc}; pass the Z-Image Turbo training adapter (v1, v2 or its file)") from None
         for module, lora in adapter.items():
