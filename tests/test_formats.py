@@ -172,6 +172,13 @@ def test_fused_qkv_splits_exactly(tiny_transformer):
         part = loras[f"layers.1.attention.{leaf}"]
         assert part.down is down and torch.equal(part.up, up[64 * index:64 * (index + 1)]) and part.alpha == 2.5
     assert loras["noise_refiner.0.attention.to_out.0"].scale == 1.0  # no .alpha key: scale 1, as ComfyUI
+    names = {"model.diffusion_model.final_layer.linear": "all_final_layer.2-1.linear",
+             "lora_unet_x_embedder": "all_x_embedder.2-1",
+             "lycoris_layers_0_feed_forward_w2": "layers.0.feed_forward.w2",
+             "transformer.context_refiner.0.attention.to_out.0": "context_refiner.0.attention.to_out.0",
+             "lora_unet_final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1"}
+    assert {raw: keys.module_name(raw) for raw in names} == names
+    assert set(names.values()) <= set(keys.linear_shapes(tiny_transformer))
     keys.require_fit(loras, keys.linear_shapes(tiny_transformer), "fused")
 
 

@@ -141,10 +141,8 @@ def module_name(raw: str) -> str:
             raw = flat_to_module(raw[len(prefix):])
             break
     else:
-        for prefix in _PREFIXES:
-            if raw.startswith(prefix):
-                raw = raw[len(prefix):]
-                break
+        while prefix := next((p for p in _PREFIXES if raw.startswith(p)), None):  # `model.diffusion_model.` too
+            raw = raw[len(prefix):]
     for comfy, ours in _COMFY_NAMES.items():
         if raw == comfy or raw.endswith("." + comfy):
             return raw[: len(raw) - len(comfy)] + ours
