@@ -13,17 +13,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save, save_file
-from test_keys_lora import _forward, random_lora  # noqa: E402 - the shared helpers
 from typer.testing import CliRunner
 
-from zturbo_train import deltas, keys
+from lora.test_formats_network import _forward, random_lora  # noqa: E402 - the shared helpers
 from zturbo_train.cli import app
-from zturbo_train.deltas import DeltaWeights
+from zturbo_train.commands.merge import merge_into_model, merge_to_lora
+from zturbo_train.commands.sample import LoraSpec, SampleSettings, sample
 from zturbo_train.errors import LoraError
-from zturbo_train.keys import LoraWeights, read_lora_file, write_lora_file
-from zturbo_train.lora import load_lora, merge_into_weights
-from zturbo_train.merge import merge_into_model, merge_to_lora
-from zturbo_train.sample import LoraSpec, SampleSettings, sample
+from zturbo_train.lora import deltas
+from zturbo_train.lora import formats as keys
+from zturbo_train.lora.deltas import DeltaWeights
+from zturbo_train.lora.formats import LoraWeights, read_lora_file, write_lora_file
+from zturbo_train.lora.network import load_lora, merge_into_weights
 
 runner = CliRunner()
 BLOCKS = ("layers", "noise_refiner", "context_refiner")
@@ -195,7 +196,7 @@ def test_fused_file_equals_the_unfused_lora(tmp_path, tiny_transformer, prefix, 
 @pytest.fixture(scope="module")
 def fused_pair(tmp_path_factory, tiny_dir):
     """A known unfused LoRA (our default style) and the ComfyUI-native fused file made from it."""
-    from zturbo_train.loader import load_parts
+    from zturbo_train.models import load_parts
 
     transformer = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
     loras = random_lora(transformer, rank=4, alpha=2.0, seed=9, blocks=BLOCKS, scale=0.3)
@@ -355,8 +356,8 @@ def test_loha_tucker_equals_lycoris():
 
 
 def test_adapter_must_be_plain_lora_pairs(tmp_path):
-    from zturbo_train.adapter import read_adapter
     from zturbo_train.errors import AdapterError
+    from zturbo_train.lora.adapter import read_adapter
 
     save_file({"diffusion_model.layers.0.feed_forward.w1.diff": torch.zeros(170, 64)}, str(tmp_path / "a.safetensors"))
     with pytest.raises(AdapterError, match="not plain LoRA pairs"):

@@ -7,23 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_formats import comfy_fused, loha_factors, lokr_factors  # noqa: E402 - the shared builders
-from test_keys_lora import random_lora  # noqa: E402
 from typer.testing import CliRunner
 
+from lora.test_formats import comfy_fused, loha_factors, lokr_factors  # noqa: E402 - the shared builders
+from lora.test_formats_network import random_lora  # noqa: E402
 from zturbo_train.cli import app
+from zturbo_train.commands.inspect import inspect_file
 from zturbo_train.errors import LoraError
-from zturbo_train.keys import LoraWeights, write_lora_file
-from zturbo_train.lora_inspect import SUPPORT, inspect_file, support_table_markdown
+from zturbo_train.lora.formats import LoraWeights, write_lora_file
+from zturbo_train.lora.inspect import SUPPORT, support_table_markdown
 
 runner = CliRunner()
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_dir):
     """One file per key style, all on the tiny model's shapes."""
-    from zturbo_train.loader import load_parts
+    from zturbo_train.models import load_parts
 
     transformer = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
     folder = tmp_path_factory.mktemp("styles")

@@ -1,6 +1,6 @@
 """Module updates that are not one low-rank pair: full patches (`.diff`) and LyCORIS LoKr / LoHa.
 
-Why a second form beside `keys.LoraWeights`: a LoRA's update is `up @ down`, which the hook
+Why a second form beside `formats.LoraWeights`: a LoRA's update is `up @ down`, which the hook
 applies as two thin matmuls; a full patch, a Kronecker product or a Hadamard product has no
 such shape. They are kept as the file's own factors and expanded to a dense `(out, in)`
 delta only when applied (hooked, merged or combined), one module at a time, so reading a

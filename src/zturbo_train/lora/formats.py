@@ -33,11 +33,12 @@ import torch
 
 from ..errors import LoraError
 from ..fileio import save_safetensors
+from ..zimage import BLOCK_STACKS, TARGET_PATHS
 from .deltas import LOHA_KEYS, LOKR_KEYS, DeltaWeights
+from .metadata import FORMAT_VERSION, build_metadata  # noqa: F401  (FORMAT_VERSION: re-exported)
 
 STYLES = ("comfyui", "diffusers", "musubi")
 STYLE_ALIASES = {"kohya": "musubi"}  # the old name: musubi-tuner's (and sd-scripts') `lora_unet_` keys
-FORMAT_VERSION = "2"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
 _FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")  # module names with `.` written as `_`
@@ -47,14 +48,11 @@ _PARTS = {  # key suffix after the module name -> part
     "alpha": "alpha", "diff": "diff", "diff_b": "diff_b", **{k: k for k in LOKR_KEYS + LOHA_KEYS},
 }
 _SUFFIXES = sorted(_PARTS, key=len, reverse=True)
+FUSED_QKV = "attention.qkv"  # ComfyUI's fused q/k/v linear; parse_state_dict splits it into QKV
+QKV = tuple(TARGET_PATHS[t] for t in ("to_q", "to_k", "to_v"))
 # Module names flattened with `_`, per block leaf: diffusers' names and ComfyUI's own (qkv, out).
-_FLAT_BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)_(\d+)_(.+)$")
-_FLAT_LEAVES = {
-    "attention_to_q": "attention.to_q", "attention_to_k": "attention.to_k", "attention_to_v": "attention.to_v",
-    "attention_to_out_0": "attention.to_out.0", "feed_forward_w1": "feed_forward.w1",
-    "feed_forward_w2": "feed_forward.w2", "feed_forward_w3": "feed_forward.w3",
-    "adaLN_modulation_0": "adaLN_modulation.0", "attention_qkv": "attention.qkv", "attention_out": "attention.out",
-}
+_FLAT_BLOCK = re.compile(rf"^({'|'.join(BLOCK_STACKS)})_(\d+)_(.+)$")
+_FLAT_LEAVES = {path.replace(".", "_"): path for path in (*TARGET_PATHS.values(), FUSED_QKV, "attention.out")}
 _FLAT_TOP = {
     "all_x_embedder_2-1": "all_x_embedder.2-1", "all_final_layer_2-1_linear": "all_final_layer.2-1.linear",
     "all_final_layer_2-1_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
@@ -66,8 +64,6 @@ _FLAT_TOP = {
 _COMFY_NAMES = {"attention.out": "attention.to_out.0", "final_layer.linear": "all_final_layer.2-1.linear",
                 "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
                 "x_embedder": "all_x_embedder.2-1"}
-FUSED_QKV = "attention.qkv"
-QKV = ("attention.to_q", "attention.to_k", "attention.to_v")
 
 
 @dataclass
@@ -398,13 +394,11 @@ def diffusers_metadata(loras: LoraDict) -> dict[str, str]:
 
 def write_lora_file(path: str | Path, loras: LoraDict, style: str = "comfyui",
                     metadata: dict[str, object] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Atomically write a LoRA in one style, with the metadata LoRA managers read (lora_meta.build_metadata).
+    """Atomically write a LoRA in one style, with the metadata LoRA managers read (metadata.build_metadata).
 
     `metadata`: what the caller knows (name, trigger_word, steps, epochs, resolution, started_at,
     base_model ...; see build_metadata) and keys carried over from a source file.
     """
-    from .lora_meta import build_metadata
-
     style = resolve_style(style)
     tensors = to_state_dict(loras, style, dtype)
     header = build_metadata(loras, tensors, style, metadata or {}, name=Path(path).stem)

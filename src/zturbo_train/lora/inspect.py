@@ -1,4 +1,4 @@
-"""`zturbo inspect`: what a LoRA file is, what it holds, and which tools load it whole.
+"""What a LoRA file is, what it holds, and which tools load it whole (`zturbo inspect`'s library part).
 
 `SUPPORT` is the one table of which tool loads which key style (README shows it, a test
 keeps the two equal). It was read from each tool's loading code (Dec 2026): ComfyUI
@@ -15,7 +15,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraError
+from ..errors import LoraError
+from .formats import (
+    LoraDict,
+    LoraWeights,
+    diffusers_alphas,
+    parse_state_dict,
+    read_safetensors,
+    require_finite,
+    split_key,
+)
 
 TOOLS = ("ComfyUI", "diffusers", "musubi-tuner", "ai-toolkit")
 # key style -> tool -> "fully ..." / "partly: why" / "no: why"
@@ -73,8 +82,6 @@ def support_table_markdown() -> str:
 
 def key_style(keys: list[str]) -> dict[str, Any]:
     """How a file names its keys: prefix, weight names, ComfyUI's own module names, update kinds."""
-    from .keys import split_key
-
     names = {split_key(k)[0] for k in keys}
     parts = Counter(split_key(k)[1] for k in keys)
     prefixes = sorted({next((p for p in ("diffusion_model.", "transformer.", "lora_unet_", "lycoris_",
@@ -141,14 +148,14 @@ def _training_facts(meta: dict[str, str]) -> dict[str, Any]:
             "hash": first("sshs_model_hash")}
 
 
-def inspect_file(path: str | Path, model: str | None = None) -> dict[str, Any]:
-    """Everything `zturbo inspect` shows for one file, as plain data (the CLI prints it or dumps JSON)."""
-    from .keys import LoraWeights, diffusers_alphas, parse_state_dict, read_safetensors
-
+def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
+    """Everything `zturbo inspect` shows for one file, as plain data (the CLI prints it or dumps JSON),
+    and the updates it holds (for a fit check)."""
     path = Path(path)
     tensors, meta = read_safetensors(path)
     if not tensors:
         raise LoraError(f"{path} holds no tensors; it is not a LoRA")
+    require_finite(tensors, str(path))  # as sample and merge would refuse it: say so here, naming the tensor
     loras = parse_state_dict(tensors, diffusers_alphas(meta, tensors), source=str(path))
     pairs = [u for u in loras.values() if isinstance(u, LoraWeights)]
     style = key_style(list(tensors))
@@ -164,21 +171,7 @@ def inspect_file(path: str | Path, model: str | None = None) -> dict[str, Any]:
         "metadata": _training_facts(meta),
         "tools": SUPPORT.get(style["name"], {t: "not checked" for t in TOOLS}),
     }
-    if model is not None:
-        report["fit"] = fit_report(loras, model)
-    return report
-
-
-def fit_report(loras, model: str) -> dict[str, Any]:
-    """Whether the LoRA fits a model's transformer (headers only, nothing loaded) and what it would skip."""
-    from .keys import unplaced_keys, validate
-    from .loader import resolve_model_dir
-    from .merge import bias_modules_from_files, linear_shapes_from_files, transformer_files
-
-    files = transformer_files(resolve_model_dir(model))
-    unmatched, misfit = validate(loras, linear_shapes_from_files(files), bias_modules_from_files(files))
-    return {"model": model, "fits": not unmatched and not misfit, "skipped_keys": unplaced_keys(loras, unmatched),
-            "misfit": misfit}
+    return report, loras
 
 
 def render(report: dict[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """The header every LoRA we write carries: what LoRA managers, galleries and trainers read.
 
-One function, `build_metadata`, used by keys.write_lora_file for the final LoRA, every
+One function, `build_metadata`, used by formats.write_lora_file for the final LoRA, every
 checkpoint and `merge --to-lora`. Conventions, looked up rather than guessed:
 - `ss_*`: kohya's sd-scripts / musubi-tuner training keys (`ss_network_dim` ... `ss_tag_frequency`,
   a JSON `{dataset: {tag: count}}`); `ss_base_model_version` as ai-toolkit writes it for Z-Image.
@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+FORMAT_VERSION = "2"  # zturbo.format_version: 2 = musubi style name, diffusers alpha baked, ecosystem keys
 BASE_MODEL_VERSION = "zimage"  # ss_base_model_version, as ai-toolkit writes it for Z-Image (Turbo)
 ARCHITECTURE = "Z-Image/lora"  # modelspec.architecture, as musubi-tuner writes it
 IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
@@ -72,9 +73,7 @@ def _common(values: list[float]) -> float | None:
 
 def _network(loras, style: str) -> tuple[str | None, str | None]:
     """(ss_network_dim, ss_network_alpha) as written: the most common rank and alpha (alpha = rank once baked)."""
-    from .keys import LoraWeights
-
-    pairs = [u for u in loras.values() if isinstance(u, LoraWeights)]
+    pairs = [u for u in loras.values() if u.kind == "lora"]
     rank = _common([u.rank for u in pairs])
     alpha = _common([float(u.rank if style == "diffusers" or u.alpha is None else u.alpha) for u in pairs])
     return (None if rank is None else str(rank)), (None if alpha is None else f"{alpha:g}")
@@ -89,8 +88,7 @@ def build_metadata(loras, tensors: dict[str, torch.Tensor], style: str, facts: M
     with a dot or an `ss_` prefix are carried over from a source file (its own layout keys are
     recomputed). Unknown facts are left out rather than invented.
     """
-    from . import __version__
-    from .keys import FORMAT_VERSION
+    from .. import __version__
 
     header = {k: _text(v) for k, v in facts.items() if ("." in k or k.startswith("ss")) and k not in OWN_KEYS}
     header.update({f"zturbo.{k}": _text(v) for k, v in facts.items() if "." not in k and not k.startswith("ss")})
