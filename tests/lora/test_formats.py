@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 from lora.test_formats_network import _forward, random_lora  # noqa: E402 - the shared helpers
 from zturbo_train.cli import app
 from zturbo_train.commands.merge import merge_into_model, merge_to_lora
-from zturbo_train.commands.sample import LoraSpec, SampleSettings, sample
+from zturbo_train.commands.sample import SampleSettings, sample
 from zturbo_train.errors import LoraError
 from zturbo_train.lora import deltas
 from zturbo_train.lora import formats as keys
 from zturbo_train.lora.deltas import DeltaWeights
+from zturbo_train.lora.files import LoraSpec
 from zturbo_train.lora.formats import LoraWeights, read_lora_file, write_lora_file
 from zturbo_train.lora.network import load_lora, merge_into_weights
 
