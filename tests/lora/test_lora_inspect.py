@@ -90,6 +90,9 @@ def test_cli_text_and_json(files):
 
 
 def test_bad_files_are_one_line_errors(tmp_path, files):
+    """Mutation checked: with require_finite's call removed from describe_file, the NaN file is described."""
+    nan = tmp_path / "nan.safetensors"
+    save_file({"diffusion_model.layers.0.feed_forward.w1.diff": torch.full((170, 64), float("nan"))}, str(nan))
     pickle = tmp_path / "pickle.safetensors"
     pickle.write_bytes(b"\x80\x04\x95 not safetensors")
     truncated = tmp_path / "cut.safetensors"
@@ -101,7 +104,8 @@ def test_bad_files_are_one_line_errors(tmp_path, files):
     for path, message in ((pickle, "is not a safetensors file (it looks like a pickle)"),
                           (truncated, "is not a safetensors file (it is truncated"),
                           (foreign, "is not a LoRA weight"), (empty, "holds no tensors; it is not a LoRA"),
-                          (tmp_path / "none.safetensors", "does not exist")):
+                          (tmp_path / "none.safetensors", "does not exist"),
+                          (nan, "tensor diffusion_model.layers.0.feed_forward.w1.diff holds 10880 NaN/inf values")):
         with pytest.raises(LoraError, match=re.escape(message)):
             inspect_file(path)
         result = runner.invoke(app, ["inspect", str(path)])
