@@ -350,6 +350,19 @@ def bench(
         console.print(f"wrote {out}", highlight=False)
 
 
+@app.command(epilog="Examples:\n\n  zturbo report output/quickstart\n\n"
+             "  zturbo report output/zimage-turbo-lora --no-plots")
+@fails_cleanly
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (train.output_dir), finished, stopped or still training."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Redraw loss.png and the preview timelines first."),
+) -> None:
+    """Write RUN_DIR/report.html: settings, loss plot, previews (prompts x steps), files, next commands."""
+    from .monitor.report import report_run
+
+    typer.echo(f"wrote {report_run(run_dir, plots=plots)}")
+
+
 def run() -> None:  # pragma: no cover - `python -m zturbo_train`
     app(prog_name="zturbo")
 

@@ -66,7 +66,8 @@ class TensorBoard:
 
 
 class WandB:
-    """One W&B run per run folder: its id is kept in <run>/wandb.json and reused on --resume."""
+    """One W&B run per run folder. Its id and the last step sent are kept in <run>/wandb.json: a resumed run
+    logs into the same W&B run and skips the steps W&B already has (a resume recomputes them bit for bit)."""
 
     name = "wandb"
 
@@ -77,27 +78,37 @@ class WandB:
         if mode not in _NO_LOGIN_MODES and not wandb.login(prompt=False, verify=False):
             raise RuntimeError("no W&B login found; run `wandb login` (or set WANDB_API_KEY), "
                                "or set WANDB_MODE=offline and `wandb sync` later")
-        id_file = root / WANDB_FILE
-        run_id = _stored_id(id_file) if resume else None
-        if run_id is None:
-            run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]; this one is ours, kept in wandb.json
-            write_json(id_file, {"id": run_id, "project": log.project})
+        self.file = root / WANDB_FILE
+        stored = _read(self.file) if resume else {}
+        if not isinstance(stored.get("id"), str):
+            stored = {"id": secrets.token_hex(4), "step": -1}  # W&B ids are [a-z0-9]
+        self.state = {"id": stored["id"], "project": log.project, "step": int(stored.get("step", -1))}
+        self.floor = self.state["step"]  # what W&B has from the sessions before this one
+        write_json(self.file, self.state)
         self.wandb = wandb
-        self.run = wandb.init(project=log.project, entity=log.entity, name=log.run_name or name, id=run_id,
+        self.run = wandb.init(project=log.project, entity=log.entity, name=log.run_name or name, id=stored["id"],
                               resume="allow", config=config, dir=None if os.environ.get("WANDB_DIR") else str(root))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
+        self._log(step, values)
 
     def images(self, step: int, images: list[tuple[str, Path, str]]) -> None:
-        self.run.log({tag: self.wandb.Image(str(path), caption=caption) for tag, path, caption in images}, step=step)
+        self._log(step, {tag: self.wandb.Image(str(path), caption=caption) for tag, path, caption in images})
+
+    def _log(self, step: int, values: dict[str, Any]) -> None:
+        if step > self.floor:
+            self.run.log(values, step=step)
+            if step > self.state["step"]:
+                self.state["step"] = step
+                write_json(self.file, self.state)
 
     def close(self) -> None:
         self.run.finish()
 
 
-def _stored_id(path: Path) -> str | None:
+def _read(path: Path) -> dict[str, Any]:
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

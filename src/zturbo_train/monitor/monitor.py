@@ -117,19 +117,19 @@ class Monitor:
                     self._warn(name, exc, f"logging to {name} is off for this run")
 
     def _send(self) -> None:
-        """New metric rows, then the preview steps not sent yet, to every logger."""
-        rows = [(row["step"], values) for row in self.tail.new_rows() if (values := scalars(row))]
+        """New metric rows and the preview steps not sent yet, to every logger, in step order."""
+        events = [(row["step"], "scalars", values) for row in self.tail.new_rows() if (values := scalars(row))]
         found = [p for p in previews(self.root / "samples") if p.step > self.sent_previews]
-        prompts = self.cfg.sample.prompts
-        for logger in list(self.loggers):
-            for step, values in rows:
-                self._call(logger, logger.scalars, step, values)
-            for preview in found if self.cfg.log.images else ():
-                self._call(logger, logger.images, preview.step,
-                           [(f"preview/{n}", path, prompts[n] if n < len(prompts) else path.stem)
-                            for n, path in enumerate(preview.images)])
         if found:
             self.sent_previews = found[-1].step
+        if self.cfg.log.images:
+            prompts = self.cfg.sample.prompts
+            events += [(p.step, "images", [(f"preview/{n}", path, prompts[n] if n < len(prompts) else path.stem)
+                                           for n, path in enumerate(p.images)]) for p in found]
+        events.sort(key=lambda event: event[0])  # W&B takes steps in order only
+        for logger in list(self.loggers):
+            for step, kind, payload in events:
+                self._call(logger, getattr(logger, kind), step, payload)
 
     def _call(self, logger: Any, method, *args) -> None:
         """A logger that fails once is dropped, with one warning; the others go on."""

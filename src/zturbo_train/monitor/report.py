@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from ..errors import TrainingError
 from ..fileio import write_text
 from .commands import RUN_TOML, commands
 from .records import Preview, previews, read_metrics
@@ -53,6 +54,20 @@ def load_config(root: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
     return {}
+
+
+def report_run(root: Path, plots: bool = True) -> Path:
+    """`zturbo report`: redraw the plots (unless told not to) and write report.html of any run folder."""
+    from .plots import plot_loss, timelines
+
+    root = Path(root)
+    if not (root / "metrics.jsonl").is_file() and not (root / "config.json").is_file():
+        raise TrainingError(f"{root} is not a zturbo run folder (no metrics.jsonl or config.json); "
+                            f"pass the train.output_dir of a run")
+    if plots:
+        plot_loss(read_metrics(root / "metrics.jsonl"), root / "loss.png")
+        timelines(previews(root / "samples"), root / "samples")
+    return write_report(root, phase="unknown")
 
 
 def write_report(root: Path, status: str | None = None, phase: Phase = "ended") -> Path:
