@@ -332,7 +332,8 @@ def test_a_missing_extra_is_a_config_error(tmp_path, example_data, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg = make_config(tmp_path, example_data)
-    with pytest.raises(ConfigError, match=r'`log.wandb` = True: needs the wandb package.*pip install "zturbo-train\[wandb\]"'):
+    needs = r'`log.wandb` = True: needs the wandb package.*pip install "zturbo-train\[wandb\]"'
+    with pytest.raises(ConfigError, match=needs):
         load_config(cfg, ["log.wandb=true"])
     result = runner.invoke(app, ["train", str(cfg), "--set", "log.wandb=true"])
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
@@ -378,3 +379,16 @@ def test_report_command_on_a_folder_that_is_no_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "is not a zturbo run folder" in result.output
     assert not os.listdir(tmp_path)
+
+
+def test_a_new_run_in_the_folder_starts_new_logs_and_a_resume_keeps_them(tmp_path, example_data):
+    cfg = load_config(make_config(tmp_path, example_data))
+    root = tmp_path / "run"
+    for resume_step, kept in ((3, True), (None, False)):
+        (root / "tensorboard").mkdir(parents=True, exist_ok=True)
+        (root / "tensorboard" / "events.out.tfevents.old").write_bytes(b"")
+        (root / "wandb.json").write_text('{"id": "old"}')
+        with Monitor(cfg, root, resume_step):
+            pass
+        old_events = root / "tensorboard" / "events.out.tfevents.old"
+        assert (root / "wandb.json").exists() == kept and old_events.exists() == kept

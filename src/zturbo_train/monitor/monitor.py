@@ -17,6 +17,7 @@ logger or a drawing that fails is one warning and is then left off; the run goes
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -25,6 +26,16 @@ from typing import Any
 from ..fileio import write_text
 from .commands import RUN_TOML, to_toml
 from .records import MetricsTail, flat, previews, read_metrics, scalars
+
+
+def clear_outputs(root: Path) -> None:
+    """A new run in a folder (--overwrite) starts new logs: a new W&B run id, no old TensorBoard events."""
+    from .loggers import TENSORBOARD_DIR, WANDB_FILE
+    from .report import REPORT
+
+    shutil.rmtree(root / TENSORBOARD_DIR, ignore_errors=True)
+    for name in (WANDB_FILE, REPORT, "loss.png"):
+        (root / name).unlink(missing_ok=True)
 
 
 class MonitorWarning(UserWarning):
@@ -40,6 +51,8 @@ class Monitor:
         if not active:
             return
         self.config = cfg.model_dump(mode="json")
+        if resume_step is None:
+            clear_outputs(self.root)
         write_text(self.root / RUN_TOML, to_toml(self.config))
         metrics = self.root / "metrics.jsonl"
         self.tail = MetricsTail(metrics, metrics.stat().st_size if resume_step is not None and metrics.is_file() else 0)
