@@ -284,8 +284,9 @@ def test_report_links_only_existing_files_and_shows_every_preview_step(resumed):
     assert [h for h in page.headers if h.startswith("step ")] == ["step 0", "step 3", "step 6", "step 8"]
     assert page.images == 2 * 4  # prompts x steps thumbnails, embedded
     text = " ".join(page.text)
-    for expected in ("finished: 8 steps", "builtin:tiny-adapter (merge", "rank 4", "sks a red square",
-                     "t.safetensors", f"zturbo train {run_dir / 'run.toml'} --resume", "zturbo merge --model"):
+    assert f"zturbo train {run_dir / 'run.toml'} --resume</pre>" in first["report"]  # the command the fixture ran
+    for expected in ("finished: 8 steps", "builtin:tiny-adapter (merge", "rank 4", "sks a red square", "t.safetensors",
+                     f"zturbo train {run_dir / 'run.toml'} --resume --set train.steps=16", "zturbo merge --model"):
         assert expected in text, expected
     # `zturbo report` rewrites it from the folder alone
     (run_dir / "report.html").unlink()

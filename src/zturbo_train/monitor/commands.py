@@ -52,12 +52,14 @@ def newest_lora(root: Path, name: str) -> Path | None:
 
 
 def commands(root: Path, config: dict[str, Any]) -> dict[str, str]:
-    """What to run next: resume (or train longer), sample and merge with the newest LoRA."""
+    """What to run next: resume (a finished run: train on), sample and merge with the newest LoRA."""
     train, sample, model = config.get("train", {}), config.get("sample", {}), config.get("model", {})
-    out = {"resume": shlex.join(["zturbo", "train", str(root / RUN_TOML), "--resume"]),
-           "train longer": shlex.join(["zturbo", "train", str(root / RUN_TOML), "--resume", "--set",
-                                       f"train.steps={2 * int(train.get('steps', 0))}"])}
     lora = newest_lora(root, str(train.get("name", "lora")))
+    again = ["zturbo", "train", str(root / RUN_TOML), "--resume"]
+    finished = lora is not None and lora.parent == root  # the final LoRA is written by a finished run only
+    longer = f"train.steps={2 * int(train.get('steps', 0))}"
+    out = {"train on to twice the steps": shlex.join([*again, "--set", longer])} if finished \
+        else {"resume": shlex.join(again)}
     if lora is not None:
         prompt = (sample.get("prompts") or ["a photo"])[0]
         out["sample"] = shlex.join(

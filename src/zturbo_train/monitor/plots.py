@@ -30,7 +30,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10, 5.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     top.plot(*_series(rows, "loss"), color="#9db4d9", linewidth=0.8, label="loss")
@@ -55,7 +55,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
         twin.set_ylabel("turbo drift")
         _legend(bottom, twin)
     else:
-        bottom.legend(loc="upper right", fontsize="small")
+        _legend(bottom, None)
     bottom.set_xlabel("step")
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
@@ -63,8 +63,9 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _legend(axis, twin) -> None:
-    lines = axis.get_lines() + twin.get_lines()
-    axis.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
+    lines = axis.get_lines() + (twin.get_lines() if twin is not None else [])
+    axis.legend(lines, [line.get_label() for line in lines], loc="lower left", bbox_to_anchor=(0, 1), ncol=len(lines),
+                fontsize="small", frameon=False)  # above the axes, clear of the curves
 
 
 def timelines(steps: list[Preview], folder: Path) -> list[Path]:

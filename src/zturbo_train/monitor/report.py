@@ -25,7 +25,7 @@ from .commands import RUN_TOML, commands
 from .records import Preview, previews, read_metrics
 
 REPORT = "report.html"
-THUMB = 160  # px, longest side of an embedded preview
+THUMB = 192  # px, longest side of an embedded preview (shown at 144 px, sharp on high-density screens)
 Phase = Literal["running", "ended", "unknown"]
 
 CSS = """
@@ -37,10 +37,11 @@ h1{font-size:22px;margin:0 0 2px}h2{font-size:16px;margin:22px 0 8px;border-bott
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:10px 24px}
 table{border-collapse:collapse}td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}
 th{color:#5a6375;font-weight:600}.kv th{width:130px}
-.previews td{padding:3px}.previews img{display:block;max-width:160px;border-radius:3px}
+.previews td{padding:3px}.previews img{display:block;width:144px;height:auto;border-radius:3px}
 .previews .prompt{max-width:220px;font-size:13px}.muted{color:#6b7385}
-pre{background:#1d2330;color:#e8ecf3;padding:8px 10px;border-radius:4px;overflow-x:auto;margin:4px 0 10px}
-img.plot{max-width:100%;background:#fff;border:1px solid #d8dce3}
+pre{background:#1d2330;color:#e8ecf3;padding:8px 10px;border-radius:4px;white-space:pre-wrap;
+overflow-wrap:anywhere;margin:4px 0 10px}
+img.plot{width:100%;max-width:860px;background:#fff;border:1px solid #d8dce3}
 """
 
 
@@ -60,7 +61,7 @@ def report_run(root: Path, plots: bool = True) -> Path:
     """`zturbo report`: redraw the plots (unless told not to) and write report.html of any run folder."""
     from .plots import plot_loss, timelines
 
-    root = Path(root)
+    root = Path(root).resolve()  # the page's commands then work from any folder
     if not (root / "metrics.jsonl").is_file() and not (root / "config.json").is_file():
         raise TrainingError(f"{root} is not a zturbo run folder (no metrics.jsonl or config.json); "
                             f"pass the train.output_dir of a run")
@@ -179,15 +180,14 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
 
 
-def _data_uri(path: Path, size: int | None = None) -> str:
-    """The image (scaled to `size` when larger) as a data URI: PNG when small, JPEG for big thumbnails."""
+def _data_uri(path: Path, size: int) -> str:
+    """A thumbnail (longest side `size`, never enlarged) as a data URI: PNG when small, JPEG otherwise."""
     from PIL import Image
 
     with Image.open(path) as image:
         image = image.convert("RGB")
-    if size is not None:
-        image.thumbnail((size, size))
-    buffer, kind = io.BytesIO(), "png" if image.width * image.height <= 96 * 96 or size is None else "jpeg"
+    image.thumbnail((size, size))
+    buffer, kind = io.BytesIO(), "png" if image.width * image.height <= 96 * 96 else "jpeg"
     image.save(buffer, format=kind.upper(), **({"quality": 85} if kind == "jpeg" else {}))
     return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
