@@ -342,21 +342,28 @@ def test_a_missing_extra_is_a_config_error(tmp_path, example_data, monkeypatch):
 
 def test_hooks_return_at_once_while_the_plots_are_drawn(tmp_path, example_data, monkeypatch):
     """Drawing runs on the monitor's thread: a slow plot does not hold the training thread."""
-    from zturbo_train.monitor import plots
+    from zturbo_train.monitor import plots, report
 
     cfg = load_config(make_config(tmp_path, example_data))
     root = tmp_path / "run"
     root.mkdir()
     (root / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "loss_smooth": 0.5, "lr": 1e-3}) + "\n")
-    original = plots.plot_loss
+    original, pages = plots.plot_loss, []
     monkeypatch.setattr(plots, "plot_loss", lambda rows, path: (time.sleep(1.0), original(rows, path))[1])
+    write = report.write_report
+    monkeypatch.setattr(report, "write_report", lambda *a, **k: pages.append(write(*a, **k).read_text()))
     with Monitor(cfg, root) as monitor:
         started = time.perf_counter()
         monitor.on_metrics()
         monitor.on_save(1)
         monitor.on_preview(1)
         assert time.perf_counter() - started < 0.1
+        while not pages and time.perf_counter() - started < 60:  # the page of the run in progress
+            time.sleep(0.05)
     assert (root / "loss.png").is_file() and (root / "report.html").is_file()
+    # a run in progress, then the end of one that stopped early; `zturbo report` cannot tell which it is
+    assert "training: step 1 of 6" in pages[0] and "stopped at step 1 of 6" in pages[-1]
+    assert "not finished: step 1 of 6 (stopped, or still training)" in report.render(root, None, "unknown")
     off = tmp_path / "off"
     off.mkdir()
     with Monitor(cfg, off, active=False) as monitor:  # ranks other than 0

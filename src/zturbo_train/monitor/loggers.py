@@ -41,7 +41,8 @@ class TensorBoard:
         from torch.utils.tensorboard.summary import hparams as hparam_summaries
 
         purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(log_dir=str(root / TENSORBOARD_DIR), purge_step=purge)
+        # events reach the disk within seconds (TensorBoard's default is two minutes), and at close
+        self.writer = SummaryWriter(log_dir=str(root / TENSORBOARD_DIR), purge_step=purge, flush_secs=5)
         # each session records the config it ran with, at the step it started from
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", resume_step or 0)
         for summary in hparam_summaries(hparams, {}):
@@ -50,7 +51,6 @@ class TensorBoard:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
-        self.writer.flush()
 
     def images(self, step: int, images: list[tuple[str, Path, str]]) -> None:
         import numpy as np
@@ -59,7 +59,6 @@ class TensorBoard:
         for tag, path, _ in images:
             with Image.open(path) as image:
                 self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
-        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
