@@ -156,6 +156,12 @@ def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, w
     assert {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]} == \
         {"preview/0": [0, 3, 6], "preview/1": [0, 3, 6]}
     assert "config/text_summary" in acc.Tags()["tensors"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["train.lr"].number_value == 2e-3 and hparams["model.path"].string_value == "builtin:tiny"
+    assert json.loads(hparams["data"].string_value)[0]["trigger_word"] == "sks"
 
     ((run_id, history),) = wandb_runs(wandb_offline)
     assert json.loads((run_dir / "wandb.json").read_text()) == {"id": run_id, "project": "p", "step": 6}

@@ -23,8 +23,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..fileio import write_text
 from .commands import RUN_TOML, to_toml
+from .loggers import Logger
 from .records import MetricsTail, flat, previews, read_metrics, scalars
 
 
@@ -43,9 +45,13 @@ class MonitorWarning(UserWarning):
 
 
 class Monitor:
-    """Hooks for the loop; `active=False` (ranks other than 0) makes every hook a no-op."""
+    """Hooks for the loop; `active=False` (ranks other than 0) makes every hook a no-op.
 
-    def __init__(self, cfg: Any, root: Path, resume_step: int | None = None, active: bool = True):
+    `resume_step`: the step of the state a resumed run starts from (None: a new run), so the
+    loggers continue their runs without logging a step twice.
+    """
+
+    def __init__(self, cfg: Config, root: Path, resume_step: int | None = None, active: bool = True):
         self.cfg, self.root, self.resume_step = cfg, Path(root), resume_step
         self.thread: threading.Thread | None = None
         if not active:
@@ -57,7 +63,7 @@ class Monitor:
         metrics = self.root / "metrics.jsonl"
         self.tail = MetricsTail(metrics, metrics.stat().st_size if resume_step is not None and metrics.is_file() else 0)
         self.sent_previews = resume_step if resume_step is not None else -1  # previews up to here are logged
-        self.loggers: list[Any] = []
+        self.loggers: list[Logger] = []
         self.warned: set[str] = set()
         self.notes: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="zturbo-monitor", daemon=True)
@@ -144,7 +150,7 @@ class Monitor:
             for step, kind, payload in events:
                 self._call(logger, getattr(logger, kind), step, payload)
 
-    def _call(self, logger: Any, method, *args) -> None:
+    def _call(self, logger: Logger, method, *args) -> None:
         """A logger that fails once is dropped, with one warning; the others go on."""
         if logger not in self.loggers:
             return
