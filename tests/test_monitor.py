@@ -389,6 +389,12 @@ def test_metric_rows_are_read_whole_and_only_numbers_are_logged(tmp_path):
                     "name": "x", "val_loss": 0.5}) == {"loss": 1.0, "val_loss": 0.5}
 
 
+def test_report_help_shows_a_runnable_example():
+    assert "zturbo report output/quickstart" in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "zturbo report output/quickstart" in result.output
+
+
 def test_report_command_on_a_folder_that_is_no_run(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "is not a zturbo run folder" in result.output

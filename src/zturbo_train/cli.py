@@ -30,6 +30,7 @@ app = typer.Typer(
     "  zturbo train configs/quickstart.toml\n\n"
     "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors --prompt 'sks a red square' "
     "--width 64 --height 64\n\n"
+    "  zturbo report output/quickstart\n\n"
     "  zturbo check configs/quickstart.toml",
 )
 console = Console(stderr=True)
