@@ -73,7 +73,7 @@ class WandB:
     def __init__(self, root: Path, log: Any, name: str, config: dict[str, Any], resume: bool):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE", "").lower()
+        mode = wandb.setup().settings.mode  # WANDB_MODE, or what `wandb offline` wrote
         if mode not in _NO_LOGIN_MODES and not wandb.login(prompt=False, verify=False):
             raise RuntimeError("no W&B login found; run `wandb login` (or set WANDB_API_KEY), "
                                "or set WANDB_MODE=offline and `wandb sync` later")
