@@ -87,7 +87,7 @@ def render(root: Path, status: str | None, phase: Phase) -> str:
             f'report written {time.strftime("%Y-%m-%d %H:%M:%S")}</span></div>',
             '<div class="grid2">', _settings(config), _progress(config, rows, phase), "</div>",
             "<h2>Loss</h2>", _plot(root), "<h2>Previews</h2>", _previews(root, previews(root / "samples"), config),
-            "<h2>Files</h2>", _files(root), "<h2>Commands</h2>", _commands(root, config)]
+            "<h2>Files</h2>", _files(root, name), "<h2>Commands</h2>", _commands(root, config)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)} · zturbo report</title>'
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>\n'
             f'<body><main>\n' + "\n".join(body) + "\n</main></body></html>\n")
@@ -145,7 +145,8 @@ def _data_line(data: dict) -> str:
     count = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else None
     images = f"{count} images" if count is not None else "folder not found"
     trigger = f", trigger {data['trigger_word']!r}" if data.get("trigger_word") else ""
-    return (f"{folder} ({images}) at {data.get('resolution', '?')} px, repeats {data.get('repeats', 1)}"
+    sizes = ", ".join(str(side) for side in data.get("resolution", [])) or "?"
+    return (f"{folder} ({images}) at {sizes} px, repeats {data.get('repeats', 1)}"
             f"{', flipped too' if data.get('flip') else ''}{trigger}, caption dropout {data.get('caption_dropout', 0)}")
 
 
@@ -230,8 +231,7 @@ def _size(path: Path) -> str:
     return ""
 
 
-def _files(root: Path) -> str:
-    name = load_config(root).get("train", {}).get("name", "lora")
+def _files(root: Path, name: str) -> str:
     files = [root / f"{name}.safetensors", *sorted((root / "checkpoints").glob("*.safetensors")),
              *sorted(p / "state.safetensors" for p in (root / "state").glob("step-*")),
              root / "loss.png", root / "metrics.jsonl", root / RUN_TOML, root / "config.json"]
