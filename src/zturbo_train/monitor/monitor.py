@@ -106,6 +106,11 @@ class Monitor:
 
     def _work(self) -> None:
         self._open_loggers()
+        if self.cfg.log.report:  # imported now, while training runs, not when a run ends (and its process with it)
+            try:
+                import matplotlib.backends.backend_agg  # noqa: F401
+            except Exception as exc:  # noqa: BLE001 - a broken matplotlib costs the plots, never the run
+                self._warn("the plots and report", exc, "the run goes on")
         while True:
             kinds = dict([self.notes.get()])
             while not self.notes.empty():  # a backlog is handled in one pass
