@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """The builtin:tiny diffusers folder."""
-    from zturbo_train.tiny import tiny_model_dir
+    from zturbo_train.testing.tiny import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -58,7 +58,7 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter() -> Path:
     """The builtin:tiny-adapter safetensors file."""
-    from zturbo_train.tiny import tiny_adapter_file
+    from zturbo_train.testing.tiny import tiny_adapter_file
 
     return tiny_adapter_file()
 
@@ -66,7 +66,7 @@ def tiny_adapter() -> Path:
 @pytest.fixture(scope="session")
 def tiny_parts(tiny_dir):
     """All tiny parts in fp32, shared read-only across tests: never modify them in place."""
-    from zturbo_train.loader import load_parts
+    from zturbo_train.models import load_parts
 
     return load_parts("builtin:tiny", dtype="fp32")
 
@@ -74,7 +74,7 @@ def tiny_parts(tiny_dir):
 @pytest.fixture
 def tiny_transformer(tiny_dir):
     """A fresh fp32 tiny transformer a test may modify."""
-    from zturbo_train.loader import load_parts
+    from zturbo_train.models import load_parts
 
     return load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
 

@@ -118,6 +118,39 @@ def test_several_data_tables(tmp_path):
         load_config(write(tmp_path, text), ["data.1.repeats=0"])
 
 
+def test_set_picks_one_of_several_data_tables_and_refuses_an_ambiguous_one(tmp_path):
+    """`data.dir` with two [[data]] tables used to set both; now it names the index syntax instead."""
+    text = '[model]\npath = "builtin:tiny"\n[[data]]\ndir = "a"\n[[data]]\ndir = "b"\n'
+    with pytest.raises(ConfigError, match=r"--set 'data.dir=/x' is ambiguous: the config has 2 \[\[data\]\] "
+                                          r"tables; pick one by index, e.g. --set data.0.dir=\.\.\."):
+        load_config(write(tmp_path, text), ["data.dir=/x"])
+    cfg = load_config(write(tmp_path, text), ["data[1].dir=/x", "data.0.repeats=2"])
+    assert [d.dir for d in cfg.data] == [tmp_path / "a", Path("/x")] and [d.repeats for d in cfg.data] == [2, 1]
+    with pytest.raises(ConfigError, match=r"has 2 \[\[data\]\] tables \(indexes 0 to 1\)"):
+        load_config(write(tmp_path, text), ["data.2.dir=/x"])
+    one = load_config(write(tmp_path, MINIMAL), ["data.dir=/x", "data.0.repeats=4"])  # one table: both forms work
+    assert one.data[0].dir == Path("/x") and one.data[0].repeats == 4
+
+
+def test_set_below_a_value_is_one_clear_error(tmp_path):
+    """`--set train.lr.x=1` used to crash with an AttributeError traceback."""
+    config = write(tmp_path, MINIMAL + "[train]\nlr = 1e-4\n")
+    with pytest.raises(ConfigError, match=r"`train.lr` is a value, not a table; set it directly, e.g. --set train.lr="):
+        load_config(config, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match=r"`model.path` is a value, not a table"):
+        load_config(config, ["model.path.deeper=1"])
+
+
+def test_a_folder_given_as_config_names_its_toml_files(tmp_path):
+    (tmp_path / "b.toml").write_text(MINIMAL)
+    (tmp_path / "a.toml").write_text(MINIMAL)
+    with pytest.raises(ConfigError, match=r".* is a folder, not a file; pass one of its .toml files: a.toml, b.toml"):
+        load_config(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"is a folder, not a file; it holds no .toml files"):
+        load_config(tmp_path / "empty")
+
+
 def test_model_dump_round_trips():
     cfg = validate_config({"data": {"dir": "/tmp/x"}})
     again = Config.model_validate(cfg.model_dump(mode="json"))

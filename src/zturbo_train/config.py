@@ -85,7 +85,8 @@ class ModelConfig(_Section):
     adapter: str = Field("v2", description="Training adapter: v1, v2, none, builtin:tiny-adapter, a .safetensors file, or owner/repo/file.safetensors.")
     adapter_mode: Literal["merge", "live"] = Field("merge", description="merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, works on quantized bases).")
     adapter_weight: float = Field(1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training.")
-    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the frozen base weights.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Dtype of the frozen base weights. Training takes bf16 or fp32 (fp16 has no gradient scaler).")
     quantize: Literal["auto", "none", "fp8", "nf4", "int8"] = Field("auto", description="Storage of the block linears: none (dtype), fp8 (stored float8, cast per layer for compute), nf4 or int8 (bitsandbytes); modulation, norms, embedders and the final layer stay in dtype. auto: from train.memory.")
     offload: Literal["auto", "none", "blocks"] = Field("auto", description="blocks: keep the transformer blocks in pinned host memory and stream each to the GPU ahead of use (small cards; needs full checkpointing, no compile). auto: from train.memory.")
 
@@ -262,6 +263,11 @@ class Config(_Section):
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML config, apply `section.key=value` overrides, validate, resolve paths."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.toml"))
+        hint = (f"pass one of its .toml files: {', '.join(found)}" if found
+                else "it holds no .toml files; pass the path of a .toml file such as configs/quickstart.toml")
+        raise ConfigError(f"config {path} is a folder, not a file; {hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the path of a .toml file such as configs/quickstart.toml")
     try:
@@ -292,29 +298,59 @@ PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_pat
 def apply_override(raw: dict[str, Any], item: str, base_dir: Path | None = None) -> None:
     """Apply one `--set section.key=value` to the raw TOML dict; the value is parsed as TOML.
 
+    Of several [[data]] tables one is picked by index: `data.0.dir=...` (`data[0].dir` also works,
+    as error messages print it); a bare `data.dir` is refused when there are several, not applied to all.
     With `base_dir`, a relative path value (data.dir, train.output_dir, model.path, model.adapter)
     resolves against it, as paths typed on a command line do, not against the config's folder.
     """
     key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
+    parts = _INDEX.sub(r".\1", key.strip()).split(".")
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {item!r} is not of the form section.key=value, e.g. --set train.lr=2e-4")
     value = parse_value(text.strip())
-    targets = raw.setdefault(parts[0], {})
-    rest = parts[1:]
-    if isinstance(targets, list) and rest[0].isdigit():
-        index = int(rest.pop(0))
-        if index >= len(targets):
-            raise ConfigError(f"--set {item!r}: there are only {len(targets)} [[{parts[0]}]] tables")
-        targets = [targets[index]]
+    node, rest = _override_table(raw, parts, item)
     resolve = PATH_KEYS.get((parts[0], rest[-1])) if len(rest) == 1 else None
     if resolve is not None and base_dir is not None and isinstance(value, str) and value:
         value = str(resolve(value, base_dir))
-    for table in targets if isinstance(targets, list) else [targets]:
-        node = table
-        for part in rest[:-1]:
-            node = node.setdefault(part, {})
-        node[rest[-1]] = value
+    for depth, part in enumerate(rest[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(_not_a_table(item, [parts[0], *rest[:depth + 1]]))
+    node[rest[-1]] = value
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _override_table(raw: dict[str, Any], parts: list[str], item: str) -> tuple[dict[str, Any], list[str]]:
+    """The table `--set` writes into, and the key path left below it; [[data]] tables are picked by index."""
+    section, rest = parts[0], parts[1:]
+    table = raw.setdefault(section, {})
+    if isinstance(table, dict) and rest[0].isdigit():
+        table = [table]  # one [data] table: data.0.dir names it too
+    if isinstance(table, list):
+        if rest[0].isdigit():
+            index = int(rest.pop(0))
+            if index >= len(table):
+                count = f"{len(table)} [[{section}]] table" + ("s" if len(table) > 1 else "")
+                raise ConfigError(f"--set {item!r}: the config has {count} (indexes 0 to {len(table) - 1})")
+            if not rest:
+                raise ConfigError(f"--set {item!r} names a whole table; set one key, e.g. {section}.{index}.dir=...")
+            return table[index], rest
+        if len(table) > 1:
+            raise ConfigError(f"--set {item!r} is ambiguous: the config has {len(table)} [[{section}]] tables; "
+                              f"pick one by index, e.g. --set {section}.0.{'.'.join(rest)}=...")
+        if len(table) == 1:
+            return table[0], rest
+        table = raw[section] = {}
+    if not isinstance(table, dict):
+        raise ConfigError(_not_a_table(item, [section]))
+    return table, rest
+
+
+def _not_a_table(item: str, path: list[str]) -> str:
+    name = ".".join(path)
+    return f"--set {item!r}: `{name}` is a value, not a table; set it directly, e.g. --set {name}=..."
 
 
 def parse_value(text: str) -> Any:

@@ -21,8 +21,16 @@ class ModelError(ZTurboError):
     """A model folder, part or repo is missing or is not Z-Image."""
 
 
+class ModelNotDownloadedError(ModelError):
+    """A Hub model `zturbo download` has not fetched yet (a dry run can still plan from its known shapes)."""
+
+
 class AdapterError(ZTurboError):
     """The training adapter is missing, malformed or for another model."""
+
+
+class AdapterNotDownloadedError(AdapterError):
+    """A Hub training adapter `zturbo download` has not fetched yet."""
 
 
 class LoraError(ZTurboError):
@@ -39,3 +47,7 @@ class TrainingError(ZTurboError):
 
 class DownloadError(ZTurboError):
     """A download failed: network, authorisation, disk space or a bad folder."""
+
+
+class OutputError(ZTurboError):
+    """An output location cannot be written (read-only, no permission, or under a file)."""

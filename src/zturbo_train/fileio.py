@@ -7,6 +7,7 @@ Every file the project writes (LoRAs, state, caches, configs, images) goes throu
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import tempfile
@@ -21,6 +22,37 @@ class DiskFullError(ZTurboError):
     """No space left while writing; the previous file is untouched."""
 
 
+@functools.cache
+def umask() -> int:
+    """The process umask, read once: Linux shows it in /proc; elsewhere one set-and-restore at first use
+    (os.umask has no read-only form and is process-wide, so it is swapped once, not per file)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path) -> Path:
+    """Give a mkstemp/mkdtemp path (owner-only) the mode open()/mkdir() would have given it under the umask,
+    so files and folders we rename into place are readable by whoever the user's umask lets read them."""
+    try:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask())
+    except PermissionError:  # file systems without Unix modes (FAT, some network mounts): keep what they give
+        pass
+    return path
+
+
+def temp_dir(prefix: str, parent: Path) -> Path:
+    """A new temp folder in `parent` (created if needed) with the umask's mode, for building an output to rename."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return as_created(Path(tempfile.mkdtemp(prefix=prefix, dir=parent)))
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` atomically, on error it is removed."""
@@ -33,6 +65,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        as_created(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -60,6 +60,11 @@ class Fit:
     def upscaled_much(self) -> bool:
         return self.scale > SMALL_UPSCALE
 
+    @property
+    def cropped(self) -> float:
+        """The share of the picture the centre crop cuts off (0 when it fits the bucket's shape)."""
+        return 1.0 - (self.bucket[0] * self.bucket[1]) / (self.resized[0] * self.resized[1])
+
 
 def fit(width: int, height: int, bucket: Bucket) -> Fit:
     """Resize so the image covers the bucket (one side exact), then centre-crop the other side."""

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import DataError, ModelError
 from ..fileio import save_safetensors
-from ..tiny import cache_root
+from ..testing.tiny import cache_root
 from .buckets import Bucket, resize_crop
 from .dataset import load_rgb
 from .progress import progress
@@ -114,14 +114,14 @@ class Encoders:
                              f"download the model again") from None
 
     def load_vae(self):
-        from ..loader import load_parts
+        from ..models import load_parts
 
         self.loads.append("vae")
         return load_parts(self.model_dir, ["vae"], dtype=self.vae_dtype, device=str(self.device)).vae
 
     def load_text(self):
         """(tokenizer, text_encoder)."""
-        from ..loader import load_parts
+        from ..models import load_parts
 
         self.loads.append("text_encoder")
         parts = load_parts(self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype,

@@ -3,9 +3,11 @@
 A scan checks every file before anything is encoded, so a bad file is reported up front
 with the whole list of problems, never half way through caching or training. Problems
 have three levels: `error` (the run cannot start: a caption we cannot read or do not
-have), `skip` (the image is left out: corrupt, not an image, too small) and `warn` (the
-image is used, but the user should know). A dataset's `strict = true` makes skips and
-warnings errors.
+have), `skip` (the image is left out: corrupt, not an image, too small), `warn` (the
+image is used, but the user should know) and `note` (information, such as a run folder
+inside the dataset that is not read). A dataset's `strict = true` makes skips and
+warnings errors. When a scan stops the run, its one report lists every problem found,
+errors first, so nothing has to be fixed one rerun at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from .progress import progress
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIN_SIDE = 64
 TRIGGER = "[trigger]"
-Level = Literal["error", "skip", "warn"]
+Level = Literal["error", "skip", "warn", "note"]
+# What every zturbo run folder holds beside config.json (checkpoint.RunFolder): such a folder
+# inside data.dir is a run's output (previews, LoRAs), never training data.
+RUN_FOLDER_MARKERS = ("metrics.jsonl", "state")
 _MAX_LISTED = 20
 _SCAN_THREADS = min(8, os.cpu_count() or 1)
 
@@ -69,63 +74,124 @@ class Scan:
         return [p for p in self.problems if p.level in levels]
 
     def raise_errors(self) -> None:
-        """Raise one DataError that lists every error, so all of them can be fixed in one go."""
+        """Raise one DataError that lists every error, then every skipped file and warning, so all of
+        them can be fixed in one go."""
         errors = self.at("error")
         if errors:
-            raise DataError(problem_report(errors))
+            raise DataError(problem_report(errors) + also_found(self.at("skip", "warn")))
 
 
 def problem_report(errors: Sequence[Problem]) -> str:
-    lines = [p.line() for p in errors[:_MAX_LISTED]]
-    if len(errors) > _MAX_LISTED:
-        lines.append(f"... and {len(errors) - _MAX_LISTED} more")
     noun, them = ("problem", "it") if len(errors) == 1 else ("problems", "them")
-    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix {them} and run again:\n  "
-            + "\n  ".join(lines))
+    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix {them} and run again:"
+            + _listed(errors))
+
+
+def also_found(problems: Sequence[Problem]) -> str:
+    """The skipped files and warnings that go with an error report ('' when there are none)."""
+    if not problems:
+        return ""
+    return f"\nalso found ({len(problems)}; not errors: skipped files are left out, warnings are worth a look):" + \
+        _listed(problems, labelled=True)
+
+
+def _listed(problems: Sequence[Problem], labelled: bool = False) -> str:
+    labels = {"skip": "skipped: ", "warn": "warning: ", "note": "note: ", "error": "error: "}
+    lines = [(labels[p.level] if labelled else "") + p.line() for p in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"... and {len(problems) - _MAX_LISTED} more (`zturbo data inspect` lists all)")
+    return "\n  " + "\n  ".join(lines)
 
 
 # ------------------------------------------------------------------------------ scanning
 
 
-def scan_datasets(datasets: Sequence[DataConfig], console=None) -> Scan:
-    """Scan every dataset (progress on `console`); raises DataError only for a missing or empty folder."""
+def scan_datasets(datasets: Sequence[DataConfig], console=None, exclude: Sequence[Path] = ()) -> Scan:
+    """Scan every dataset (progress on `console`); raises DataError only for a missing or empty folder, or
+    one with no usable image (listing every problem of every dataset). `exclude`: folders never read
+    (the run's own output folder)."""
     scan = Scan()
+    empty: list[tuple[DataConfig, int]] = []
     for index, cfg in enumerate(datasets):
         scan.roots.append(cfg.dir)
-        _scan_one(cfg, index, scan, console)
+        before, count = len(scan.items), _scan_one(cfg, index, scan, console, exclude)
+        if len(scan.items) == before:
+            empty.append((cfg, count))
+    if empty and not scan.at("error"):
+        cfg, count = empty[0]
+        last = [p for p in scan.at("skip") if p.path.is_relative_to(cfg.dir)][-1]
+        raise DataError(f"no usable image in `data.dir` {cfg.dir}: all {count} were skipped "
+                        f"({last.reason}, ...); fix or replace them and run again:"
+                        + _listed(scan.at("skip", "warn"), labelled=True))
     return scan
 
 
-def _scan_one(cfg: DataConfig, index: int, scan: Scan, console) -> None:
-    files = list_images(cfg.dir)
-    before = len(scan.items)
-    with progress(console, f"checking {cfg.dir.name}", len(files), transient=True) as advance, \
+def _scan_one(cfg: DataConfig, index: int, scan: Scan, console, exclude: Sequence[Path]) -> int:
+    """Scan one [[data]] table into `scan`; returns how many images it has."""
+    found = walk_dataset(cfg.dir, cfg.caption_ext, exclude)
+    with progress(console, f"checking {cfg.dir.name}", len(found.images), transient=True) as advance, \
             ThreadPoolExecutor(max_workers=_SCAN_THREADS) as pool:  # decoding releases the GIL
-        for item, problems in pool.map(lambda path: scan_image(path, cfg, index), files):
+        for item, problems in pool.map(lambda path: scan_image(path, cfg, index), found.images):
             advance(1)
-            if cfg.strict:
-                problems = [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
-                            if p.level != "error" else p for p in problems]
+            problems = _strict(problems) if cfg.strict else problems
             scan.problems.extend(problems)
             if item is not None and not any(p.level in ("error", "skip") for p in problems):
                 scan.items.append(item)
-    if len(scan.items) == before and not any(p.level == "error" for p in scan.problems):
-        raise DataError(f"no usable image in `data.dir` {cfg.dir}: all {len(files)} were skipped "
-                        f"({scan.problems[-1].reason}, ...); fix or replace them and run again")
+    orphans = [Problem(path, "warn", "caption file with no image of the same name beside it, not used; add its "
+                                     "image or delete it", "orphan_caption") for path in found.orphans]
+    scan.problems += _strict(orphans) if cfg.strict else orphans
+    scan.problems += [Problem(run, "note", "is a zturbo run folder inside data.dir: its files (previews, LoRAs) "
+                                           "are never read as training data", "run_folder") for run in found.runs]
+    return len(found.images)
 
 
-def list_images(root: Path) -> list[Path]:
-    """Image files under `root`, recursively, in a stable order; hidden folders are ignored."""
+def _strict(problems: Sequence[Problem]) -> list[Problem]:
+    return [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
+            if p.level in ("skip", "warn") else p for p in problems]
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """What a dataset folder holds: images, caption files without an image, run folders left out."""
+
+    images: list[Path]
+    orphans: list[Path]
+    runs: list[Path]
+
+
+def list_images(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order; hidden folders and run folders are ignored."""
+    return walk_dataset(root, "txt", exclude).images
+
+
+def walk_dataset(root: Path, caption_ext: str = "txt", exclude: Sequence[Path] = ()) -> DatasetFiles:
+    """Walk `root` once (symlinked folders not followed, as rglob): images, orphan captions, run folders."""
     if not root.exists():
         raise DataError(f"`data.dir` {root} does not exist; set it to a folder of images with .txt captions")
     if not root.is_dir():
         raise DataError(f"`data.dir` {root} is a file, not a folder; set it to the folder that holds the images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
-    if not files:
+    skip = {Path(p).resolve() for p in exclude}
+    images, captions, runs = [], [], []
+    for folder, subfolders, names in os.walk(root):
+        here = Path(folder)
+        visible = [d for d in subfolders if not d.startswith(".")]
+        found = [d for d in visible if _is_run(here / d, skip)]
+        runs += [here / d for d in found]
+        subfolders[:] = [d for d in visible if d not in found]
+        images += [here / n for n in names if Path(n).suffix.lower() in IMAGE_EXTS and (here / n).is_file()]
+        captions += [here / n for n in names if n.endswith("." + caption_ext) and not n.startswith(".")]
+    if not images:
         raise DataError(f"`data.dir` {root} holds no images ({', '.join(IMAGE_EXTS)}); "
                         f"put your training images there, each with a same-name .txt caption")
-    return files
+    used = {caption_path(image, caption_ext) for image in images}
+    return DatasetFiles(sorted(images), sorted(set(captions) - used), sorted(runs))
+
+
+def _is_run(folder: Path, exclude: set[Path]) -> bool:
+    """The configured output folder, or any folder a zturbo run wrote (config.json plus metrics or state)."""
+    if folder.resolve() in exclude:
+        return True
+    return (folder / "config.json").is_file() and any((folder / m).exists() for m in RUN_FOLDER_MARKERS)
 
 
 def scan_image(path: Path, cfg: DataConfig, index: int) -> tuple[ImageItem | None, list[Problem]]:

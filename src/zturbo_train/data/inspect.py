@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from ..config import DataConfig, apply_override, load_config, validate_config
 from ..errors import ConfigError
+from .batches import Sample
 from .dataset import Scan, scan_datasets
-from .loader import Sample
 from .prepare import plan_samples
 
 _CAPTION_WIDTH = 60
@@ -74,9 +74,10 @@ class Inspection:
         }
 
 
-def inspect_datasets(datasets: Sequence[DataConfig], console=None) -> Inspection:
-    """Scan (progress on `console`) and plan; raises DataError only for a missing or empty folder."""
-    scan = scan_datasets(datasets, console)
+def inspect_datasets(datasets: Sequence[DataConfig], console=None, exclude: Sequence[Path] = ()) -> Inspection:
+    """Scan (progress on `console`) and plan; raises DataError only for a missing or empty folder.
+    `exclude`: folders never read (the run's output folder)."""
+    scan = scan_datasets(datasets, console, exclude)
     samples, problems = plan_samples(scan, datasets)
     scan.problems += problems
     return Inspection(list(datasets), scan, samples)
@@ -113,7 +114,7 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
         for name in ("file", "level", "why"):
             problems.add_column(name, overflow="fold")
         for p in inspection.scan.problems:
-            style = {"error": "red", "skip": "magenta", "warn": "yellow"}[p.level]
+            style = {"error": "red", "skip": "magenta", "warn": "yellow", "note": "cyan"}[p.level]
             problems.add_row(_rel(p.path, inspection), f"[{style}]{p.level}[/]", _escape(p.reason))
         console.print(problems)
     counts = inspection.counts()

@@ -11,15 +11,27 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
-from .buckets import closest_bucket, fit
-from .cache import (CacheStats, Encoders, LatentJob, default_cache_dir, entry_path, fill_latents, fill_texts,
-                    latent_key, text_key)
-from .dataset import Problem, Scan, scan_datasets
-from .loader import Sample, TrainDataset
+from .batches import Sample, TrainDataset
+from .buckets import Fit, closest_bucket, fit
+from .cache import (
+    CacheStats,
+    Encoders,
+    LatentJob,
+    default_cache_dir,
+    entry_path,
+    fill_latents,
+    fill_texts,
+    latent_key,
+    text_key,
+)
+from .dataset import ImageItem, Problem, Scan, scan_datasets
+
+MAX_CROPPED = 0.5  # an image losing more than this share of its area to the bucket's crop gets a warning
 
 
 def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sample], list[Problem]]:
-    """Every (image, resolution, flip) view with its bucket; warns where an image is upscaled a lot."""
+    """Every (image, resolution, flip) view with its bucket; warns where an image is upscaled a lot or
+    loses more than half of itself to the crop."""
     samples: list[Sample] = []
     problems: list[Problem] = []
     for index, item in enumerate(scan.items):
@@ -30,8 +42,19 @@ def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sampl
             if plan.upscaled_much:
                 problems.append(_small_image(item.path, item.width, item.height, plan.scale, bucket, resolution,
                                              cfg.strict))
+            if plan.cropped > MAX_CROPPED:
+                problems.append(_cropped(item, plan, resolution, cfg.strict))
             samples += [Sample(index, resolution, bucket, flip) for flip in ((False, True) if cfg.flip else (False,))]
     return samples, problems
+
+
+def _cropped(item: ImageItem, plan: Fit, resolution: int, strict: bool) -> Problem:
+    bucket = f"{plan.bucket[0]}x{plan.bucket[1]}"
+    reason = (f"is {item.width}x{item.height} px, centre-cropped to the {bucket} bucket of resolution {resolution}, "
+              f"which cuts off {plan.cropped:.0%} of the picture; crop it yourself to what matters")
+    if strict:
+        return Problem(item.path, "error", reason + " (an error because data.strict = true)", "cropped")
+    return Problem(item.path, "warn", reason, "cropped")
 
 
 def _small_image(path: Path, width: int, height: int, scale: float, bucket: tuple[int, int], resolution: int,
@@ -43,18 +66,27 @@ def _small_image(path: Path, width: int, height: int, scale: float, bucket: tupl
     return Problem(path, "warn", reason, "upscaled")
 
 
-def scan_and_plan(datasets: Sequence[DataConfig], console=None) -> tuple[Scan, list[Sample]]:
-    """Scan and bucket every dataset, all problems collected; raises DataError listing every error."""
-    scan = scan_datasets(datasets, console)
+def scan_and_plan(datasets: Sequence[DataConfig], console=None,
+                  exclude: Sequence[Path] = ()) -> tuple[Scan, list[Sample]]:
+    """Scan and bucket every dataset, all problems collected; raises DataError listing every problem.
+    `exclude`: folders never read (the run's output folder)."""
+    scan = scan_datasets(datasets, console, exclude)
     samples, problems = plan_samples(scan, datasets)
     scan.problems += problems
     scan.raise_errors()
     return scan, samples
 
 
+def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
+    """Every image and caption of cfg.data checked, all problems reported at once (a DataError if any stops the run)."""
+    scan, samples = scan_and_plan(cfg.data, console, exclude=[cfg.train.output_dir])
+    report_problems(scan.problems, console)
+    return scan, samples
+
+
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
-    from ..loader import resolve_model_dir
+    from ..models import resolve_model_dir
 
     return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
 
@@ -67,7 +99,8 @@ def sample_prompts(cfg: Config) -> list[str]:
 def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | None = None,
                     cache_dir: Path | None = None, extra_prompts: Sequence[str] | None = None, console=None,
                     vae_batch_size: int = 4, text_batch_size: int = 8, share: tuple[int, int] = (0, 1),
-                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1)) -> TrainDataset:
+                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1),
+                    scanned: tuple[Scan, list[Sample]] | None = None) -> TrainDataset:
     """Scan cfg.data, fill the latent and caption caches (only what is missing), and return the dataset.
 
     `encoders` says where the VAE / text encoder come from (default: cfg.model.path, VAE
@@ -79,9 +112,9 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     when n processes fill the cache together. `wait` is then called (a barrier across them)
     before the rest is checked, and anything still missing is encoded here. `rank` = (r, world)
     makes the dataset that of rank r in data-parallel training (`TrainDataset.for_rank`).
+    `scanned` is `scan_dataset`'s result when the caller checked the data already.
     """
-    scan, samples = scan_and_plan(cfg.data, console)
-    report_problems(scan.problems, console)
+    scan, samples = scanned or scan_dataset(cfg, console)
     encoders = encoders or default_encoders(cfg, device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     latent_root, text_root = root / "latents" / encoders.vae_id, root / "text" / encoders.text_id
@@ -140,7 +173,7 @@ def report_problems(problems: Sequence[Problem], console) -> None:
     if console is None:
         return
     for problem in problems:
-        style = "yellow" if problem.level == "warn" else "red"
+        style = {"warn": "yellow", "note": "cyan"}.get(problem.level, "red")
         label = "skipped" if problem.level == "skip" else problem.level
         from rich.markup import escape  # file names and captions are not markup
 

@@ -10,13 +10,15 @@ from typing import Callable, Iterator
 def progress(console, description: str, total: int, transient: bool = False) -> Iterator[Callable[[int], None]]:
     """A rich progress bar with count, rate and ETA on `console`; silent when console is None.
 
-    `transient` bars vanish when done (and print nothing where the console is not a terminal).
+    `transient` bars vanish when done. Where the console is not a terminal they are not drawn
+    at all: rich would still end them with an empty line (a stray blank line in logs).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=console is None, transient=transient) as bar:
+    hidden = console is None or (transient and not console.is_terminal)
+    with Progress(*columns, console=console, disable=hidden, transient=transient) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

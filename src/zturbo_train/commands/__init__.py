@@ -1,0 +1,1 @@
+"""Commands that orchestrate the library: sample, merge, bench."""

@@ -1,0 +1,411 @@
+"""`zturbo merge`: LoRAs folded into the base model, merged into one LoRA, or converted.
+
+Into the base: the transformer is rewritten shard by shard (safe_open one source shard,
+add `strength * scale * up @ down` to each adapted weight in fp32, cast, write the shard
+atomically), so memory holds one shard, never the model twice. The other parts are hard
+links (copies where links are impossible). Everything is written into a temp folder
+beside the output and renamed into place, so a crash leaves no half model.
+
+Into one LoRA (`--to-lora`): ranks are concatenated and each LoRA's strength and
+alpha/rank scale folded into its `up` rows, so the sum of the updates is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..config import TURBO_REPO
+from ..errors import AdapterError, ConfigError, LoraError, ModelError
+from ..fileio import temp_dir
+from ..lora.formats import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
+from .sample import LoadedLora, LoraSpec, read_loras
+
+Log = Callable[[str], None]
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+PROVENANCE_NAME = "zturbo_merge.json"
+# Header keys that describe a file's own style; a converted file gets its own.
+_STYLE_KEYS = {"format", "zturbo.style", "zturbo.format_version", "modelspec.architecture", "lora_adapter_metadata"}
+
+
+def _quiet(message: str) -> None:
+    """Default log: say nothing (the CLI passes its console)."""
+
+
+# ------------------------------------------------------------------ reading the base without loading it
+
+
+def transformer_files(model_dir: Path) -> list[Path]:
+    """The transformer's safetensors shards (from the index) or its single file."""
+    folder = model_dir / "transformer"
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise ModelError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; the download is incomplete, "
+                     "run `zturbo download` again")
+
+
+def header_entries(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, dtype)} from safetensors headers alone: no tensor is read."""
+    entries = {}
+    for path in files:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for key, value in header.items():
+            if key != "__metadata__":
+                entries[key] = (tuple(value["shape"]), value["dtype"])
+    return entries
+
+
+def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]]:
+    """(out, in) of every 2-D `.weight`, by module path: the same table keys.linear_shapes gives a loaded model."""
+    return {key.removesuffix(".weight"): (shape[0], shape[1]) for key, (shape, _) in header_entries(files).items()
+            if key.endswith(".weight") and len(shape) == 2}
+
+
+# ------------------------------------------------------------------ output paths
+
+
+def check_output(out: Path, overwrite: bool, sources: Sequence[Path] = (), kind: str = "folder") -> None:
+    """Refuse an output that is the wrong kind, overlaps an input, or exists without `--overwrite`.
+
+    `--overwrite` replaces only what merge wrote before (a folder with zturbo_merge.json, a LoRA whose
+    header has zturbo.merged_from); a run, a dataset, a model or any other file is refused with the reason."""
+    out_real = out.expanduser().resolve()
+    for source in sources:
+        source_real = source.expanduser().resolve()
+        if out_real == source_real or source_real in out_real.parents or out_real in source_real.parents \
+                or (out.is_file() and source.is_file() and os.path.samefile(out, source)):
+            suffix = "-merged.safetensors" if kind == "file" else "-merged"
+            suggestion = source_real.parent / (source_real.stem + suffix)
+            raise ConfigError(f"output {out} overlaps the input {source}; write to a new path such as {suggestion}")
+    if kind == "folder" and out.is_file():
+        raise ConfigError(f"--out {out} is an existing file; a merged model is a folder, pass a new folder path")
+    if kind == "file" and out.is_dir():
+        raise ConfigError(f"--to-lora {out} is an existing folder; pass a .safetensors file path")
+    if kind == "file" and out.suffix != ".safetensors":
+        raise ConfigError(f"--to-lora {out} must end in .safetensors; LoRAs are written only as safetensors")
+    if not out.exists():
+        return
+    foreign = _foreign_folder(out) if kind == "folder" else _foreign_file(out)
+    if foreign:
+        raise ConfigError(f"{out} {foreign}; merge replaces only its own earlier output, with or without "
+                          f"--overwrite: choose a new path")
+    if not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it (an earlier merge output), "
+                          f"or choose another path")
+
+
+def _run_holding(path: Path) -> Path | None:
+    """The training run folder `path` is or lies in (its own folder, checkpoints/ or state/step-N/), if any."""
+    from ..train.state import RunFolder
+
+    for folder in [path, *path.parents][:4]:
+        if RunFolder(folder).holds_run():
+            return folder
+    return None
+
+
+def _foreign_folder(out: Path) -> str | None:
+    """Why an existing --out folder is not merge's to replace, or None when it is (merge output or empty)."""
+    from ..train.state import RunFolder
+    from .data.dataset import IMAGE_EXTS
+
+    if RunFolder(out).holds_run():
+        return "holds a training run (its config, state, LoRAs and previews)"
+    names = sorted(p.name for p in out.iterdir())
+    if PROVENANCE_NAME in names or not names:
+        return None
+    run = _run_holding(out.parent)
+    if run is not None:
+        return f"lies inside the training run {run}"
+    images = [n for n in names if Path(n).suffix.lower() in IMAGE_EXTS]
+    if images:
+        return f"holds images ({len(images)}, e.g. {images[0]}): a dataset, not a merge output"
+    if "model_index.json" in names:
+        return f"is a model folder without {PROVENANCE_NAME} (a download or a copy), not a merge output"
+    return f"holds files merge did not write ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def _foreign_file(out: Path) -> str | None:
+    """Why an existing --to-lora file is not merge's to replace, or None when merge wrote it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out), framework="pt") as handle:
+            if "zturbo.merged_from" in (handle.metadata() or {}):
+                return None
+    except (SafetensorError, OSError, ValueError):
+        pass
+    run = _run_holding(out.parent)
+    if run is not None:
+        return f"is a file of the training run {run}"
+    return "was not written by `zturbo merge` (its header has no zturbo.merged_from)"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a file (no extra disk space); copy where links are impossible (other file system)."""
+    real = Path(os.path.realpath(source))
+    try:
+        os.link(real, target)
+    except OSError:
+        shutil.copy2(real, target)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for item in sorted(source.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            _link_or_copy(item, target / item.name)
+
+
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """Move the finished temp folder into place; an old output is removed only after the new one is there."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ into the base model
+
+
+def _merge_plan(loras: Sequence[LoadedLora], adapter: LoraDict | None, adapter_weight: float,
+                shapes: dict[str, tuple[int, int]], log: Log) -> dict[str, list[tuple[LoraWeights, float]]]:
+    """module -> [(LoRA, weight)] for every update that lands in this model.
+
+    The adapter must fit whole (a partial adapter means another model); a LoRA that
+    matches only in part is merged where it matches, with a warning.
+    """
+    plan: dict[str, list[tuple[LoraWeights, float]]] = {}
+    if adapter is not None:
+        try:
+            require_fit(adapter, shapes, "the training adapter")
+        except LoraError as exc:
+            raise AdapterError(f"{exc}; pass the Z-Image Turbo training adapter (v1, v2 or its file)") from None
+        for module, lora in adapter.items():
+            plan.setdefault(module, []).append((lora, adapter_weight))
+    for item in loras:
+        unmatched = require_fit(item.weights, shapes, str(item.spec.path), partial_ok=True)
+        if unmatched:
+            log(f"warning: {item.spec.path.name}: {len(unmatched)} of {len(item.weights)} modules are not in this "
+                f"model and were skipped (e.g. {', '.join(unmatched[:3])})")
+        for module, lora in item.weights.items():
+            if module not in unmatched:
+                plan.setdefault(module, []).append((lora, item.spec.strength))
+    return plan
+
+
+def _merge_shard(source: Path, target: Path, plan: dict[str, list[tuple[LoraWeights, float]]],
+                 dtype: torch.dtype, keep_fp32: Sequence[str]) -> int:
+    """Write one output shard: updated weights in fp32, then cast. Returns its byte size for the index."""
+    from safetensors import safe_open
+
+    from ..fileio import save_safetensors
+
+    tensors = {}
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            updates = plan.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+            if updates:
+                tensor = tensor.float()
+                for lora, strength in updates:
+                    tensor += lora.delta(torch.float32) * strength
+            if tensor.is_floating_point() and not any(part in key for part in keep_fp32):
+                tensor = tensor.to(dtype)
+            tensors[key] = tensor
+    save_safetensors(target, tensors, {**metadata, "format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_transformer(model_dir: Path, out_dir: Path, plan: dict[str, list[tuple[LoraWeights, float]]],
+                       dtype: torch.dtype, log: Log) -> None:
+    """The transformer folder, shard by shard, with the same layout (and index) as the source."""
+    from diffusers import ZImageTransformer2DModel
+
+    source_dir, target_dir = model_dir / "transformer", out_dir / "transformer"
+    target_dir.mkdir(parents=True)
+    for item in source_dir.iterdir():
+        if item.suffix == ".json" and item.name != INDEX_NAME:
+            _link_or_copy(item, target_dir / item.name)
+    keep_fp32 = list(getattr(ZImageTransformer2DModel, "_keep_in_fp32_modules", None) or [])
+    files = transformer_files(model_dir)
+    total = 0
+    for number, source in enumerate(files, 1):
+        total += _merge_shard(source, target_dir / source.name, plan, dtype, keep_fp32)
+        log(f"merged shard {number}/{len(files)}: {source.name}")
+    index = source_dir / INDEX_NAME
+    if index.is_file():
+        from ..fileio import write_json
+
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        write_json(target_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_REPO, adapter: str | None = None,
+                     adapter_weight: float = 1.0, dtype: str = "bf16", overwrite: bool = False,
+                     log: Log = _quiet) -> Path:
+    """Write a diffusers Z-Image folder whose transformer is base + adapter + sum of strength * LoRA."""
+    from ..lora.adapter import read_adapter, resolve_adapter
+    from ..models import resolve_model_dir, torch_dtype
+
+    if not specs and adapter is None:
+        raise ConfigError("nothing to merge; pass --lora PATH[:STRENGTH] (repeatable) and/or --adapter REF")
+    model_dir = resolve_model_dir(model)
+    adapter_path = resolve_adapter(adapter) if adapter is not None else None
+    check_output(out, overwrite, [model_dir, *(s.path for s in specs), *([adapter_path] if adapter_path else [])])
+    loras = read_loras(specs)
+    adapter_weights = read_adapter(adapter_path) if adapter_path is not None else None
+    shapes = linear_shapes_from_files(transformer_files(model_dir))
+    plan = _merge_plan(loras, adapter_weights, adapter_weight, shapes, log)
+    tmp = temp_dir(f".{out.name}.tmp-", out.parent)
+    try:
+        for item in sorted(model_dir.iterdir()):
+            if item.name.startswith(".") or item.name == "transformer":
+                continue
+            (_copy_tree if item.is_dir() else _link_or_copy)(item, tmp / item.name)
+        _write_transformer(model_dir, tmp, plan, torch_dtype(dtype), log)
+        _write_provenance(tmp, model, loras, adapter_path, adapter_weight, dtype)
+        _publish_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out} ({len(plan)} layers updated); use it with `zturbo sample --model {out}`")
+    return out
+
+
+def _write_provenance(out_dir: Path, model: str, loras: Sequence[LoadedLora], adapter: Path | None,
+                      adapter_weight: float, dtype: str) -> None:
+    """What went into the folder, so it describes itself."""
+    from .. import __version__
+    from ..fileio import write_json
+    from .sample import file_sha256
+
+    write_json(out_dir / PROVENANCE_NAME, {
+        "base_model": model, "dtype": dtype, "loras": [l.describe() for l in loras],
+        "adapter": None if adapter is None else {"path": str(adapter), "weight": adapter_weight,
+                                                  "sha256": file_sha256(adapter)},
+        "tool": f"zturbo-train {__version__}",
+    })
+
+
+# ------------------------------------------------------------------ into one LoRA
+
+
+def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bool]:
+    """Sum of strength * LoRA as one LoRA, exactly: ranks concatenated, scales folded into `up`.
+
+    A module only one LoRA touches keeps its tensors and alpha (its strength, when not 1,
+    folded into `up`). Returns (LoRA, whether any tensor was rescaled).
+    """
+    by_module: dict[str, list[tuple[LoraWeights, float]]] = {}
+    for weights, strength in items:
+        for module, lora in weights.items():
+            by_module.setdefault(module, []).append((lora, strength))
+    out: LoraDict = {}
+    rescaled = False
+    for module, parts in by_module.items():
+        _check_pair_shapes(module, parts)
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            out[module] = parts[0][0]
+        elif len(parts) == 1:
+            lora, strength = parts[0]
+            out[module] = LoraWeights(lora.down, lora.up.float() * strength, lora.alpha)
+            rescaled = True
+        else:
+            down = torch.cat([lora.down.float() for lora, _ in parts])
+            up = torch.cat([lora.up.float() * (strength * lora.scale) for lora, strength in parts], dim=1)
+            out[module] = LoraWeights(down, up, None)  # alpha = rank: scale 1, everything is in `up`
+            rescaled = True
+    return out, rescaled
+
+
+def _check_pair_shapes(module: str, parts: Sequence[tuple[LoraWeights, float]]) -> None:
+    shapes = {(lora.up.shape[0], lora.down.shape[1]) for lora, _ in parts}
+    if len(shapes) > 1:
+        raise LoraError(f"the LoRAs disagree on the shape of {module} ({sorted(shapes)}); they were made for "
+                        "different models and cannot be merged")
+
+
+def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", dtype: str | None = None,
+                  model: str | None = None, model_required: bool = True, overwrite: bool = False,
+                  log: Log = _quiet) -> Path:
+    """One LoRA file equal to applying all `specs` at their strengths (or one LoRA in another style).
+
+    With `model`, the result is checked against that model's transformer; when the model is
+    only the default and is not downloaded (`model_required` False), the check is skipped.
+    """
+    if not specs:
+        raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH]")
+    if style not in STYLES:
+        raise ConfigError(f"--format {style!r} is not one of {', '.join(STYLES)}")
+    check_output(out, overwrite, [s.path for s in specs], kind="file")
+    loras = read_loras(specs)
+    combined, rescaled = combine_loras([(item.weights, item.spec.strength) for item in loras])
+    if model is not None:
+        combined = _keep_fitting(combined, model, model_required, log)
+    torch_type = _lora_dtype(dtype, rescaled)
+    metadata = _merged_metadata(loras)
+    write_lora_file(out, combined, style=style, metadata=metadata, dtype=torch_type)
+    log(f"wrote {out} ({style} style, {len(combined)} modules, {'ranks ' + _ranks(combined)})")
+    return out
+
+
+def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log) -> LoraDict:
+    """Check the result against a model's transformer (headers only); modules it lacks are dropped, with a warning."""
+    from ..models import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+    except ModelError:
+        if required:
+            raise
+        log(f"note: {model} is not downloaded, so the LoRA was not checked against it (pass --model to check)")
+        return loras
+    shapes = linear_shapes_from_files(transformer_files(model_dir))
+    unmatched = require_fit(loras, shapes, "the merged LoRA", partial_ok=True)
+    if unmatched:
+        log(f"warning: {len(unmatched)} of {len(loras)} modules are not in {model} and were left out "
+            f"(e.g. {', '.join(unmatched[:3])})")
+    return {m: l for m, l in loras.items() if m not in unmatched}
+
+
+def _lora_dtype(dtype: str | None, rescaled: bool) -> torch.dtype | None:
+    """Explicit --dtype wins; otherwise rescaled tensors stay fp32 (exact) and untouched ones keep their dtype."""
+    from ..models import torch_dtype
+
+    if dtype is not None:
+        return torch_dtype(dtype)
+    return torch.float32 if rescaled else None
+
+
+def _merged_metadata(loras: Sequence[LoadedLora]) -> dict[str, object]:
+    """One source: its own metadata carries over (trigger word, base model...). Several: the list of sources."""
+    meta: dict[str, object] = {}
+    if len(loras) == 1:
+        meta.update({k: v for k, v in loras[0].metadata.items() if k not in _STYLE_KEYS})
+    meta["zturbo.merged_from"] = [item.describe() for item in loras]
+    return meta
+
+
+def _ranks(loras: LoraDict) -> str:
+    ranks = sorted({lora.rank for lora in loras.values()})
+    return ", ".join(map(str, ranks))

@@ -1,0 +1,1 @@
+"""Hugging Face Hub: downloads (public huggingface_hub API), bf16 conversion."""

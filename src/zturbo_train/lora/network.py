@@ -1,0 +1,182 @@
+"""LoRA on the Z-Image transformer through forward hooks.
+
+Why our own module and not peft: peft wraps each linear and renames its weight
+(`to_q.weight` -> `to_q.base_layer.weight`), which breaks the base names that merging,
+quantization and checkpoints rely on. A hook adds `scale * up(down(x))` to a linear's
+output and leaves the model untouched, so several LoRAs (the live training adapter, the
+trained LoRA, LoRAs loaded for sampling) stack, switch and scale independently, and
+detaching one restores the exact base model. The LoRA weights are fp32 over a bf16 (or
+quantized) base; under autocast the matmuls run in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LoraError
+from .formats import LoraDict, LoraWeights, linear_shapes, require_fit
+
+# config target name -> module path inside a transformer block
+TARGET_PATHS = {
+    "to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
+    "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
+    "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0",
+}
+
+
+def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Iterable[str]) -> list[str]:
+    """Module paths for the chosen block stacks and leaf names (modules a block lacks are skipped,
+    e.g. adaLN in the context refiner, which has no modulation)."""
+    shapes = linear_shapes(transformer)
+    names = []
+    for block in blocks:
+        stack = getattr(transformer, block, None)
+        if stack is None:
+            raise LoraError(f"the transformer has no {block!r} blocks")
+        for index in range(len(stack)):
+            names += [f"{block}.{index}.{TARGET_PATHS[t]}" for t in targets
+                      if f"{block}.{index}.{TARGET_PATHS[t]}" in shapes]
+    if not names:
+        raise LoraError(f"no linear layers match blocks {list(blocks)} and targets {list(targets)}")
+    return names
+
+
+class LoraLayer(nn.Module):
+    """The low-rank branch of one linear: scale * up(down(dropout(x)))."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Parameter(down)
+        self.up = nn.Parameter(up)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.down.dtype)
+        out = F.linear(F.linear(self.dropout(x), self.down), self.up)
+        return out * self.scale if self.scale != 1.0 else out  # alpha = rank: no multiply kernel (exact)
+
+
+class LoraNetwork(nn.Module):
+    """A set of LoRA layers attached to a transformer by forward hooks.
+
+    `multiplier` scales the whole network (strength); `enabled` switches it off without
+    detaching (used for the live adapter and before/after comparisons).
+    """
+
+    def __init__(self, layers: dict[str, LoraLayer], alphas: dict[str, float | None], multiplier: float = 1.0):
+        super().__init__()
+        self.names = list(layers)
+        self.layers = nn.ModuleList(layers.values())
+        self.alphas = alphas
+        self.multiplier = multiplier
+        self.enabled = True
+        self._handles: list = []
+
+    # -- attaching
+    def attach(self, transformer: nn.Module) -> "LoraNetwork":
+        """Hook every layer onto its linear; the model's own weights stay as they are."""
+        if self._handles:
+            raise LoraError("this LoRA is already attached; detach it first")
+        modules = dict(transformer.named_modules())
+        for name, layer in zip(self.names, self.layers):
+            self._handles.append(modules[name].register_forward_hook(self._hook(layer)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _hook(self, layer: LoraLayer):
+        def add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not self.enabled or self.multiplier == 0.0:
+                return output
+            delta = layer(args[0])
+            if self.multiplier != 1.0:
+                delta = delta * self.multiplier
+            return output + delta.to(output.dtype)
+
+        return add_branch
+
+    # -- weights
+    def to_lora_dict(self) -> LoraDict:
+        """The trained weights in the converter's internal form (detached fp32 copies on CPU)."""
+        return {
+            name: LoraWeights(down=layer.down.detach().float().cpu().clone(),
+                              up=layer.up.detach().float().cpu().clone(), alpha=self.alphas[name])
+            for name, layer in zip(self.names, self.layers)
+        }
+
+    def load_lora_dict(self, loras: LoraDict) -> None:
+        """Copy weights in place (resume), keeping the parameters the optimizer holds."""
+        if set(loras) != set(self.names):
+            raise LoraError("the saved LoRA targets other modules than this run; resume with the same [lora] settings")
+        for name, layer in zip(self.names, self.layers):
+            saved = loras[name]
+            if saved.down.shape != layer.down.shape or saved.up.shape != layer.up.shape:
+                raise LoraError(f"the saved LoRA has rank {saved.down.shape[0]} at {name} (shapes "
+                                f"{tuple(saved.down.shape)}, {tuple(saved.up.shape)}), this run lora.rank = "
+                                f"{layer.down.shape[0]} (shapes {tuple(layer.down.shape)}, {tuple(layer.up.shape)}); "
+                                f"resume with the same [lora] settings and model")
+        with torch.no_grad():
+            for name, layer in zip(self.names, self.layers):
+                layer.down.copy_(loras[name].down)
+                layer.up.copy_(loras[name].up)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def create_lora(transformer: nn.Module, rank: int, alpha: float, blocks: Iterable[str], targets: Iterable[str],
+                dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoraNetwork:
+    """A new trainable LoRA: down Kaiming-uniform (as peft), up zero, so step 0 equals the base model."""
+    shapes = linear_shapes(transformer)
+    device = next(transformer.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    layers, alphas = {}, {}
+    for name in target_modules(transformer, blocks, targets):
+        out_features, in_features = shapes[name]
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear and peft
+        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        up = torch.zeros(out_features, rank)
+        layers[name] = LoraLayer(down.to(device, dtype), up.to(device, dtype), alpha / rank, dropout)
+        alphas[name] = float(alpha)
+    return LoraNetwork(layers, alphas).attach(transformer)
+
+
+def load_lora(transformer: nn.Module, loras: LoraDict, multiplier: float = 1.0, what: str = "the LoRA",
+              partial_ok: bool = True, trainable: bool = False) -> LoraNetwork:
+    """Attach a saved LoRA (frozen unless `trainable`) at a strength; refuses a LoRA of another model."""
+    unmatched = require_fit(loras, linear_shapes(transformer), what, partial_ok=partial_ok)
+    device = next(transformer.parameters()).device
+    layers, alphas = {}, {}
+    for name, lora in loras.items():
+        if name in unmatched:
+            continue
+        layers[name] = LoraLayer(lora.down.float().to(device), lora.up.float().to(device), lora.scale)
+        alphas[name] = lora.alpha
+    network = LoraNetwork(layers, alphas, multiplier)
+    network.requires_grad_(trainable)
+    network.unmatched = unmatched
+    return network.attach(transformer)
+
+
+@torch.no_grad()
+def merge_into_weights(transformer: nn.Module, loras: LoraDict, weight: float = 1.0) -> None:
+    """W <- W + weight * scale * up @ down, computed in fp32 and cast back to the weight's dtype."""
+    modules = dict(transformer.named_modules())
+    for name, lora in loras.items():
+        linear = modules[name]
+        update = lora.delta(torch.float32).to(linear.weight.device) * weight
+        linear.weight.copy_((linear.weight.float() + update).to(linear.weight.dtype))

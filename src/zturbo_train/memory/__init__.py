@@ -1,0 +1,1 @@
+"""Memory and speed: estimate, presets, levers, attention kernels, quantization, offload."""

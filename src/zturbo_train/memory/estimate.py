@@ -1,0 +1,265 @@
+"""Peak GPU memory of a training step, estimated from parameter counts before anything loads.
+
+Why an estimate: `zturbo train --dry-run` and `memory = "auto"` must say whether a run fits
+a card before 12 GB of weights are read. The model is linear in what drives memory:
+
+    peak = weights (dtype, quantization, offload) + LoRA state (rank, optimizer)
+         + activations (tokens x batch x blocks that need a backward, checkpointing)
+         + one transient weight copy (fp8 upcast, nf4/int8 dequantize)
+
+Activation constants are fitted to the reference table in ZIMAGE_NOTES.md (plain diffusers
++ peft step on an H200, random weights of the real shapes, rank 32 on all 34 blocks,
+batch 1, caption 128 tokens): 1024 px checkpointed 15.0 GiB, uncheckpointed 50.5 GiB,
+512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB. tests/test_levers.py holds
+the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
+estimate is for the eager step and so errs high.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+GIB = 2**30
+# Block stacks of the Z-Image transformer, in the order forward runs them.
+BLOCK_STACKS = ("noise_refiner", "context_refiner", "layers")
+# The big linears of a block: what fp8 / nf4 / int8 store compactly (modulation, norms,
+# embedders and the final layer stay in the model dtype: they are small and sensitive).
+QUANT_LEAVES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+SEQ_MULTIPLE = 32  # Z-Image pads image and caption sequences to multiples of 32
+# Fitted constants (see the module docstring). Units: model-dtype vectors of length `dim`
+# per token. A block whose activations autograd keeps holds ~39 of them per token; a
+# checkpointed block keeps its input (1); the loss, the final layer and the gradient
+# flowing back add ~6.5 per token of the main sequence.
+BLOCK_VECTORS = 38.95
+EXTRA_VECTORS = 6.5
+CONSTANT_GIB = 0.02
+# Bytes per weight when stored compactly (nf4: 4 bits + double-quantised absmax per 64).
+STORAGE_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}  # per fp32 LoRA parameter
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts of a Z-Image transformer, grouped the way memory depends on them."""
+
+    dim: int
+    total_params: int
+    stack_sizes: dict[str, int]  # blocks per stack
+    block_params: dict[str, int]  # parameters of one block of each stack
+    quant_params: dict[str, int]  # parameters of one block's QUANT_LEAVES
+    largest_linear: int  # parameters of the largest block linear (one transient copy)
+    linears: dict[str, dict[str, tuple[int, int]]]  # stack -> leaf path -> (out, in)
+
+    @classmethod
+    def of(cls, transformer: Any) -> "ModelShape":
+        """Count a transformer's parameters (works on the meta device: nothing is allocated)."""
+        sizes, block_params, quant_params, linears, largest = {}, {}, {}, {}, 0
+        for stack in BLOCK_STACKS:
+            blocks = getattr(transformer, stack, None) or []
+            sizes[stack] = len(blocks)
+            if not blocks:
+                block_params[stack] = quant_params[stack] = 0
+                linears[stack] = {}
+                continue
+            block = blocks[0]
+            block_params[stack] = sum(p.numel() for p in block.parameters())
+            leaves = {name: (m.out_features, m.in_features) for name, m in block.named_modules()
+                      if hasattr(m, "in_features") and hasattr(m, "out_features")}
+            linears[stack] = leaves
+            quant = [leaves[name] for name in QUANT_LEAVES if name in leaves]
+            quant_params[stack] = sum(o * i for o, i in quant)
+            largest = max([largest] + [o * i for o, i in quant])
+        total = sum(p.numel() for p in transformer.parameters())
+        return cls(int(transformer.config.dim), total, sizes, block_params, quant_params, largest, linears)
+
+    @property
+    def blocks_params(self) -> int:
+        return sum(self.stack_sizes[s] * self.block_params[s] for s in BLOCK_STACKS)
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(self.stack_sizes[s] * self.quant_params[s] for s in BLOCK_STACKS)
+
+    @property
+    def max_block_params(self) -> int:
+        return max(self.block_params.values())
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape:
+    """The shape of a ZImageTransformer2DModel config, counted on the meta device."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return ModelShape.of(model)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one training step processes."""
+
+    resolution: int
+    batch: int = 1
+    rank: int = 32
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
+    lora_blocks: tuple[str, ...] = ("layers",)
+    optimizer: str = "adamw"
+    caption_tokens: int = 128
+    dtype_bytes: int = 2  # the model dtype: bf16/fp16 2, fp32 4
+
+    def tokens(self) -> dict[str, int]:
+        """Sequence length each stack sees: image, caption, or both (each padded to 32)."""
+        image = _pad((self.resolution // 16) ** 2)
+        caption = _pad(self.caption_tokens)
+        return {"noise_refiner": image, "context_refiner": caption, "layers": image + caption}
+
+
+def _pad(n: int) -> int:
+    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated peak GPU memory of a training step, in GiB, by part."""
+
+    weights: float
+    lora: float
+    activations: float
+    transient: float
+    host: float  # pinned host memory the offloaded blocks need (not GPU)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora + self.activations + self.transient
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in {**asdict(self), "total": self.total}.items()}
+
+
+def spread(n: int, count: int) -> list[int]:
+    """`count` of `n` indices spread evenly (the blocks selective checkpointing recomputes)."""
+    count = max(0, min(n, count))
+    return sorted({math.floor(i * n / count) for i in range(count)}) if count else []
+
+
+def checkpointed_layers(n_layers: int, checkpointing: str, fraction: float) -> set[int]:
+    """Indices of `layers` blocks that are recomputed; refiners are always checkpointed when any is."""
+    if checkpointing == "full":
+        return set(range(n_layers))
+    if checkpointing == "selective":
+        return set(spread(n_layers, round(fraction * n_layers)))
+    return set()
+
+
+LEAF_PATHS = {"to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
+              "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
+              "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}  # lora target -> block leaf
+
+
+def lora_params(shape: ModelShape, work: Workload) -> int:
+    """Trainable LoRA parameters: rank x (in + out) per adapted linear."""
+    total = 0
+    for stack in work.lora_blocks:
+        leaves = shape.linears.get(stack, {})
+        per_block = sum(work.rank * (o + i) for t in work.targets if (p := LEAF_PATHS[t]) in leaves
+                        for o, i in [leaves[p]])
+        total += per_block * shape.stack_sizes.get(stack, 0)
+    return total
+
+
+def adapted_linears(shape: ModelShape, blocks: Iterable[str], targets: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each kind of linear a LoRA adapts, as `stack.*.leaf` (every block of a stack is alike)."""
+    return {f"{stack}.*.{LEAF_PATHS[t]}": shape.linears[stack][LEAF_PATHS[t]] for stack in blocks for t in targets
+            if LEAF_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)}
+
+
+def rank_warning(rank: int, linears: dict[str, tuple[int, int]]) -> str | None:
+    """Why a rank above a layer's width is wasted: up @ down has rank at most min(in, out), so the extra
+    rank adds parameters, memory and time but no capacity. None when the rank fits every layer.
+    `linears`: module name -> (out, in); block indices are folded (`layers.3.x` counts as `layers.*.x`)."""
+    kinds = {re.sub(r"\.\d+\.", ".*.", name): size for name, size in linears.items()}
+    narrow = {name: size for name, size in kinds.items() if rank > min(size)}
+    if not narrow:
+        return None
+    name = min(narrow, key=lambda n: min(narrow[n]))
+    width = min(narrow[name])
+    return (f"lora.rank {rank} is above the width of {len(narrow)} of the {len(kinds)} kinds of adapted layer "
+            f"(narrowest: {name}, {narrow[name][0]}x{narrow[name][1]}); a LoRA cannot use rank beyond min(in, out), "
+            f"so the extra rank adds parameters but no capacity; set lora.rank to {width} or less")
+
+
+def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, fraction: float) -> float:
+    """Bytes autograd keeps between forward and backward, plus one recomputed block."""
+    vector = shape.dim * work.dtype_bytes
+    tokens = work.tokens()
+    grad_stacks = ["layers"] + [s for s in ("noise_refiner", "context_refiner") if s in work.lora_blocks]
+    kept = recompute = 0.0
+    ckpt_layers = checkpointed_layers(shape.stack_sizes["layers"], checkpointing, fraction)
+    for stack in grad_stacks:
+        for index in range(shape.stack_sizes.get(stack, 0)):
+            checkpointed = index in ckpt_layers if stack == "layers" else checkpointing != "none"
+            if checkpointed:
+                kept += tokens[stack] * vector
+                recompute = max(recompute, tokens[stack] * BLOCK_VECTORS * vector)
+            else:
+                kept += tokens[stack] * BLOCK_VECTORS * vector
+    extra = tokens["layers"] * EXTRA_VECTORS * vector
+    return work.batch * (kept + recompute + extra) + CONSTANT_GIB * GIB
+
+
+def weight_bytes(shape: ModelShape, work: Workload, quantize: str, offload: str,
+                 prefetch: int = 2) -> tuple[float, float, float]:
+    """(GPU-resident weight bytes, transient bytes, pinned host bytes)."""
+    db = work.dtype_bytes
+    if offload == "blocks":
+        storage = STORAGE_BYTES["fp8"] if quantize == "fp8" else db
+        streamed_storage = shape.quantized_params * storage + (shape.blocks_params - shape.quantized_params) * db
+        in_flight = (prefetch + 2) * shape.max_block_params * db
+        return (shape.total_params - shape.blocks_params) * db + in_flight, 0.0, streamed_storage
+    if quantize == "none":
+        return shape.total_params * db, 0.0, 0.0
+    compact = shape.quantized_params * STORAGE_BYTES[quantize]
+    rest = (shape.total_params - shape.quantized_params) * db
+    return compact + rest, shape.largest_linear * db, 0.0
+
+
+def estimate(shape: ModelShape, work: Workload, *, checkpointing: str = "full", fraction: float = 1.0,
+             quantize: str = "none", offload: str = "none") -> Estimate:
+    """Estimated peak GPU memory of one training step with these levers."""
+    weights, transient, host = weight_bytes(shape, work, quantize, offload)
+    if quantize == "fp8" and offload == "none":
+        # diffusers' layerwise casting upcasts a layer per call; autograd keeps the bf16 copy
+        # of every block it does not recompute, so only checkpointed blocks save memory.
+        kept = shape.stack_sizes["layers"] - len(checkpointed_layers(shape.stack_sizes["layers"], checkpointing,
+                                                                     fraction))
+        transient += kept * shape.quant_params["layers"] * work.dtype_bytes
+    lora = lora_params(shape, work) * (8 + OPTIMIZER_STATE_BYTES[work.optimizer])
+    acts = activation_bytes(shape, work, checkpointing, fraction)
+    return Estimate(weights / GIB, lora / GIB, acts / GIB, transient / GIB, host / GIB)
+
+
+def fit_checkpointing(shape: ModelShape, work: Workload, budget_gib: float, **levers: str) -> float | None:
+    """The smallest share of `layers` blocks to checkpoint so the estimate fits `budget_gib`
+    (None when even full checkpointing does not fit)."""
+    n = shape.stack_sizes["layers"]
+    for count in range(n + 1):
+        fraction = count / n if n else 1.0
+        if estimate(shape, work, checkpointing="selective", fraction=fraction, **levers).total <= budget_gib:
+            return fraction
+    return None
+
+
+def reference_workloads() -> Iterable[tuple[str, Workload, dict[str, Any], float]]:
+    """The measured rows of ZIMAGE_NOTES.md (name, workload, levers, GiB) the constants are fitted to."""
+    every = ("layers", "noise_refiner", "context_refiner")
+    w1024 = Workload(1024, lora_blocks=every)
+    yield "1024 ckpt", w1024, {"checkpointing": "full"}, 15.0
+    yield "1024 none", w1024, {"checkpointing": "none"}, 50.5
+    yield "512 ckpt", Workload(512, lora_blocks=every), {"checkpointing": "full"}, 13.3
+    yield "1024 fp8", w1024, {"checkpointing": "full", "quantize": "fp8"}, 9.5
+    yield "1024 nf4", w1024, {"checkpointing": "full", "quantize": "nf4"}, 6.4

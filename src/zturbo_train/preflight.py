@@ -1,0 +1,214 @@
+"""What a command was given, checked before anything heavy is imported or loaded.
+
+A typo in a path, an output folder that cannot be written or a bad option is reported in
+about a second as one line, instead of after torch / diffusers import (seconds) or after
+the dataset is cached (minutes). Nothing here imports torch or diffusers at module level;
+tests/test_cli.py pins that the commands raise these errors with neither imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from .config import TURBO_REPO
+from .errors import ConfigError, DataError, LoraError, OutputError, TrainingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config
+
+SIZE_MULTIPLE = 16  # VAE factor 8 times patch 2
+
+
+# ------------------------------------------------------------------ output locations
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse an output location this process cannot write, before any work: one line naming the path.
+
+    The test is a real write (a temp file made and removed in the folder, or in the nearest
+    existing folder above it, where it would be created): permission bits, read-only mounts,
+    ACLs and root all answer as they will for the real files. Nothing is left behind.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file, not a folder"
+        raise OutputError(f"{what} {path} cannot be a folder: {where}; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".zturbo-write-test-", dir=existing)
+    except OSError as exc:
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise OutputError(f"{what} {path} is not writable{where}: {exc.strerror or exc}; choose a folder you can "
+                          f"write to, or fix its permissions") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+# ------------------------------------------------------------------ LoRA arguments
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora PATH[:STRENGTH]` argument."""
+
+    path: Path
+    strength: float = 1.0
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """`PATH[:STRENGTH]`; an existing file wins, so a path containing `:` still works."""
+    if Path(text).expanduser().is_file() or ":" not in text:
+        return LoraSpec(Path(text).expanduser(), 1.0)
+    path, _, strength = text.rpartition(":")
+    if not path or "/" in strength or "\\" in strength:
+        return LoraSpec(Path(text).expanduser(), 1.0)
+    try:
+        value = float(strength)
+    except ValueError:
+        raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a number; "
+                          f"write PATH:STRENGTH, e.g. {path}:0.8") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a finite number; use e.g. 0.8")
+    return LoraSpec(Path(path).expanduser(), value)
+
+
+def check_lora_files(specs: Sequence[LoraSpec]) -> None:
+    """Every --lora names an existing file (read and checked later, still before any model loads)."""
+    for spec in specs:
+        if not spec.path.is_file():
+            hint = "it is a folder; pass the .safetensors file inside" if spec.path.is_dir() else "check the path"
+            raise LoraError(f"LoRA file {spec.path} does not exist; {hint}")
+
+
+def check_dtype(name: str) -> None:
+    from .models import check_dtype as check
+
+    check(name)
+
+
+# ------------------------------------------------------------------ zturbo sample
+
+
+@dataclass
+class SampleSettings:
+    """Everything `zturbo sample` takes; see the CLI for each option's meaning."""
+
+    prompts: list[str]
+    loras: list[LoraSpec] = field(default_factory=list)
+    model: str = TURBO_REPO
+    steps: int = 8
+    guidance: float = 0.0
+    seed: int | None = None
+    count: int = 1
+    width: int = 1024
+    height: int = 1024
+    negative: str = ""
+    out_dir: Path = Path("samples")
+    compare: bool = False
+    low_mem: bool = False
+    device: str = "auto"
+    dtype: str = "bf16"
+    batch_size: int = 1
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and `#` comments skipped."""
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist; pass a UTF-8 text file with one prompt per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompts file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DataError(f"prompts file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def check_size(width: int, height: int) -> None:
+    """Z-Image needs sides that are multiples of 16 (VAE factor 8 times patch 2)."""
+    for name, side in (("width", width), ("height", height)):
+        if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE:
+            raise ConfigError(f"{name} {side} is not a multiple of {SIZE_MULTIPLE}; use e.g. "
+                              f"{max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
+
+
+def check_sample(s: SampleSettings) -> None:
+    """Refuse bad options, missing LoRA files and an unwritable --out before anything heavy loads."""
+    if not s.prompts or not all(p.strip() for p in s.prompts):
+        raise ConfigError("no prompt given (or an empty one); pass --prompt TEXT or --prompts FILE")
+    check_size(s.width, s.height)
+    for name, value in (("steps", s.steps), ("count", s.count), ("batch-size", s.batch_size)):
+        if value < 1:
+            raise ConfigError(f"--{name} {value} must be at least 1")
+    if s.guidance < 0:
+        raise ConfigError(f"--guidance {s.guidance} must be 0 or more (Turbo: 0)")
+    if s.compare and not s.loras:
+        raise ConfigError("--compare shows images without and with LoRAs; add at least one --lora")
+    if s.out_dir.exists() and not s.out_dir.is_dir():
+        raise ConfigError(f"--out {s.out_dir} is a file; images go into a folder, pass a folder path")
+    check_dtype(s.dtype)
+    check_lora_files(s.loras)
+    check_writable(s.out_dir, "--out")
+
+
+# ------------------------------------------------------------------ zturbo merge
+
+
+def check_merge(specs: Sequence[LoraSpec], out: Path | None, to_lora: Path | None, adapter: str | None,
+                style: str | None, dtype: str | None) -> None:
+    """The option combinations, the LoRA files and the output's folder of `zturbo merge`."""
+    if (out is None) == (to_lora is None):
+        raise ConfigError("pass exactly one of --out DIR (merge into the model) and --to-lora FILE "
+                          "(merge into one LoRA)")
+    if to_lora is not None:
+        if adapter is not None:
+            raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
+        if not specs:
+            raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH]")
+    else:
+        if style is not None:
+            raise ConfigError("--format sets the style of a --to-lora file; a merged model has no LoRA keys")
+        if not specs and adapter is None:
+            raise ConfigError("nothing to merge; pass --lora PATH[:STRENGTH] (repeatable) and/or --adapter REF")
+    if dtype is not None:
+        check_dtype(dtype)
+    check_lora_files(specs)
+    # both outputs are written beside themselves and renamed into place: their folder must take writes
+    target, what = (out, "--out") if out is not None else (to_lora, "--to-lora")
+    check_writable(target.expanduser().absolute().parent, f"the folder of {what} {target}:")
+
+
+# ------------------------------------------------------------------ zturbo train
+
+
+def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool = True) -> None:
+    """The cheap checks of `zturbo train`, before the output folder is touched or anything is cached:
+    the flags, every output location, the model folder, the data folders, the adapter file.
+    `writes_run` False (ranks other than 0, which never write the run folder) skips that folder."""
+    from .data.cache import default_cache_dir
+    from .data.dataset import list_images
+    from .models import resolve_model_dir
+
+    if resume and overwrite:
+        raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "
+                            "pass one of them")
+    if writes_run:
+        check_writable(cfg.train.output_dir, "train.output_dir")
+    check_writable(default_cache_dir(), "the latent cache folder ($ZTURBO_HOME/cache)")
+    resolve_model_dir(cfg.model.path)
+    for data in cfg.data:
+        list_images(data.dir)
+    from .lora.adapter import resolve_adapter  # imports torch: the last checks
+    from .models import torch_dtype
+    from .train.step import check_training_dtype
+
+    check_training_dtype(torch_dtype(cfg.model.dtype))
+    resolve_adapter(cfg.model.adapter)

@@ -1,0 +1,1 @@
+"""Tiny and synthetic models built from the real classes, for tests and benchmarks."""

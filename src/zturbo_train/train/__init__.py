@@ -1,0 +1,1 @@
+"""Training: the step (hot path), the loop, resumable state, distributed ranks, dry run."""
