@@ -80,7 +80,7 @@ fi
 python3 -c "import torch, diffusers, pydantic; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 # 2. correctness first: the GPU-only tests of the levers and the bench
-step "cuda tests" 150 python3 -m pytest -v -p no:cacheprovider -m cuda tests/test_levers.py tests/test_bench.py
+step "cuda tests" 150 python3 -m pytest -v -p no:cacheprovider -m cuda tests/memory tests/commands/test_bench.py
 grep -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|passed|failed" "$LOG" | tail -n 20
 
 # 3. the plain diffusers + peft step, same machine, same call

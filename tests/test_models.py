@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from zturbo_train.errors import ModelError
-from zturbo_train.models import build_pipeline, download_dir, load_parts, resolve_model_dir
+from zturbo_train.models import build_pipeline, load_parts, resolve_model_dir
+from zturbo_train.paths import download_dir
 
 
 def test_tiny_folder_runs_in_diffusers_and_matches_our_loader(tiny_dir):

@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .errors import ZTurboError
+from .zimage import TURBO_REPO
 
 
 class _FlagsShowNoType:
@@ -213,7 +214,7 @@ def print_summary(result) -> None:
              "  zturbo download --adapter v1 --dir /data/z-image-turbo\n\n  zturbo download --model none --adapter v2")
 @fails_cleanly
 def download(
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", help="Hub id of the Z-Image diffusers repo, or none (adapter only)."),
+    model: str = typer.Option(TURBO_REPO, "--model", help="Hub id of the Z-Image diffusers repo, or none (adapter only)."),
     adapter: str = typer.Option("v2", "--adapter", help="Training adapter: v2 (usual), v1, owner/repo/file.safetensors, or none."),
     folder: Optional[Path] = typer.Option(None, "--dir", show_default=False, help="Folder for the model (default: $ZTURBO_HOME/models/<owner>--<name>, where `zturbo train` looks)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit of the model (default: main)."),
@@ -287,7 +288,7 @@ def sample(
     loras: Optional[List[str]] = LoraOption,
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 text file, one prompt per line (# comments)."),
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    model: str = typer.Option(TURBO_REPO, "--model", "-m", help="Z-Image folder, downloaded Hub id, or builtin:tiny."),
     steps: int = typer.Option(8, "--steps", help="Sampling steps (Turbo: 8)."),
     guidance: float = typer.Option(0.0, "--guidance", help="CFG scale; 0 (Turbo's default) runs no negative pass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed; image k of each prompt uses seed + k (default: random)."),
@@ -326,7 +327,7 @@ def sample(
 def merge(
     loras: Optional[List[str]] = LoraOption,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the merged diffusers model."),
-    model: str = typer.Option("Tongyi-MAI/Z-Image-Turbo", "--model", "-m", help="Base: Z-Image folder, downloaded Hub id, or builtin:tiny."),
+    model: str = typer.Option(TURBO_REPO, "--model", "-m", help="Base: Z-Image folder, downloaded Hub id, or builtin:tiny."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Also fold in a training adapter (v1, v2, file, builtin:tiny-adapter): a de-distilled base."),
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Strength of --adapter."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (model default bf16; --to-lora default: exact fp32, or as read)."),
@@ -344,7 +345,7 @@ def merge(
 
     if to_lora is not None:
         merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
-                      model_required=model != "Tongyi-MAI/Z-Image-Turbo", overwrite=overwrite, log=_report)
+                      model_required=model != TURBO_REPO, overwrite=overwrite, log=_report)
     else:
         merge_into_model(specs, out, model=model, adapter=adapter, adapter_weight=adapter_weight,
                          dtype=dtype or "bf16", overwrite=overwrite, log=_report)

@@ -3,8 +3,8 @@
 Unknown keys are rejected (extra="forbid") with the closest valid key; wrong values name
 the key, the value and what is allowed. Relative paths resolve against the folder of the
 config file, so a config can be run from anywhere; those given with --set, against the
-current folder, as paths typed on a command line do. The field descriptions double as the
-reference that `zturbo config --help` style output and the README point to.
+current folder, as paths typed on a command line do. The field descriptions are the
+reference for each key; `zturbo check CONFIG` prints the resolved settings.
 """
 
 from __future__ import annotations
@@ -19,21 +19,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+from .refs import hub_file, is_builtin, is_repo_id
+from .zimage import ADAPTER_ALIASES, BLOCK_STACKS, DEFAULT_TARGETS, SIZE_MULTIPLE, TARGET_PATHS, TURBO_REPO
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-TURBO_REPO = "Tongyi-MAI/Z-Image-Turbo"
-ADAPTER_REPO = "ostris/zimage_turbo_training_adapter"
-ADAPTER_ALIASES = {
-    "v1": f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v1.safetensors",
-    "v2": f"{ADAPTER_REPO}/zimage_turbo_training_adapter_v2.safetensors",
-}
-DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
-TARGET_CHOICES = {*DEFAULT_TARGETS, "adaLN_modulation.0"}
-BLOCK_CHOICES = {"layers", "noise_refiner", "context_refiner"}
+TARGET_CHOICES = set(TARGET_PATHS)
+BLOCK_CHOICES = set(BLOCK_STACKS)
 # Names other trainers use for our keys, so "did you mean" points at the right one.
 KEY_SYNONYMS = {
     "learning_rate": "lr", "max_train_steps": "steps", "num_steps": "steps", "max_steps": "steps",
@@ -45,7 +40,6 @@ KEY_SYNONYMS = {
     "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
     "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _Section(BaseModel):
@@ -66,12 +60,12 @@ def resolve_model_ref(value: str, base_dir: Path | None) -> str:
     A string shaped like `owner/name` that is not an existing local path stays a Hub id;
     anything else is a path, resolved against the config folder.
     """
-    if value.startswith("builtin:") or value in ("none", *ADAPTER_ALIASES):
+    if is_builtin(value) or value in ("none", *ADAPTER_ALIASES):
         return value
     local = resolve_path(value, base_dir)
     if local.exists():
         return str(local)
-    if _HUB_ID.match(value) or (value.count("/") == 2 and value.endswith(".safetensors") and not value.startswith((".", "/"))):
+    if is_repo_id(value) or hub_file(value) is not None:
         return value
     return str(local)
 
@@ -123,7 +117,7 @@ class DataConfig(_Section):
         if not value:
             raise ValueError("give at least one resolution")
         for side in value:
-            if side < 64 or side % 16:
+            if side < 64 or side % SIZE_MULTIPLE:
                 raise ValueError(f"{side} is not allowed; use multiples of 16 of at least 64, e.g. 512 or 1024")
         return sorted(set(value))
 

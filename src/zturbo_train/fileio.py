@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the target folder, fsync, then rename.
+"""Atomic file writes (a temp file in the target folder, fsync, then rename) and safetensors headers.
 
 A crash, Ctrl-C or full disk mid-write leaves the old file (or none), never a torn one.
 Every file the project writes (LoRAs, state, caches, configs, images) goes through here.
@@ -13,9 +13,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from .errors import ZTurboError
+from .errors import OutputError, ZTurboError
 
 
 class DiskFullError(ZTurboError):
@@ -111,3 +111,51 @@ def append_line(path: str | Path, line: str) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line.rstrip("\n") + "\n")
         handle.flush()
+
+
+def safetensors_header(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """(header length in bytes, header JSON) of a safetensors file: the 8-byte length, then the JSON; no tensor read.
+
+    safe_open gives tensors and metadata but not shapes without reading, nor the header size."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return size, json.loads(handle.read(size))
+
+
+def header_entries(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, dtype)} from safetensors headers alone: no tensor is read."""
+    entries = {}
+    for path in files:
+        for key, value in safetensors_header(path)[1].items():
+            if key != "__metadata__":
+                entries[key] = (tuple(value["shape"]), value["dtype"])
+    return entries
+
+
+def safetensors_data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (its size minus the header): what an index's total_size sums."""
+    return path.stat().st_size - 8 - safetensors_header(path)[0]
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse an output location this process cannot write, before any work: one line naming the path.
+
+    The test is a real write (a temp file made and removed in the folder, or in the nearest
+    existing folder above it, where it would be created): permission bits, read-only mounts,
+    ACLs and root all answer as they will for the real files. Nothing is left behind.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file, not a folder"
+        raise OutputError(f"{what} {path} cannot be a folder: {where}; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".zturbo-write-test-", dir=existing)
+    except OSError as exc:
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise OutputError(f"{what} {path} is not writable{where}: {exc.strerror or exc}; choose a folder you can "
+                          f"write to, or fix its permissions") from None
+    os.close(handle)
+    os.unlink(probe)

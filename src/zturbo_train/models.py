@@ -7,16 +7,27 @@ fills the caption cache. Only safetensors are read; remote code is never trusted
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, ContextManager, Iterable
 
-from .errors import ModelError, ModelNotDownloadedError
-from .testing.tiny import cache_root, tiny_model_dir
+from .errors import ConfigError, ModelError, ModelNotDownloadedError
+from .paths import download_dir
+from .refs import is_builtin, is_repo_id
+from .testing.tiny import tiny_model_dir
 
 PARTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 PIPELINE_CLASSES = {"ZImagePipeline"}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import PreTrainedTokenizerBase, Qwen3Model
 
 
 @dataclass
@@ -24,11 +35,11 @@ class ZImageParts:
     """The loaded components; those not asked for stay None."""
 
     path: Path
-    tokenizer: Any = None
-    text_encoder: Any = None
-    transformer: Any = None
-    vae: Any = None
-    scheduler: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    text_encoder: Qwen3Model | None = None
+    transformer: ZImageTransformer2DModel | None = None
+    vae: AutoencoderKL | None = None
+    scheduler: FlowMatchEulerDiscreteScheduler | None = None
     loaded: list[str] = field(default_factory=list)
 
 
@@ -48,9 +59,46 @@ def check_dtype(name: str) -> None:
         raise ModelError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}; use e.g. --dtype bf16")
 
 
-def download_dir(repo_id: str) -> Path:
-    """The folder `zturbo download` writes a Hub repo into (and the loader looks in first)."""
-    return cache_root() / "models" / repo_id.replace("/", "--")
+def resolve_device(name: str = "auto", *, mps: bool = False, flag: str = "--device") -> "torch.device":
+    """The one device picker. `auto`: this rank's CUDA GPU (LOCAL_RANK), then Apple MPS where the caller
+    supports it (`mps`), then the CPU. A named device that is not there is an error, not a silent fallback."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if mps and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{flag} {name!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {name} asked for CUDA but torch sees no CUDA GPU; use {flag} cpu or auto")
+    return device
+
+
+def autocast(device: "torch.device", dtype: "torch.dtype | None") -> ContextManager:
+    """The one autocast helper: mixed precision in `dtype` on `device`, nothing for fp32 (or None)."""
+    import torch
+
+    if dtype is None or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def transformer_files(model_dir: Path) -> list[Path]:
+    """The transformer's safetensors shards (from the index) or its single file."""
+    folder = model_dir / "transformer"
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise ModelError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; the download is incomplete, "
+                     "run `zturbo download` again")
 
 
 def resolve_model_dir(ref: str | Path) -> Path:
@@ -58,12 +106,12 @@ def resolve_model_dir(ref: str | Path) -> Path:
     ref = str(ref)
     if ref == "builtin:tiny":
         return tiny_model_dir()
-    if ref.startswith("builtin:"):
+    if is_builtin(ref):
         raise ModelError(f"unknown builtin model {ref!r}; the builtin model is builtin:tiny")
     local = Path(ref).expanduser()
     if local.exists():
         return check_model_dir(local)
-    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+    if is_repo_id(ref):
         return check_model_dir(_find_downloaded(ref))
     raise ModelError(f"model folder {local} does not exist; set [model] path to a Z-Image Turbo folder, "
                      f"a Hub id fetched with `zturbo download`, or builtin:tiny")

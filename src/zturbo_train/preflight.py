@@ -9,46 +9,17 @@ tests/test_cli.py pins that the commands raise these errors with neither importe
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .config import TURBO_REPO
-from .errors import ConfigError, DataError, LoraError, OutputError, TrainingError
+from .errors import ConfigError, DataError, LoraError, TrainingError
+from .fileio import check_writable
+from .zimage import SIZE_MULTIPLE, TURBO_REPO
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
-SIZE_MULTIPLE = 16  # VAE factor 8 times patch 2
-
-
-# ------------------------------------------------------------------ output locations
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Refuse an output location this process cannot write, before any work: one line naming the path.
-
-    The test is a real write (a temp file made and removed in the folder, or in the nearest
-    existing folder above it, where it would be created): permission bits, read-only mounts,
-    ACLs and root all answer as they will for the real files. Nothing is left behind.
-    """
-    path = Path(path).expanduser()
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "it is a file" if existing == path else f"{existing} is a file, not a folder"
-        raise OutputError(f"{what} {path} cannot be a folder: {where}; choose another path")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".zturbo-write-test-", dir=existing)
-    except OSError as exc:
-        where = "" if existing == path else f" (it would be created in {existing})"
-        raise OutputError(f"{what} {path} is not writable{where}: {exc.strerror or exc}; choose a folder you can "
-                          f"write to, or fix its permissions") from None
-    os.close(handle)
-    os.unlink(probe)
 
 
 # ------------------------------------------------------------------ LoRA arguments

@@ -13,18 +13,18 @@ from typer.testing import CliRunner
 from lora.test_formats_network import _forward, random_lora  # noqa: E402 - the shared helpers
 from zturbo_train.cli import app
 from zturbo_train.commands.merge import (
-    INDEX_NAME,
     PROVENANCE_NAME,
     combine_loras,
     linear_shapes_from_files,
     merge_into_model,
     merge_to_lora,
-    transformer_files,
 )
-from zturbo_train.commands.sample import LoraSpec, SampleSettings, sample
+from zturbo_train.commands.sample import SampleSettings, sample
 from zturbo_train.errors import AdapterError, ConfigError, LoraError
+from zturbo_train.lora.files import LoraSpec
 from zturbo_train.lora.formats import read_lora_file, write_lora_file
 from zturbo_train.lora.network import load_lora, merge_into_weights
+from zturbo_train.models import INDEX_NAME, transformer_files
 
 runner = CliRunner()
 ARGS = dict(prompt="a red cube", height=64, width=64, num_inference_steps=3, guidance_scale=0.0, output_type="np")
@@ -87,7 +87,7 @@ def test_merged_folder_loads_in_diffusers_and_equals_base_plus_loras(tmp_path, t
 
 
 def test_sharded_source_is_merged_shard_by_shard(tmp_path, sharded_model, two_loras, monkeypatch):
-    from zturbo_train import fileio
+    from zturbo_train.commands import merge as fileio
 
     written, save = [], fileio.save_safetensors
     monkeypatch.setattr(fileio, "save_safetensors", lambda path, tensors, meta=None: (

@@ -12,20 +12,13 @@ from typer.testing import CliRunner
 
 from lora.test_formats_network import random_lora  # noqa: E402 - the shared random-LoRA helper
 from zturbo_train.cli import app
-from zturbo_train.commands.sample import (
-    LoraSpec,
-    SampleSettings,
-    choose_offload,
-    encode_texts,
-    generate_latents,
-    make_jobs,
-    parse_lora_spec,
-    read_prompts_file,
-    sample,
-    save_png,
-)
+from zturbo_train.commands.sample import SampleSettings, make_jobs, read_prompts_file, sample
 from zturbo_train.errors import ConfigError, DataError, LoraError
+from zturbo_train.images import save_png
+from zturbo_train.lora.files import LoraSpec, parse_lora_spec
 from zturbo_train.lora.formats import write_lora_file
+from zturbo_train.memory.offload import choose_offload
+from zturbo_train.sampling import encode_texts, generate_latents
 
 runner = CliRunner()
 SIZE = dict(width=64, height=64)
@@ -156,7 +149,7 @@ def test_images_never_overwrite_earlier_ones(tmp_path):
 
 
 def test_a_name_taken_meanwhile_is_skipped(tmp_path, monkeypatch):
-    from zturbo_train.commands import sample as sample_module
+    from zturbo_train import images as sample_module
 
     out = tmp_path / "out"
     out.mkdir()
@@ -196,7 +189,7 @@ def test_batches_and_low_mem_on_cpu_give_the_same_images(tmp_path):
 def test_text_encoder_is_freed_after_encoding(tmp_path, monkeypatch):
     import weakref
 
-    from zturbo_train import models as loader
+    from zturbo_train.commands import sample as loader
     from zturbo_train.commands.sample import encode_prompts_once
 
     encoders, real = [], loader.load_parts

@@ -28,9 +28,8 @@ from safetensors.torch import load_file, save
 from typer.testing import CliRunner
 
 from zturbo_train.cli import app
-from zturbo_train.config import ADAPTER_ALIASES, ADAPTER_REPO
 from zturbo_train.errors import AdapterError, DownloadError, ModelError
-from zturbo_train.hub.bf16 import safetensors_data_bytes
+from zturbo_train.fileio import safetensors_data_bytes
 from zturbo_train.hub.download import (
     MANIFEST,
     STAGING,
@@ -43,7 +42,9 @@ from zturbo_train.hub.download import (
     stored_dtype,
     wanted,
 )
-from zturbo_train.models import build_pipeline, download_dir, load_parts, resolve_model_dir
+from zturbo_train.models import build_pipeline, load_parts, resolve_model_dir
+from zturbo_train.paths import download_dir
+from zturbo_train.zimage import ADAPTER_ALIASES, ADAPTER_REPO
 
 REPO = "test-org/z-image-tiny"
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"
@@ -377,6 +378,23 @@ def test_server_that_ignores_range_still_gives_the_right_file(hub, model_files):
     download_model(REPO)
     assert [g["range"] is not None for g in hub.gets(SHARD)] == [False, True]
     assert (folder / SHARD).read_bytes() == model_files[SHARD]
+def test_hf_hub_download_starts_over_after_an_interrupted_run(hub, model_files, tmp_path):
+    """Why hub/fetch.py has its own loop: huggingface_hub's hf_hub_download drops the bytes of an interrupted
+    run and fetches the whole file again in the next. If this fails, the hub resumes now: use hf_hub_download."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    key = f"{REPO}/{SHARD}"
+    hub.drop[key] = 1024
+    hub.fail_after_drop.add(key)
+    with pytest.raises(HfHubHTTPError):
+        hf_hub_download(REPO, SHARD, cache_dir=tmp_path / "hf", endpoint=hub.url)
+    hub.fail_after_drop.clear()
+    hub.log.clear()
+    path = hf_hub_download(REPO, SHARD, cache_dir=tmp_path / "hf", endpoint=hub.url)
+    (again,) = hub.gets(SHARD)
+    assert again["range"] is None and again["sent"] == len(model_files[SHARD])  # from byte 0: nothing kept
+    assert Path(path).read_bytes() == model_files[SHARD]
 
 
 def test_repo_not_found_404(hub):

@@ -20,13 +20,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from zturbo_train.train import loop as train_module
 from zturbo_train.cli import app
 from zturbo_train.config import load_config
 from zturbo_train.errors import ConfigError, TrainingError
 from zturbo_train.monitor import Monitor, MonitorWarning
 from zturbo_train.monitor.loggers import TensorBoard
 from zturbo_train.monitor.records import MetricsTail, scalars
+from zturbo_train.train import loop as train_module
 from zturbo_train.train.loop import run
 from zturbo_train.train.step import TrainStep
 

@@ -1,6 +1,6 @@
-"""torchrun entry for tests/test_distributed.py: the `zturbo` CLI, plus what a test asks through the environment.
+"""torchrun entry for tests/train/test_distributed.py: the `zturbo` CLI, plus what a test asks through the environment.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/dist_entry.py train cfg.toml
+    python -m torch.distributed.run --nproc-per-node 2 tests/train/dist_entry.py train cfg.toml
 
 ZTURBO_TEST_WRITES=<folder>: every path this rank opens for writing, creates, replaces,
 renames or removes under <folder> is listed in <folder>/writes/rank<RANK>.txt. A Python

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: 2 CPU processes on gloo against one process.
 
 The 2-rank runs go through torchrun (`python -m torch.distributed.run`) as users start
-them; tests/dist_entry.py is the CLI plus an audit hook that lists each rank's writes (and
+them; tests/train/dist_entry.py is the CLI plus an audit hook that lists each rank's writes (and
 an injected failure where a test asks for one).
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from train.test_loop import make_config, metrics
 
+from train.test_loop import make_config, metrics
 from zturbo_train.config import load_config
 from zturbo_train.data.batches import rank_share
 from zturbo_train.errors import TrainingError

@@ -22,7 +22,7 @@ from zturbo_train.lora.formats import read_lora_file
 from zturbo_train.train.loop import run
 from zturbo_train.train.step import TrainStep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 
@@ -472,7 +472,7 @@ def test_noise_is_drawn_on_the_loader_thread_not_in_the_step(tmp_path, example_d
 
     from zturbo_train.train import step as step_module
 
-    def no_draw(self, latents, seeds):
+    def no_draw(self, latents):
         raise AssertionError("the training step drew noise itself")
 
     threads = set()
@@ -632,9 +632,9 @@ def test_dry_run_plans_the_real_model_before_the_download(example_data):
 
     from zturbo_train.memory.estimate import shape_from_config
     from zturbo_train.memory.levers import levers_for, workload_of
-    from zturbo_train.train.dry_run import NOT_DOWNLOADED, dry_run
     from zturbo_train.memory.presets import estimate_for
     from zturbo_train.testing.synthetic import ZIMAGE_CONFIG
+    from zturbo_train.train.dry_run import NOT_DOWNLOADED, dry_run
 
     config = ROOT / "configs" / "zimage-turbo-lora.toml"
     data = f"data.dir={json.dumps(str(example_data))}"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from zturbo_train.config import TrainConfig
-from zturbo_train.models import load_parts, torch_dtype
 from zturbo_train.lora.network import create_lora
+from zturbo_train.models import load_parts, torch_dtype
 from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
 
 CPU = torch.device("cpu")

@@ -32,6 +32,14 @@ from .. import __version__
 from ..config import apply_override, validate_config
 from ..errors import ConfigError
 from ..fileio import write_json
+from ..lora.network import create_lora
+from ..memory.estimate import Workload, estimate
+from ..memory.levers import apply_levers, model_shape, resolve_levers
+from ..models import autocast, load_parts, resolve_device, torch_dtype
+from ..sampling import generate_latents
+from ..testing.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_config
+from ..train.step import StepSettings, TrainStep, build_optimizer
+from ..zimage import SCHEDULER
 
 DEFAULT_RESOLUTIONS = {"builtin:tiny": [64], "synthetic:tiny": [64]}
 TINY_MODELS = {"builtin:tiny", "synthetic:tiny"}
@@ -62,15 +70,6 @@ class BenchSettings:
 
 
 # ------------------------------------------------------------------------------ device helpers
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is visible here; use --device cpu or auto")
-    return device
 
 
 def sync(device: torch.device) -> None:
@@ -122,8 +121,6 @@ def preset_configs(settings: BenchSettings, preset: str, rank: int):
 
 def workload(settings: BenchSettings, lora, train, dtype_bytes: int, resolution: int | None = None,
              batch: int | None = None, rank: int | None = None):
-    from ..memory.estimate import Workload
-
     return Workload(resolution=resolution or max(settings.resolved_resolutions()),
                     batch=batch or max(settings.batches), rank=rank or lora.rank, targets=tuple(lora.targets),
                     lora_blocks=tuple(lora.blocks), optimizer=train.optimizer,
@@ -132,9 +129,6 @@ def workload(settings: BenchSettings, lora, train, dtype_bytes: int, resolution:
 
 def load_transformer(model: str, dtype_name: str, device: torch.device, on_host: bool):
     """The transformer to time: synthetic (built in place) or loaded from a model folder."""
-    from ..models import load_parts, torch_dtype
-    from ..testing.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_config
-
     home = torch.device("cpu") if on_host else device
     if model in SYNTHETIC_MODELS:
         return build_synthetic(synthetic_config(model), device=device, dtype=torch_dtype(dtype_name), home=home)
@@ -143,10 +137,6 @@ def load_transformer(model: str, dtype_name: str, device: torch.device, on_host:
 
 def load_scheduler(model: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from ..models import load_parts
-    from ..testing.synthetic import SYNTHETIC_MODELS
-    from ..testing.tiny import SCHEDULER
 
     if model in SYNTHETIC_MODELS:
         return FlowMatchEulerDiscreteScheduler(**SCHEDULER)
@@ -178,10 +168,8 @@ def measure_steps(step, latents, embeds, warmup: int, steps: int, device: torch.
 def measure_sampling(transformer, scheduler, embeds, size: int, steps: int, device: torch.device,
                      dtype: torch.dtype, runs: int = 2) -> float:
     """Median seconds of `steps` transformer steps of the preview loop (one warm-up run first)."""
-    from .sample import generate_latents
-
     def once():
-        with torch.no_grad(), _autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             return generate_latents(transformer, scheduler, embeds, width=size, height=size, seeds=[0], steps=steps,
                                     device=device)
 
@@ -241,12 +229,6 @@ def _self_time(event, cuda: bool) -> float:
     return micros / 1e6
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    from contextlib import nullcontext
-
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
 def random_inputs(batch: int, resolution: int, caption_tokens: int, cap_dim: int, device: torch.device,
                   dtype: torch.dtype, seed: int = 0):
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -284,10 +266,6 @@ class Report:
 def bench_preset(settings: BenchSettings, preset: str, device: torch.device, report: Report,
                  log: Callable[[str], None]) -> None:
     """Every (rank, resolution, batch) row and the sampling time of one preset, on a fresh model."""
-    from ..memory.estimate import estimate
-    from ..memory.levers import apply_levers, model_shape, resolve_levers
-    from ..models import torch_dtype
-
     model_cfg, train_cfg, lora_cfg = preset_configs(settings, preset, settings.ranks[0])
     dtype = torch_dtype(model_cfg.dtype)
     dtype_bytes = torch.finfo(dtype).bits // 8
@@ -326,9 +304,6 @@ def bench_preset(settings: BenchSettings, preset: str, device: torch.device, rep
 
 
 def _training_step(transformer, train_cfg, lora_cfg, dtype: torch.dtype, device: torch.device):
-    from ..lora.network import create_lora
-    from ..train.step import StepSettings, TrainStep, build_optimizer
-
     network = create_lora(transformer, lora_cfg.rank, lora_cfg.scale_alpha, lora_cfg.blocks, lora_cfg.targets,
                           seed=0)
     network.train()
@@ -398,7 +373,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda messa
     if settings.steps < 1 or settings.warmup < 0:
         raise ConfigError(f"--steps {settings.steps} / --warmup {settings.warmup}: need at least 1 timed step and "
                           f"no negative warm-up")
-    device = pick_device(settings.device)
+    device = resolve_device(settings.device)
     if settings.model == "synthetic" and device.type != "cuda":
         raise ConfigError("--model synthetic builds the full 6 B transformer and needs a CUDA device; on the CPU "
                           "use --model synthetic:tiny or builtin:tiny")

@@ -20,15 +20,16 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..config import TURBO_REPO
+from .. import __version__
 from ..errors import AdapterError, ConfigError, LoraError, ModelError
-from ..fileio import temp_dir
+from ..fileio import header_entries, save_safetensors, temp_dir, write_json
+from ..lora.adapter import read_adapter, resolve_adapter
+from ..lora.files import LoadedLora, LoraSpec, file_sha256, read_loras
 from ..lora.formats import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
-from .sample import LoadedLora, LoraSpec, read_loras
+from ..models import INDEX_NAME, resolve_model_dir, torch_dtype, transformer_files
+from ..zimage import TURBO_REPO
 
 Log = Callable[[str], None]
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 PROVENANCE_NAME = "zturbo_merge.json"
 # Header keys that describe a file's own style; a converted file gets its own.
 _STYLE_KEYS = {"format", "zturbo.style", "zturbo.format_version", "modelspec.architecture", "lora_adapter_metadata"}
@@ -41,34 +42,8 @@ def _quiet(message: str) -> None:
 # ------------------------------------------------------------------ reading the base without loading it
 
 
-def transformer_files(model_dir: Path) -> list[Path]:
-    """The transformer's safetensors shards (from the index) or its single file."""
-    folder = model_dir / "transformer"
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
-    raise ModelError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; the download is incomplete, "
-                     "run `zturbo download` again")
-
-
-def header_entries(files: Iterable[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor name: (shape, dtype)} from safetensors headers alone: no tensor is read."""
-    entries = {}
-    for path in files:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for key, value in header.items():
-            if key != "__metadata__":
-                entries[key] = (tuple(value["shape"]), value["dtype"])
-    return entries
-
-
 def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]]:
-    """(out, in) of every 2-D `.weight`, by module path: the same table keys.linear_shapes gives a loaded model."""
+    """(out, in) of every 2-D `.weight`, by module path: the same table formats.linear_shapes gives a loaded model."""
     return {key.removesuffix(".weight"): (shape[0], shape[1]) for key, (shape, _) in header_entries(files).items()
             if key.endswith(".weight") and len(shape) == 2}
 
@@ -218,8 +193,6 @@ def _merge_shard(source: Path, target: Path, plan: dict[str, list[tuple[LoraWeig
     """Write one output shard: updated weights in fp32, then cast. Returns its byte size for the index."""
     from safetensors import safe_open
 
-    from ..fileio import save_safetensors
-
     tensors = {}
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -255,8 +228,6 @@ def _write_transformer(model_dir: Path, out_dir: Path, plan: dict[str, list[tupl
         log(f"merged shard {number}/{len(files)}: {source.name}")
     index = source_dir / INDEX_NAME
     if index.is_file():
-        from ..fileio import write_json
-
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         write_json(target_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
@@ -265,8 +236,6 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
                      adapter_weight: float = 1.0, dtype: str = "bf16", overwrite: bool = False,
                      log: Log = _quiet) -> Path:
     """Write a diffusers Z-Image folder whose transformer is base + adapter + sum of strength * LoRA."""
-    from ..lora.adapter import read_adapter, resolve_adapter
-    from ..models import resolve_model_dir, torch_dtype
 
     if not specs and adapter is None:
         raise ConfigError("nothing to merge; pass --lora PATH[:STRENGTH] (repeatable) and/or --adapter REF")
@@ -295,10 +264,6 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
 def _write_provenance(out_dir: Path, model: str, loras: Sequence[LoadedLora], adapter: Path | None,
                       adapter_weight: float, dtype: str) -> None:
     """What went into the folder, so it describes itself."""
-    from .. import __version__
-    from ..fileio import write_json
-    from .sample import file_sha256
-
     write_json(out_dir / PROVENANCE_NAME, {
         "base_model": model, "dtype": dtype, "loras": [l.describe() for l in loras],
         "adapter": None if adapter is None else {"path": str(adapter), "weight": adapter_weight,
@@ -371,8 +336,6 @@ def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", 
 
 def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log) -> LoraDict:
     """Check the result against a model's transformer (headers only); modules it lacks are dropped, with a warning."""
-    from ..models import resolve_model_dir
-
     try:
         model_dir = resolve_model_dir(model)
     except ModelError:
@@ -390,8 +353,6 @@ def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log) -> Lora
 
 def _lora_dtype(dtype: str | None, rescaled: bool) -> torch.dtype | None:
     """Explicit --dtype wins; otherwise rescaled tensors stay fp32 (exact) and untouched ones keep their dtype."""
-    from ..models import torch_dtype
-
     if dtype is not None:
         return torch_dtype(dtype)
     return torch.float32 if rescaled else None

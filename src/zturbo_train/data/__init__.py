@@ -10,9 +10,10 @@ The training loop needs three calls:
 Importing this package stays light: torch and diffusers load only when used.
 """
 
+from ..paths import default_cache_dir
 from .batches import Batch, BatchLoader, Sample, TrainDataset, epoch_batches
 from .buckets import Bucket, closest_bucket, fit, make_buckets, resize_crop
-from .cache import CacheStats, Encoders, default_cache_dir, encode_latents, encode_prompts
+from .cache import CacheStats, Encoders, encode_latents, encode_prompts
 from .dataset import ImageItem, Problem, Scan, load_rgb, scan_datasets
 from .prepare import plan_samples, prepare_dataset, scan_and_plan
 

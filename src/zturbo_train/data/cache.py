@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import DataError, ModelError
 from ..fileio import save_safetensors
-from ..testing.tiny import cache_root
+from ..models import load_parts
 from .buckets import Bucket, resize_crop
 from .dataset import load_rgb
 from .progress import progress
@@ -48,11 +48,6 @@ LATENT_DTYPE = "float16"
 _FULL_HASH_BYTES = 4 << 20
 _SAMPLE_CHUNKS, _CHUNK = 64, 64 << 10
 T = TypeVar("T")
-
-
-def default_cache_dir() -> Path:
-    """Where caches live unless a caller says otherwise: `$ZTURBO_HOME/cache`."""
-    return cache_root() / "cache"
 
 
 # ---------------------------------------------------------------------- encoder identity
@@ -114,15 +109,11 @@ class Encoders:
                              f"download the model again") from None
 
     def load_vae(self):
-        from ..models import load_parts
-
         self.loads.append("vae")
         return load_parts(self.model_dir, ["vae"], dtype=self.vae_dtype, device=str(self.device)).vae
 
     def load_text(self):
         """(tokenizer, text_encoder)."""
-        from ..models import load_parts
-
         self.loads.append("text_encoder")
         parts = load_parts(self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype,
                            device=str(self.device))

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
+from ..models import resolve_model_dir
+from ..paths import default_cache_dir
 from .batches import Sample, TrainDataset
 from .buckets import Fit, closest_bucket, fit
 from .cache import (
     CacheStats,
     Encoders,
     LatentJob,
-    default_cache_dir,
     entry_path,
     fill_latents,
     fill_texts,
@@ -86,8 +87,6 @@ def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
 
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
-    from ..models import resolve_model_dir
-
     return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DownloadError
-from ..fileio import atomic_path, write_json
+from ..fileio import atomic_path, safetensors_data_bytes, write_json
 from .fetch import NullReporter, Reporter
 
 TO_BF16 = {"F64", "F32", "F16"}
@@ -99,13 +99,6 @@ def _check(path: Path, header: dict[str, Any]) -> None:
     want = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
     if got != want:
         raise DownloadError(f"the bf16 copy of {path.name} came out wrong; run `zturbo download --bf16` again")
-
-
-def safetensors_data_bytes(path: Path) -> int:
-    """Bytes of tensor data in a safetensors file (its size minus the header): what an index's total_size sums."""
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-    return path.stat().st_size - 8 - header_len
 
 
 def rewrite_index_total(index: Path, shards: list[Path]) -> None:

@@ -1,12 +1,12 @@
 """`zturbo download`: Z-Image Turbo and the training adapter, resumable, verified, optionally bf16.
 
 Where things go (the loader and the adapter loader look there):
-  <ZTURBO_HOME>/models/<owner>--<name>/   the model (`loader.download_dir`; `--dir` picks another folder)
+  <ZTURBO_HOME>/models/<owner>--<name>/   the model (`paths.download_dir`; `--dir` picks another folder)
   <ZTURBO_HOME>/models/ostris--zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors
   <folder>/zturbo.json                     the record: repo, commit, each file's Hub hash and our size, bf16
   <folder>/.zturbo/partial/                partial files of an interrupted run, resumed by the next one
 
-Each file goes through `hubfetch` (huggingface_hub's own calls, resumable, hash-checked) or,
+Each file goes through fetch.py (huggingface_hub's public API, resumable, hash-checked) or,
 when the Hugging Face cache already holds it, is hard-linked from there and re-verified. A file
 recorded in zturbo.json with the Hub's current hash and an unchanged size and mtime is taken as
 present without hashing it again, so a second run is one API call. model_index.json is put in
@@ -27,24 +27,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..config import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
-from ..errors import AdapterError, DownloadError
-from ..fileio import write_json
-from ..models import PIPELINE_CLASSES, download_dir
+from ..errors import AdapterError, AdapterNotDownloadedError, DownloadError
+from ..fileio import check_writable, write_json
+from ..models import PIPELINE_CLASSES
+from ..paths import download_dir
+from ..refs import WEIGHT_SUFFIX, hub_file, is_repo_id
+from ..testing.tiny import tiny_adapter_file
+from ..zimage import ADAPTER_ALIASES, ADAPTER_REPO, TURBO_REPO
 from .bf16 import convert_to_bf16, rewrite_index_total
-from ..errors import AdapterNotDownloadedError
-from ..preflight import check_writable
 from .fetch import Hub, NullReporter, RemoteFile, Reporter, copy_from_cache, file_oid, hf_cached, hub_endpoint
 
 MANIFEST = "zturbo.json"
 STAGING = ".zturbo"
 MODEL_INDEX = "model_index.json"
 BF16_PARTS = ("transformer",)  # parts `--bf16` rewrites; the text encoder ships as bf16 already
-WEIGHT_SUFFIX = ".safetensors"
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 # diffusers weight variants (fp16 copies and the like) duplicate the main weights: never fetched.
 VARIANT = re.compile(r"\.(fp16|bf16|fp32|fp8\w*|int8|int4|nf4)[.-]")
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # ---------------------------------------------------------------- results and progress
@@ -410,7 +409,7 @@ def _listing_or_fallback(hub: Hub, folder: Path, manifest: dict[str, Any] | None
 
 
 def check_repo_id(repo: str) -> None:
-    if not _REPO_ID.fullmatch(repo) or ".." in repo:
+    if not is_repo_id(repo):
         raise DownloadError(f"--model {repo!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
 
 
@@ -559,13 +558,11 @@ def _publish(job: _Job, remote: RemoteFile) -> None:
 
 def adapter_ref(ref: str) -> tuple[str, str]:
     """`v1` / `v2` / `owner/repo/file.safetensors` as (repo, file)."""
-    full = ADAPTER_ALIASES.get(ref, ref)
-    pieces = full.split("/")
-    if len(pieces) != 3 or not full.endswith(WEIGHT_SUFFIX) or not all(pieces) or not _REPO_ID.fullmatch(
-            "/".join(pieces[:2])):
+    parsed = hub_file(ref)
+    if parsed is None:
         raise AdapterError(f"adapter {ref!r} is not one of {', '.join(ADAPTER_ALIASES)} or owner/repo/file.safetensors; "
                            f"use --adapter v2 (the usual choice), v1 or none")
-    return f"{pieces[0]}/{pieces[1]}", pieces[2]
+    return parsed
 
 
 def adapter_dir(repo: str = ADAPTER_REPO) -> Path:
@@ -610,8 +607,6 @@ def resolve_adapter_file(ref: str) -> Path:
     Nothing is fetched here.
     """
     if ref == "builtin:tiny-adapter":
-        from ..testing.tiny import tiny_adapter_file
-
         return tiny_adapter_file()
     local = Path(ref).expanduser()
     if ref not in ADAPTER_ALIASES and local.suffix == WEIGHT_SUFFIX and local.is_file():

@@ -1,33 +1,39 @@
-"""One file of a Hub repo into a partial file, through huggingface_hub: resumable and verified.
+"""One file of a Hub repo into a partial file, through huggingface_hub's public API: resumable and verified.
 
-Why not `hf_hub_download`: in huggingface_hub 2.x an interrupted file goes to a process-unique
-temp file that is deleted on failure, so a dropped 10 GB shard starts over. Here the pieces
-`hf_hub_download` itself uses (model_info, get_hf_file_metadata, http_get, build_hf_headers,
-and so its endpoint, token lookup, offline switch and error classes) write into a partial
-file the caller keeps, which the next run resumes with an HTTP Range request. Bytes are hashed
-as they arrive and checked against the size and hash the Hub lists (sha256 for LFS files, the
-git blob sha1 otherwise). The token only ever goes to huggingface_hub: never into a message.
+Why not `hf_hub_download`: in huggingface_hub 2.x it downloads into a process-unique
+`<etag>.<random>.incomplete` file opened fresh and deleted on failure
+(`file_download._download_to_tmp_and_move`), so a 10 GB shard interrupted in one run starts
+over in the next. tests/hub/test_download.py (test_hf_hub_download_starts_over_after_an_interrupted_run)
+pins that: when it fails, the hub resumes across runs and this loop can go. Until then the
+loop here is built on public functions only
+(model_info, hf_hub_url, get_hf_file_metadata, build_hf_headers, get_session,
+hf_raise_for_status: the hub's endpoint, token lookup, offline switch, HTTP client and error
+classes) and writes into a partial file the caller keeps, which the next run resumes with an
+HTTP Range request; a dropped connection is resumed within the run too. Bytes are hashed as
+they arrive and checked against the size and hash the Hub lists (sha256 for LFS files, the git
+blob sha1 otherwise). The token only ever goes to huggingface_hub: never into a message.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import inspect
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from .. import __version__
-from ..config import TURBO_REPO
 from ..errors import DownloadError
+from ..zimage import TURBO_REPO
 
 LIBRARY = {"library_name": "zturbo-train", "library_version": __version__}
 LOGIN_HINT = ("log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`), set HF_TOKEN "
               "or pass --token")
+RETRIES = 5  # reconnections in a row without a new byte before a run gives up (the next run resumes)
 _NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout",
                    "TimeoutException", "RemoteProtocolError", "ReadError", "NetworkError",
                    "ConnectionError", "Timeout", "ProxyError"}
@@ -105,7 +111,6 @@ class Hub:
     def fetch(self, remote: RemoteFile, commit: str, part: Path, reporter: Reporter) -> int:
         """Stream a file into `part`, resuming the bytes it holds, then verify it; returns the bytes transferred."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
         url = hf_hub_url(self.repo, remote.path, revision=commit, endpoint=self.endpoint)
@@ -127,8 +132,8 @@ class Hub:
             with open(part, "r+b" if have else "wb") as handle:
                 handle.seek(have)
                 writer = HashingWriter(handle, oid, size, reporter)
-                http_get(meta.location, writer, resume_size=have, headers=headers, expected_size=size,
-                         displayed_filename=remote.path, **_silent_bar(http_get))
+                if size is None or have < size:
+                    stream_into(writer, meta.location, headers)
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
@@ -221,19 +226,34 @@ def scrub(text: str, token: str | None) -> str:
     return text
 
 
-class _SilentBar:
-    """huggingface_hub's own bar is replaced by ours (the HashingWriter reports the bytes)."""
+def stream_into(writer: "HashingWriter", url: str, headers: dict[str, str]) -> None:
+    """GET `url` into `writer` from its current end (a Range request when it holds bytes already).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
-    def __enter__(self) -> "_SilentBar": return self
-    def __exit__(self, *exc: Any) -> None: ...
-    def update(self, n: Any = 1) -> None: ...
-    def close(self) -> None: ...
+    A dropped connection reconnects from the bytes received, up to RETRIES times in a row with
+    no progress; an HTTP error is raised at once (hf_raise_for_status), as is a network error
+    after the last retry. A server that ignores the Range (200 instead of 206) starts the file over.
+    """
+    from huggingface_hub import constants, get_session, hf_raise_for_status
 
-
-def _silent_bar(http_get: Any) -> dict[str, Any]:
-    """Pass our silent bar where this huggingface_hub's http_get takes one."""
-    return {"tqdm_class": _SilentBar} if "tqdm_class" in inspect.signature(http_get).parameters else {}
+    tries = RETRIES
+    while True:
+        start = writer.tell()
+        ranged = {**headers, "Range": f"bytes={start}-"} if start else headers
+        try:
+            with get_session().stream("GET", url, headers=ranged, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                                      follow_redirects=True) as response:
+                hf_raise_for_status(response)
+                if start and response.status_code == 200:
+                    writer.seek(0)
+                    writer.truncate(0)
+                for chunk in response.iter_bytes(chunk_size=constants.DOWNLOAD_CHUNK_SIZE):
+                    writer.write(chunk)
+            return
+        except Exception as exc:
+            if not is_network_error(exc) or tries <= 0:
+                raise
+            tries = RETRIES if writer.tell() > start else tries - 1
+            time.sleep(1)
 
 
 def hf_cached(repo: str, filename: str, revision: str | None = None) -> Path | None:
@@ -272,9 +292,9 @@ def copy_from_cache(cached: Path, part: Path, remote: RemoteFile, reporter: Repo
 
 
 class HashingWriter:
-    """A file wrapper for http_get: hashes and reports bytes as they arrive, so verifying needs no second read.
+    """A file wrapper for stream_into: hashes and reports bytes as they arrive, so verifying needs no second read.
 
-    A resumed file first hashes the bytes it already holds. If http_get rewinds (a server that
+    A resumed file first hashes the bytes it already holds. If the stream rewinds (a server that
     ignored the Range request), the digest is recomputed from disk at the end instead.
     """
 

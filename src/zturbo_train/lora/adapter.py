@@ -12,7 +12,7 @@ a second subtraction. `deactivate()` from `off` does nothing, so cleanup code ca
 
 Modes (`[model] adapter_mode`) and what they cost. Numbers: relative L2 error of the
 builtin:tiny transformer output with builtin:tiny-adapter (whose effect is ~5 %), pinned
-by tests/test_adapter.py. For scale: a bf16 forward of the base model is ~0.7 % off the
+by tests/lora/test_adapter.py. For scale: a bf16 forward of the base model is ~0.7 % off the
 fp32 forward, so anything below that is noise bf16 makes anyway.
 - `merge` folds `W <- W + w*scale*B@A` in fp32 and casts back: the training step costs
   nothing extra, but in bf16 the model trains on `round_bf16(W0 + dA)` instead of
@@ -33,7 +33,7 @@ fp32 forward, so anything below that is noise bf16 makes anyway.
   nothing), the base weights are never written (so it works over a quantized base), and
   each step pays a rank-r branch per adapted linear (small next to the linear itself).
 
-Adapter files: `diffusion_model.<module>.lora_A/lora_B` keys (any style keys.py reads),
+Adapter files: `diffusion_model.<module>.lora_A/lora_B` keys (any style formats.py reads),
 rank read from the lora_A shape, no alpha key meaning alpha = rank (scale 1). Every key
 must name a linear of the loaded transformer with the right shape; anything else means
 the adapter is for another model and is an error, never a silent skip.
@@ -51,8 +51,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import ADAPTER_ALIASES, ModelConfig
+from ..config import ModelConfig
 from ..errors import AdapterError, LoraError
+from ..refs import hub_file, is_builtin
+from ..testing.tiny import tiny_adapter_file
+from ..zimage import ADAPTER_ALIASES
 from .formats import LoraDict, LoraWeights, linear_shapes, read_lora_file, require_fit, summarize
 from .network import LoraNetwork, load_lora, merge_into_weights
 
@@ -74,16 +77,12 @@ class AdapterState(str, Enum):
 
 
 def _builtin_files() -> dict[str, Callable[[], Path]]:
-    from ..testing.tiny import tiny_adapter_file
-
     return {"builtin:tiny-adapter": tiny_adapter_file}
 
 
 def is_hub_ref(ref: str) -> bool:
     """`v1`, `v2` or `owner/repo/file.safetensors` (when no such local file exists)."""
-    parts = ref.split("/")
-    return ref in ADAPTER_ALIASES or (len(parts) == 3 and all(parts) and ref.endswith(".safetensors")
-                                      and not ref.startswith((".", "~")))
+    return hub_file(ref) is not None
 
 
 def resolve_adapter(ref: str) -> Path | None:
@@ -94,7 +93,7 @@ def resolve_adapter(ref: str) -> Path | None:
     """
     if ref == "none":
         return None
-    if ref.startswith("builtin:"):
+    if is_builtin(ref):
         builtins = _builtin_files()
         if ref not in builtins:
             raise AdapterError(f"unknown builtin adapter {ref!r}; the builtin adapter is {', '.join(builtins)}")

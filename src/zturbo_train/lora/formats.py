@@ -22,6 +22,7 @@ import torch
 
 from ..errors import LoraError
 from ..fileio import save_safetensors
+from ..zimage import BLOCK_STACKS, TARGET_PATHS
 
 STYLES = ("comfyui", "diffusers", "kohya")
 FORMAT_VERSION = "1"
@@ -31,13 +32,8 @@ _DOWN = (".lora_A.weight", ".lora_down.weight", ".lora_A.default.weight")
 _UP = (".lora_B.weight", ".lora_up.weight", ".lora_B.default.weight")
 _ALPHA = (".alpha",)
 # kohya names flatten dots to underscores; these are Z-Image's module names with underscores of their own.
-_KOHYA_BLOCK = re.compile(r"^(layers|noise_refiner|context_refiner)_(\d+)_(.+)$")
-_KOHYA_LEAVES = {
-    "attention_to_q": "attention.to_q", "attention_to_k": "attention.to_k", "attention_to_v": "attention.to_v",
-    "attention_to_out_0": "attention.to_out.0", "feed_forward_w1": "feed_forward.w1",
-    "feed_forward_w2": "feed_forward.w2", "feed_forward_w3": "feed_forward.w3",
-    "adaLN_modulation_0": "adaLN_modulation.0",
-}
+_KOHYA_BLOCK = re.compile(rf"^({'|'.join(BLOCK_STACKS)})_(\d+)_(.+)$")
+_KOHYA_LEAVES = {path.replace(".", "_"): path for path in TARGET_PATHS.values()}
 
 
 @dataclass

@@ -19,14 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraError
+from ..zimage import TARGET_PATHS
 from .formats import LoraDict, LoraWeights, linear_shapes, require_fit
-
-# config target name -> module path inside a transformer block
-TARGET_PATHS = {
-    "to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
-    "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-    "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0",
-}
 
 
 def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Iterable[str]) -> list[str]:

@@ -7,11 +7,11 @@ a card before 12 GB of weights are read. The model is linear in what drives memo
          + activations (tokens x batch x blocks that need a backward, checkpointing)
          + one transient weight copy (fp8 upcast, nf4/int8 dequantize)
 
-Activation constants are fitted to the reference table in ZIMAGE_NOTES.md (plain diffusers
-+ peft step on an H200, random weights of the real shapes, rank 32 on all 34 blocks,
-batch 1, caption 128 tokens): 1024 px checkpointed 15.0 GiB, uncheckpointed 50.5 GiB,
-512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB. tests/test_levers.py holds
-the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
+Activation constants are fitted to peaks measured with a plain diffusers + peft step on an
+H200 (random weights of the real shapes, rank 32 on all 34 blocks, batch 1, caption 128
+tokens; `reference_workloads` below): 1024 px checkpointed 15.0 GiB, uncheckpointed
+50.5 GiB, 512 px checkpointed 13.3 GiB, fp8 storage 9.5 GiB, nf4 6.4 GiB.
+tests/memory/test_estimate.py holds the estimate to those within 7 %. Compiled runs measured about 0.5 GiB lower: the
 estimate is for the eager step and so errs high.
 """
 
@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ..zimage import BLOCK_STACKS, QUANT_LEAVES, REFINER_STACKS, SEQ_MULTIPLE, SIZE_MULTIPLE, TARGET_PATHS
+
 GIB = 2**30
-# Block stacks of the Z-Image transformer, in the order forward runs them.
-BLOCK_STACKS = ("noise_refiner", "context_refiner", "layers")
-# The big linears of a block: what fp8 / nf4 / int8 store compactly (modulation, norms,
-# embedders and the final layer stay in the model dtype: they are small and sensitive).
-QUANT_LEAVES = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
-                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-SEQ_MULTIPLE = 32  # Z-Image pads image and caption sequences to multiples of 32
 # Fitted constants (see the module docstring). Units: model-dtype vectors of length `dim`
 # per token. A block whose activations autograd keeps holds ~39 of them per token; a
 # checkpointed block keeps its input (1); the loss, the final layer and the gradient
@@ -114,7 +109,7 @@ class Workload:
 
     def tokens(self) -> dict[str, int]:
         """Sequence length each stack sees: image, caption, or both (each padded to 32)."""
-        image = _pad((self.resolution // 16) ** 2)
+        image = _pad((self.resolution // SIZE_MULTIPLE) ** 2)  # one token per 16x16 pixels
         caption = _pad(self.caption_tokens)
         return {"noise_refiner": image, "context_refiner": caption, "layers": image + caption}
 
@@ -137,9 +132,6 @@ class Estimate:
     def total(self) -> float:
         return self.weights + self.lora + self.activations + self.transient
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 2) for k, v in {**asdict(self), "total": self.total}.items()}
-
 
 def spread(n: int, count: int) -> list[int]:
     """`count` of `n` indices spread evenly (the blocks selective checkpointing recomputes)."""
@@ -156,17 +148,12 @@ def checkpointed_layers(n_layers: int, checkpointing: str, fraction: float) -> s
     return set()
 
 
-LEAF_PATHS = {"to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
-              "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-              "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0"}  # lora target -> block leaf
-
-
 def lora_params(shape: ModelShape, work: Workload) -> int:
     """Trainable LoRA parameters: rank x (in + out) per adapted linear."""
     total = 0
     for stack in work.lora_blocks:
         leaves = shape.linears.get(stack, {})
-        per_block = sum(work.rank * (o + i) for t in work.targets if (p := LEAF_PATHS[t]) in leaves
+        per_block = sum(work.rank * (o + i) for t in work.targets if (p := TARGET_PATHS[t]) in leaves
                         for o, i in [leaves[p]])
         total += per_block * shape.stack_sizes.get(stack, 0)
     return total
@@ -174,8 +161,8 @@ def lora_params(shape: ModelShape, work: Workload) -> int:
 
 def adapted_linears(shape: ModelShape, blocks: Iterable[str], targets: Iterable[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of each kind of linear a LoRA adapts, as `stack.*.leaf` (every block of a stack is alike)."""
-    return {f"{stack}.*.{LEAF_PATHS[t]}": shape.linears[stack][LEAF_PATHS[t]] for stack in blocks for t in targets
-            if LEAF_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)}
+    return {f"{stack}.*.{TARGET_PATHS[t]}": shape.linears[stack][TARGET_PATHS[t]] for stack in blocks for t in targets
+            if TARGET_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)}
 
 
 def rank_warning(rank: int, linears: dict[str, tuple[int, int]]) -> str | None:
@@ -197,7 +184,7 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, frac
     """Bytes autograd keeps between forward and backward, plus one recomputed block."""
     vector = shape.dim * work.dtype_bytes
     tokens = work.tokens()
-    grad_stacks = ["layers"] + [s for s in ("noise_refiner", "context_refiner") if s in work.lora_blocks]
+    grad_stacks = ["layers"] + [s for s in REFINER_STACKS if s in work.lora_blocks]
     kept = recompute = 0.0
     ckpt_layers = checkpointed_layers(shape.stack_sizes["layers"], checkpointing, fraction)
     for stack in grad_stacks:
@@ -255,8 +242,8 @@ def fit_checkpointing(shape: ModelShape, work: Workload, budget_gib: float, **le
 
 
 def reference_workloads() -> Iterable[tuple[str, Workload, dict[str, Any], float]]:
-    """The measured rows of ZIMAGE_NOTES.md (name, workload, levers, GiB) the constants are fitted to."""
-    every = ("layers", "noise_refiner", "context_refiner")
+    """The measured peaks (name, workload, levers, GiB) the constants are fitted to (see the module docstring)."""
+    every = ("layers", *REFINER_STACKS)
     w1024 = Workload(1024, lora_blocks=every)
     yield "1024 ckpt", w1024, {"checkpointing": "full"}, 15.0
     yield "1024 none", w1024, {"checkpointing": "none"}, 50.5

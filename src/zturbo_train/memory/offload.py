@@ -1,8 +1,11 @@
-"""Block offload for small cards: the transformer blocks live in pinned host memory and are
-copied to the GPU just ahead of use, on a side CUDA stream, while LoRA trains on top.
+"""Offload. Training: block offload for small cards, the transformer blocks live in pinned host
+memory and are copied to the GPU just ahead of use, on a side CUDA stream, while LoRA trains
+on top. Sampling (`zturbo sample --low-mem`): which of diffusers' CPU offloads fits the card.
 
-Why our own design: diffusers' group offloading moves parameters in place and failed with
-a LoRA in training (ZIMAGE_NOTES.md). Here a block's Parameters never move. Each call of a
+Why our own design for training: diffusers' group offloading (`enable_group_offload`) moves
+parameters in place (it swaps each `param.data` between host and device), so the trained LoRA's
+autograd graph and the optimizer see tensors that move under them; it failed with a LoRA in
+training. Here a block's Parameters never move. Each call of a
 block gets fresh device copies, put into the block's parameter slots only for the length
 of the call and restored afterwards. Autograd keeps whatever it saved (device copies), so
 backward is correct no matter what the slots hold later. With full gradient checkpointing
@@ -25,13 +28,24 @@ streams, which is how the tests check that offloading changes no number.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
+from ..fileio import header_entries
+from ..models import transformer_files
+from ..zimage import BLOCK_STACKS, QUANT_LEAVES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..lora.network import LoraNetwork
+
 PREFETCH_DEPTH = 2
+OFFLOAD_MARGIN_BYTES = 3 * 2**30  # activations, VAE and LoRAs beside the transformer on the GPU
 
 
 @dataclass
@@ -112,10 +126,6 @@ class BlockStreamer:
         for entry in self.blocks:
             entry.module.__dict__.pop("forward", None)
         self.cache.clear()
-
-    @property
-    def host_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for entry in self.blocks for h in entry.homes)
 
     # -- the call
     def _call(self, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -208,11 +218,53 @@ def move_except(model: nn.Module, device: torch.device | str, keep: set[int]) ->
 def stream_blocks(transformer: nn.Module, device: torch.device | str, compute_dtype: torch.dtype,
                   fp8: bool = False, depth: int = PREFETCH_DEPTH) -> BlockStreamer:
     """Offload every repeated block of the transformer and put the rest on `device`."""
-    from .estimate import BLOCK_STACKS, QUANT_LEAVES
-
     blocks = [block for stack in BLOCK_STACKS for block in (getattr(transformer, stack, None) or [])]
     fp8_names = (lambda path: any(path == f"{leaf}.weight" for leaf in QUANT_LEAVES)) if fp8 else None
     streamer = BlockStreamer(blocks, device, compute_dtype, fp8_names, depth)
     kept = {id(t) for block in blocks for t in list(block.parameters()) + list(block.buffers())}
     move_except(transformer, device, kept)
     return streamer
+
+
+# ------------------------------------------------------------------ sampling: diffusers' CPU offload
+
+
+def choose_offload(device_type: str, low_mem: bool, gpu_bytes: int, transformer_bytes: int) -> str:
+    """`none`, `model` (one whole model on the GPU at a time) or `sequential` (layer by layer, slowest).
+
+    Offload only exists for CUDA; elsewhere `--low-mem` is accepted and changes nothing.
+    Model offload needs the transformer plus working room on the GPU; below that, sequential.
+    """
+    if not low_mem or device_type != "cuda":
+        return "none"
+    return "model" if gpu_bytes >= transformer_bytes + OFFLOAD_MARGIN_BYTES else "sequential"
+
+
+def transformer_bytes(model_dir: Path, dtype: torch.dtype) -> int:
+    """Size of the transformer in `dtype`, read from the safetensors headers (nothing loaded)."""
+    numel = sum(math.prod(shape) for shape, _ in header_entries(transformer_files(model_dir)).values())
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def apply_offload(mode: str, parts, networks: Sequence["LoraNetwork"], device: torch.device) -> None:
+    """Put the transformer and VAE on the GPU (mode none) or behind diffusers' CPU offload hooks.
+
+    LoRA branches are small and always live on the GPU: the hooks call them with GPU inputs.
+    """
+    if mode == "none":
+        parts.transformer.to(device)
+        parts.vae.to(device)
+    else:
+        from diffusers import ZImagePipeline
+
+        pipe = ZImagePipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
+                              transformer=parts.transformer)
+        try:
+            if mode == "model":
+                pipe.enable_model_cpu_offload(device=device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=device)
+        except ImportError as exc:
+            raise ModelError(f"--low-mem needs the accelerate package ({exc}); run `pip install accelerate`") from None
+    for network in networks:
+        network.to(device)

@@ -15,7 +15,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-# Tongyi-MAI/Z-Image-Turbo transformer/config.json (ZIMAGE_NOTES.md): ~6.15 B parameters.
+from .tiny import TINY_TRANSFORMER
+
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: ~6.15 B parameters.
 ZIMAGE_CONFIG: dict[str, Any] = dict(
     all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
     n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
@@ -28,8 +30,6 @@ KNOWN_HUB_CONFIGS: dict[str, dict[str, Any]] = {"Tongyi-MAI/Z-Image-Turbo": ZIMA
 
 def synthetic_config(name: str) -> dict[str, Any]:
     """The config behind `synthetic` (real shapes) or `synthetic:tiny` (builtin:tiny's shapes)."""
-    from .tiny import TINY_TRANSFORMER
-
     return {"synthetic": ZIMAGE_CONFIG, "synthetic:tiny": TINY_TRANSFORMER}[name]
 
 

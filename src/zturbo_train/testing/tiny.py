@@ -9,10 +9,12 @@ benchmarks run on, since no model weights can be downloaded there.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+
+from ..paths import builtin_dir
+from ..zimage import QUANT_LEAVES, SCHEDULER
 
 TINY_VERSION = "2"
 TINY_NAME = "tiny"
@@ -35,17 +37,11 @@ TINY_TRANSFORMER = dict(
     n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
     axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512],
 )
-SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-
-
-def cache_root() -> Path:
-    """Where zturbo keeps builtin models and downloads (`ZTURBO_HOME`, default ~/.cache/zturbo)."""
-    return Path(os.environ.get("ZTURBO_HOME", Path.home() / ".cache" / "zturbo")).expanduser()
 
 
 def tiny_model_dir() -> Path:
     """The builtin:tiny diffusers folder, built on first use (atomically: temp folder + rename)."""
-    target = cache_root() / "builtin" / f"{TINY_NAME}-v{TINY_VERSION}"
+    target = builtin_dir() / f"{TINY_NAME}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     from .fileio import temp_dir
@@ -67,7 +63,7 @@ def tiny_adapter_file() -> Path:
     """The builtin:tiny-adapter file, in the real adapter format (diffusion_model. keys, no alpha)."""
     from safetensors.torch import save_file
 
-    target = cache_root() / "builtin" / f"{TINY_ADAPTER_NAME}-v{TINY_VERSION}.safetensors"
+    target = builtin_dir() / f"{TINY_ADAPTER_NAME}-v{TINY_VERSION}.safetensors"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,11 +79,8 @@ def build_tiny_adapter(seed: int = 1, rank: int = TINY_ADAPTER_RANK, scale: floa
 
     gen = torch.Generator().manual_seed(seed)
     dim, hidden = TINY_TRANSFORMER["dim"], _ffn_hidden(TINY_TRANSFORMER["dim"])
-    shapes = {
-        "attention.to_q": (dim, dim), "attention.to_k": (dim, dim), "attention.to_v": (dim, dim),
-        "attention.to_out.0": (dim, dim), "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden),
-        "feed_forward.w3": (hidden, dim),
-    }
+    # (out, in) of each of the block's big linears, in QUANT_LEAVES order: q, k, v, out, w1, w2, w3
+    shapes = dict(zip(QUANT_LEAVES, [(dim, dim)] * 4 + [(hidden, dim), (dim, hidden), (hidden, dim)]))
     tensors = {}
     blocks = [f"layers.{i}" for i in range(TINY_TRANSFORMER["n_layers"])]
     blocks += [f"noise_refiner.{i}" for i in range(TINY_TRANSFORMER["n_refiner_layers"])]
@@ -153,7 +146,3 @@ def build_tiny_tokenizer():
     fast.model_max_length = 1024
     return fast
 
-
-def describe() -> str:
-    """One line for `--help` and logs."""
-    return json.dumps({"transformer": TINY_TRANSFORMER["dim"], "layers": TINY_TRANSFORMER["n_layers"]})

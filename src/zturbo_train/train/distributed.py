@@ -33,7 +33,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..config import Config, TrainConfig
+from ..data.batches import TrainDataset, derive_seed
+from ..data.prepare import prepare_dataset as prepare
 from ..errors import TrainingError, ZTurboError
+from ..models import resolve_model_dir
 
 _control: Any = None  # a gloo group for host-side agreement when the training group is NCCL
 
@@ -198,11 +202,8 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ data and caches
 
 
-def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console, scanned: Any = None) -> Any:
+def prepare_dataset(cfg: Config, device: torch.device, ranks: Ranks, console, scanned: Any = None) -> TrainDataset:
     """The dataset for this rank: the ranks of a node fill the caches in shares, wait, then read them all."""
-    from ..data.prepare import prepare_dataset as prepare
-    from ..models import resolve_model_dir
-
     if not ranks.parallel:
         return prepare(cfg, device, console=console, scanned=scanned)
     with phase(ranks, "finding the model"):
@@ -224,7 +225,7 @@ def prepare_dataset(cfg: Any, device: torch.device, ranks: Ranks, console, scann
         raise
 
 
-def batch_line(train: Any, ranks: Ranks, device: torch.device) -> str:
+def batch_line(train: TrainConfig, ranks: Ranks, device: torch.device) -> str:
     """The effective batch, said once at the start: batch_size stays per rank."""
     return (f"data parallel: {ranks.world} ranks ({torch.distributed.get_backend()}, {device.type}) x batch_size {train.batch_size} x "
             f"grad_accum {train.grad_accum} = {ranks.world * train.batch_size * train.grad_accum} samples per step")
@@ -280,7 +281,6 @@ def data_parallel(session: Any, ranks: Ranks) -> None:
     ranks > 0 their own global RNG stream (used only by lora.dropout)."""
     if not ranks.parallel:
         return
-    from ..data.batches import derive_seed
 
     step = session.step
     model = LoraModel(session.transformer, session.network, step.forward)

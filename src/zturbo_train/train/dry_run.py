@@ -1,19 +1,29 @@
-"""`zturbo train --dry-run`: check everything a run needs and print the plan, training nothing.
+"""`zturbo train --dry-run`: check everything a run needs and print the plan (memory included), training nothing.
 
 It reads the dataset (every problem listed), finds the model folder and the training
 adapter, and states the effective batch and the LoRA, so a long run does not fail an
 hour in on something a second's check would have found.
 
 Before `zturbo download` (33 GB) a dry run still answers "does this preset fit": for a
-Hub model whose shapes are known (synthetic.KNOWN_HUB_CONFIGS) the memory figures come
-from those shapes, and the plan says they are estimates for the real model.
+Hub model whose shapes are known (testing.synthetic.KNOWN_HUB_CONFIGS) the memory figures
+come from those shapes, and the plan says they are estimates for the real model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..config import Config
+from ..data.inspect import check_errors, inspect_datasets, render
+from ..errors import AdapterNotDownloadedError, ModelNotDownloadedError
+from ..lora.adapter import resolve_adapter
+from ..memory.estimate import ModelShape, adapted_linears, rank_warning, shape_from_config
+from ..memory.levers import levers_for, model_shape, workload_of
+from ..memory.presets import BUDGET_GIB, estimate_for
+from ..models import resolve_device, resolve_model_dir
+from ..testing.synthetic import KNOWN_HUB_CONFIGS
 
 NOT_DOWNLOADED = "estimated for the real model (weights not downloaded)"
 
@@ -22,10 +32,6 @@ def dry_run(cfg: Config, console) -> dict:
     """Validate dataset, model folder and adapter; print the plan; returns it for tests."""
     from rich.markup import escape
     from rich.table import Table
-
-    from ..data.inspect import check_errors, inspect_datasets, render
-    from ..memory.estimate import ModelShape, adapted_linears, rank_warning, shape_from_config
-    from ..memory.levers import memory_line, model_shape
 
     model, known = _model(cfg.model.path)
     adapter = _adapter(cfg.model.adapter, downloaded=known is None)
@@ -60,10 +66,6 @@ def dry_run(cfg: Config, console) -> dict:
 
 def _model(ref: str) -> tuple[str, dict | None]:
     """(what the plan says about the model, its known config when it is not downloaded, else None)."""
-    from .errors import ModelNotDownloadedError
-    from ..models import resolve_model_dir
-    from ..testing.synthetic import KNOWN_HUB_CONFIGS
-
     try:
         return str(resolve_model_dir(ref)), None
     except ModelNotDownloadedError:
@@ -74,9 +76,6 @@ def _model(ref: str) -> tuple[str, dict | None]:
 
 def _adapter(ref: str, downloaded: bool) -> str:
     """The adapter file; before the download (model not there either) the reference and what fetches it."""
-    from ..lora.adapter import resolve_adapter
-    from .errors import AdapterNotDownloadedError
-
     try:
         path: Path | None = resolve_adapter(ref)
     except AdapterNotDownloadedError:
@@ -84,3 +83,20 @@ def _adapter(ref: str, downloaded: bool) -> str:
             raise
         return f"{ref} (not downloaded yet: `zturbo download`)"
     return str(path or "none")
+
+
+def memory_line(cfg: Config, device: torch.device | None = None, shape: ModelShape | None = None) -> str:
+    """What `zturbo train --dry-run` says about memory: the preset, its levers, the estimated peak
+    (`shape`: the model's known shapes when its weights are not downloaded)."""
+    device = device or resolve_device()
+    levers = levers_for(cfg, device, shape)
+    est = estimate_for(levers, shape or model_shape(cfg.model.path), workload_of(cfg))
+    text = (f"{levers.memory}: {levers.describe()}; estimated peak {est.total:.1f} GiB (weights {est.weights:.1f}, "
+            f"LoRA and optimizer {est.lora:.1f}, activations {est.activations:.1f})")
+    if est.host:
+        text += f", plus {est.host:.1f} GiB of pinned host memory"
+    budget = BUDGET_GIB.get(levers.memory)
+    if budget is not None and est.total > budget:
+        text += (f"; over the {levers.memory} preset's {budget:g} GiB at this resolution/batch/rank, so pick a "
+                 f"smaller preset or lower them")
+    return text + (f" [{levers.note}]" if levers.note else "")

@@ -4,7 +4,7 @@
              -> loop(step.backward / step.update, log, maybe_save, maybe_preview)
              -> final save
 
-The step itself lives in step.py (shared with `zturbo bench`); here sit the things beside
+The step itself lives in train/step.py (shared with `zturbo bench`); here sit the things beside
 it: reading the loss only when logging (one host sync per `log_every` steps), saving
 atomically, previews with the training adapter inverted, and stopping cleanly on Ctrl-C,
 SIGTERM, a NaN loss or out-of-memory without losing the last good checkpoint.
@@ -20,20 +20,30 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from rich.markup import escape
 
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from rich.console import Console
+
+    from ..data.batches import TrainDataset
 from .. import __version__
 from ..config import Config
 from ..errors import TrainingError
-from ..fileio import append_line, write_json
+from ..fileio import append_line, write_json, write_text, write_with
+from ..images import make_grid
+from ..lora.adapter import TrainingAdapter
 from ..lora.formats import LoraWeights, modules_of, write_lora_file
+from ..lora.network import LoraNetwork, create_lora
 from ..memory.estimate import rank_warning
-from ..models import torch_dtype
+from ..memory.levers import apply_levers, levers_for, workload_of
+from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..monitor import Monitor
 from ..preflight import check_train
+from ..sampling import generate_images
 from . import distributed
 from .resume import plan_resume, record_resume
 from .state import (
@@ -50,7 +60,6 @@ from .state import (
     save_state,
 )
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
-
 
 LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
@@ -75,16 +84,16 @@ class Session:
     cfg: Config
     run: RunFolder
     device: torch.device
-    transformer: Any
-    vae: Any
-    scheduler: Any
-    adapter: Any
-    network: Any
+    transformer: ZImageTransformer2DModel
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerDiscreteScheduler
+    adapter: TrainingAdapter
+    network: LoraNetwork
     step: TrainStep
-    dataset: Any
-    preview_embeds: list
-    negative_embeds: list | None
-    console: Any
+    dataset: TrainDataset
+    preview_embeds: list[torch.Tensor]
+    negative_embeds: list[torch.Tensor] | None
+    console: Console | None  # None when setup() is called without one
     start_step: int = 0
     data_state: dict | None = None
     rank: int = 0
@@ -93,14 +102,6 @@ class Session:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------ setup
@@ -115,13 +116,9 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     and the step is wrapped in DDP over the LoRA once every rank holds the same state.
     """
     from ..data.prepare import scan_dataset
-    from ..lora.adapter import TrainingAdapter
-    from ..lora.network import create_lora
-    from ..memory.levers import apply_levers, levers_for, workload_of
-    from ..models import load_parts
 
     ranks = ranks or distributed.Ranks()
-    device = device or pick_device()
+    device = device or resolve_device()
     check_train(cfg, resume, overwrite, writes_run=ranks.is_main)
     with distributed.phase(ranks, "checking the data"):  # every dataset problem before the output folder is touched
         scanned = scan_dataset(cfg, console)
@@ -203,7 +200,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue
-    from ..fileio import write_text
 
     write_text(path, "".join(f"{line}\n" for line in kept))
 
@@ -241,16 +237,13 @@ def save_training_state(s: Session, step: int, loader) -> Path:
 @torch.no_grad()
 def preview(s: Session, step: int) -> list[Path]:
     """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo)."""
-    from ..commands.sample import generate_images, make_grid
-    from ..fileio import write_with
-
     cfg = s.cfg.sample
     if not cfg.prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
     s.network.eval()
     try:
-        with s.adapter.inverted(), _autocast(s):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device)
@@ -262,15 +255,6 @@ def preview(s: Session, step: int) -> list[Path]:
     grid = make_grid([images], [f"step {step}"])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
-
-
-def _autocast(s: Session):
-    dtype = s.step.settings.autocast_dtype
-    if dtype is None:
-        from contextlib import nullcontext
-
-        return nullcontext()
-    return torch.autocast(s.device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------ the loop

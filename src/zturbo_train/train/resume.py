@@ -20,8 +20,8 @@ from ..errors import LoraError, TrainingError
 from ..fileio import append_line, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .state import RunFolder
     from ..config import Config
+    from .state import RunFolder
 
 # Why each cannot change: the saved tensors have that shape, scale, base or optimizer layout.
 FROZEN = {

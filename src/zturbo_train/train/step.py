@@ -7,7 +7,6 @@ only when it logs. Per-step Python work is limited to what cannot be hoisted.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 from .. import flow
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..models import autocast
 
 
 @dataclass(frozen=True)
@@ -70,49 +70,38 @@ class TrainStep:
         self.device = generator.device
         self.model_dtype = next(transformer.parameters()).dtype
 
-    def _autocast(self):
-        if self.settings.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.settings.autocast_dtype)
-
-    def loss(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
-             weights: Sequence[float] | None = None, noise: Tensor | None = None,
-             sigmas: Tensor | None = None) -> Tensor:
+    def loss(self, latents: Tensor, embeds: Sequence[Tensor], weights: Sequence[float] | None = None,
+             noise: Tensor | None = None, sigmas: Tensor | None = None) -> Tensor:
         """The flow-matching loss of one micro-batch (fp32 scalar on the device).
 
         `noise` and `sigmas` come drawn with the batch (the loader's reader thread calls
-        `draw_noise`); `seeds` (one per sample) draw them here instead; with neither, the
-        step's own generator draws them. Keyed draws give a sample the same noise in whichever
-        batch, micro-batch or rank it lands. `weights` scale per-sample losses (data-parallel
-        slices of a batch's last, uneven part).
+        `draw_noise`, keyed per sample, so a sample gets the same noise in whichever batch,
+        micro-batch or rank it lands); without them (the bench) the step's own generator draws
+        them. `weights` scale per-sample losses (data-parallel slices of a batch's last, uneven part).
         """
         s = self.settings
         if noise is None:
-            noise, sigmas = self._draw(latents, seeds)
+            noise, sigmas = self._draw(latents)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with self._autocast():  # t stays fp32, as ZImagePipeline and our sampler pass it: a bf16 t rounds the time
+        with autocast(self.device, self.settings.autocast_dtype):  # t stays fp32, as ZImagePipeline and our sampler pass it
             pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
             loss_weights = loss_weights * to_device(weights, loss_weights.device)
         return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
 
-    def _draw(self, latents: Tensor, seeds: Sequence[int] | None) -> tuple[Tensor, Tensor]:
-        """(noise, sigmas): keyed by `seeds` (as the loader draws them), or from the step's generator."""
+    def _draw(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """(noise, sigmas) from the step's generator, for callers whose batches carry none (the bench)."""
         s = self.settings
-        if seeds is not None:
-            noise, sigmas = draw_noise(seeds, tuple(latents.shape[1:]), s)
-            return noise.to(latents.device), sigmas.to(latents.device)
         noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
         return noise, flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
                                          s.logit_mean, s.logit_std, s.timestep_shift)
 
-    def backward(self, latents: Tensor, embeds: Sequence[Tensor], seeds: Sequence[int] | None = None,
-                 weights: Sequence[float] | None = None, noise: Tensor | None = None,
-                 sigmas: Tensor | None = None) -> Tensor:
+    def backward(self, latents: Tensor, embeds: Sequence[Tensor], weights: Sequence[float] | None = None,
+                 noise: Tensor | None = None, sigmas: Tensor | None = None) -> Tensor:
         """Loss and backward of one micro-batch, scaled for accumulation; returns the detached loss."""
-        loss = self.loss(latents, embeds, seeds, weights, noise, sigmas)
+        loss = self.loss(latents, embeds, weights, noise, sigmas)
         (loss / self.settings.grad_accum).backward()
         return loss.detach()
 
