@@ -195,7 +195,7 @@ def print_summary(result) -> None:
     """The end-of-run table: time, the losses (labelled: the bar showed the smoothed one), where the files are."""
     from rich.table import Table
 
-    from .train.loop import LOSS_LABEL
+    from .monitor.records import LAST_LOSS_LABEL, LOSS_LABEL
 
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -204,7 +204,7 @@ def print_summary(result) -> None:
     table.add_row("steps", str(result.steps_done))
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row(LOSS_LABEL, loss(result.smoothed_loss))
-    table.add_row("last step loss", loss(result.final_loss))
+    table.add_row(LAST_LOSS_LABEL, loss(result.final_loss))
     table.add_row("LoRA", str(result.lora_path))
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
@@ -397,7 +397,7 @@ def report(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Redraw loss.png and the preview timelines first."),
 ) -> None:
     """Write RUN_DIR/report.html: settings, loss plot, previews (prompts x steps), files, next commands."""
-    from .monitor.report import report_run
+    from .commands.report import report_run
 
     typer.echo(f"wrote {report_run(run_dir, plots=plots)}")
 

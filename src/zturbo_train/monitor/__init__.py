@@ -1,7 +1,7 @@
 """Watching a run: TensorBoard / W&B logging, loss.png, preview timelines and report.html.
 
 `Monitor` is the training loop's one handle (hooks, a background thread); `write_report`
-makes report.html from any run folder (`zturbo report RUN_DIR`).
+makes report.html from any run folder (also for `zturbo report RUN_DIR`, commands/report.py).
 """
 
 from .monitor import Monitor, MonitorWarning

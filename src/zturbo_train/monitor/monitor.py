@@ -25,8 +25,8 @@ from typing import Any
 
 from ..config import Config
 from ..fileio import write_text
-from .commands import RUN_TOML, to_toml
 from .loggers import Logger
+from .next_commands import RUN_TOML, to_toml
 from .records import MetricsTail, flat, previews, read_metrics, scalars
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import write_with
-from .records import Preview
+from .records import LOSS_LABEL, Preview
 
 FRAME_HEIGHT = 256  # timeline frames are scaled down to this height (never up)
 LABEL_HEIGHT = 20
@@ -34,7 +34,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     top.plot(*_series(rows, "loss"), color="#9db4d9", linewidth=0.8, label="loss")
-    top.plot(*_series(rows, "loss_smooth"), color="#1f4e9c", linewidth=1.8, label="loss (smoothed)")
+    top.plot(*_series(rows, "loss_smooth"), color="#1f4e9c", linewidth=1.8, label=LOSS_LABEL)
     val = _series(rows, "val_loss")
     if val[0]:
         top.plot(*val, color="#d1495b", marker="o", linewidth=1.5, label="validation loss")

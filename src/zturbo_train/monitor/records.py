@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# what the progress bar, the end-of-run summary, the report and loss.png call metrics.jsonl's loss_smooth and loss
+LOSS_LABEL = "loss (smoothed)"
+LAST_LOSS_LABEL = "last step loss"
+HISTORY = "config-history.jsonl"  # written by train/resume.py at a resume that changed settings
 AXES = ("step", "time")  # the x axis and the wall clock of a row: carried by the loggers, not logged as values
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
@@ -40,6 +44,11 @@ def parse_rows(text: str) -> list[dict[str, Any]]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return parse_rows(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def read_history(root: Path) -> list[dict[str, Any]]:
+    """config-history.jsonl: one row per resume that changed a setting ({"step", "changes": {key: {from, to}}})."""
+    return [row for row in read_metrics(root / HISTORY) if isinstance(row.get("changes"), dict)]
 
 
 class MetricsTail:

@@ -1,8 +1,8 @@
 """report.html: one static page per run folder that opens offline.
 
 Everything the page shows comes from the run folder (run.toml or config.json, metrics.jsonl,
-samples/, the LoRA files), so `zturbo report RUN_DIR` works on a finished run, a stopped
-one and one still training. CSS is inline, thumbnails and the loss plot are embedded as
+samples/, the LoRA files), so `zturbo report RUN_DIR` (commands/report.py) works on a finished
+run, a stopped one and one still training. CSS is inline, thumbnails and the loss plot are embedded as
 small data URIs; the loss plot and the links (click to enlarge, the files) are relative
 to the run folder.
 """
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from ..errors import TrainingError
 from ..fileio import write_text
-from .commands import RUN_TOML, commands
-from .records import Preview, previews, read_metrics
+from .next_commands import RUN_TOML, commands
+from .records import HISTORY, LAST_LOSS_LABEL, LOSS_LABEL, Preview, previews, read_history, read_metrics
 
 REPORT = "report.html"
 THUMB = 192  # px, longest side of an embedded preview (shown at 144 px, sharp on high-density screens)
@@ -57,20 +56,6 @@ def load_config(root: Path) -> dict[str, Any]:
     return {}
 
 
-def report_run(root: Path, plots: bool = True) -> Path:
-    """`zturbo report`: redraw the plots (unless told not to) and write report.html of any run folder."""
-    from .plots import plot_loss, timelines
-
-    root = Path(root).resolve()  # the page's commands then work from any folder
-    if not (root / "metrics.jsonl").is_file() and not (root / "config.json").is_file():
-        raise TrainingError(f"{root} is not a zturbo run folder (no metrics.jsonl or config.json); "
-                            f"pass the train.output_dir of a run")
-    if plots:
-        plot_loss(read_metrics(root / "metrics.jsonl"), root / "loss.png")
-        timelines(previews(root / "samples"), root / "samples")
-    return write_report(root, phase="unknown")
-
-
 def write_report(root: Path, status: str | None = None, phase: Phase = "ended") -> Path:
     """Write <root>/report.html atomically; `status` is an ending the files cannot tell (an error)."""
     root = Path(root)
@@ -85,7 +70,7 @@ def render(root: Path, status: str | None, phase: Phase) -> str:
     body = [f"<h1>{_e(name)}</h1>",
             f'<div><span class="status {css}">{_e(label)}</span> <span class="muted">{_e(str(root))} · '
             f'report written {time.strftime("%Y-%m-%d %H:%M:%S")}</span></div>',
-            '<div class="grid2">', _settings(config), _progress(config, rows, phase), "</div>",
+            '<div class="grid2">', _settings(root, config), _progress(config, rows, phase), "</div>",
             "<h2>Loss</h2>", _plot(root), "<h2>Previews</h2>", _previews(root, previews(root / "samples"), config),
             "<h2>Files</h2>", _files(root, name), "<h2>Commands</h2>", _commands(root, config)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)} · zturbo report</title>'
@@ -121,7 +106,7 @@ def _table(pairs: list[tuple[str, Any]]) -> str:
     return '<table class="kv">' + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs) + "</table>"
 
 
-def _settings(config: dict) -> str:
+def _settings(root: Path, config: dict) -> str:
     model, lora, train = config.get("model", {}), config.get("lora", {}), config.get("train", {})
     pairs = [("base model", model.get("path", "?")),
              ("adapter", f"{model.get('adapter', '?')} ({model.get('adapter_mode', '?')}, weight "
@@ -135,6 +120,10 @@ def _settings(config: dict) -> str:
                           f"seed {train.get('seed', '?')}, memory {train.get('memory', '?')}")]
     for n, data in enumerate(config.get("data", [])):
         pairs.append((f"data {n}" if len(config.get("data", [])) > 1 else "data", _data_line(data)))
+    for row in read_history(root):  # the settings above are the latest session's; what each resume changed
+        pairs.append((f"changed at step {row['step']}", ", ".join(
+            f"{key} {json.dumps(change.get('from'))} -> {json.dumps(change.get('to'))}"
+            for key, change in row["changes"].items() if isinstance(change, dict))))
     return "<div><h2>Run</h2>" + _table(pairs) + "</div>"
 
 
@@ -159,8 +148,8 @@ def _progress(config: dict, rows: list[dict], phase: Phase) -> str:
     per_step = statistics.median(seconds) if seconds else None
     samples = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
     pairs: list[tuple[str, Any]] = [("steps", f"{last['step']} of {total}"),
-                                    ("loss", f"{last.get('loss_smooth', last.get('loss', float('nan'))):.4f} "
-                                             f"(smoothed; last raw {last.get('loss', float('nan')):.4f})")]
+                                    (LOSS_LABEL, _number(last.get("loss_smooth"))),
+                                    (LAST_LOSS_LABEL, _number(last.get("loss")))]
     if seconds and per_step:
         pairs += [("training time", _duration(sum(seconds))),
                   ("speed", f"{per_step:.3g} s/step (median), {samples / per_step:.3g} images/s per GPU")]
@@ -173,6 +162,11 @@ def _progress(config: dict, rows: list[dict], phase: Phase) -> str:
         if values:
             pairs.append((key.replace("_", " "), f"{values[-1]:.4g} (last)"))
     return "<div><h2>Time and speed</h2>" + _table(pairs) + "</div>"
+
+
+def _number(value: Any) -> str:
+    """A loss as the end-of-run summary prints it ('-' when the row has none)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
 def _duration(seconds: float) -> str:
@@ -234,7 +228,8 @@ def _size(path: Path) -> str:
 def _files(root: Path, name: str) -> str:
     files = [root / f"{name}.safetensors", *sorted((root / "checkpoints").glob("*.safetensors")),
              *sorted(p / "state.safetensors" for p in (root / "state").glob("step-*")),
-             root / "loss.png", root / "metrics.jsonl", root / RUN_TOML, root / "config.json"]
+             root / "loss.png", root / "metrics.jsonl", root / RUN_TOML, root / "config.json",
+             root / HISTORY]  # not the run lock (.zturbo-train.lock): no file of the run
     rows = [f'<tr><td><a href="{_href(root, p)}">{_e(p.relative_to(root).as_posix())}</a></td><td>{_size(p)}</td></tr>'
             for p in files if p.is_file()]
     return "<table>" + "".join(rows) + "</table>" if rows else '<p class="muted">no files yet</p>'

@@ -42,6 +42,7 @@ from ..memory.estimate import rank_warning
 from ..memory.levers import apply_levers, levers_for, workload_of
 from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..monitor import Monitor
+from ..monitor.records import LOSS_LABEL
 from ..preflight import check_train
 from ..sampling import generate_images
 from . import distributed
@@ -60,8 +61,6 @@ from .state import (
     save_state,
 )
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
-
-LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
 
 @dataclass
