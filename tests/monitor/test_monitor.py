@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from html.parser import HTMLParser
@@ -25,7 +26,7 @@ from zturbo_train.config import load_config
 from zturbo_train.errors import ConfigError, TrainingError
 from zturbo_train.monitor import Monitor, MonitorWarning
 from zturbo_train.monitor.loggers import TensorBoard
-from zturbo_train.monitor.records import MetricsTail, scalars
+from zturbo_train.monitor.records import LAST_LOSS_LABEL, LOSS_LABEL, MetricsTail, scalars
 from zturbo_train.train import loop as train_module
 from zturbo_train.train.loop import run
 from zturbo_train.train.step import TrainStep
@@ -412,3 +413,26 @@ def test_a_new_run_in_the_folder_starts_new_logs_and_a_resume_keeps_them(tmp_pat
             pass
         old_events = root / "tensorboard" / "events.out.tfevents.old"
         assert (root / "wandb.json").exists() == kept and old_events.exists() == kept
+
+
+def test_report_shows_what_a_resume_changed_and_labels_losses_as_the_summary_does(tmp_path, example_data):
+    """A resume with changed settings (issue 12's config-history.jsonl) shows them in the report, which lists
+    that file but not the run lock; its losses carry the end-of-run summary's labels and values.
+    Checked to fail: without the history rows in _settings; with the report's own 'loss' label."""
+    cfg = make_config(tmp_path, example_data, steps=2, save_every=2, sample_every=2, log_every=1)
+    assert runner.invoke(app, ["train", str(cfg), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["train", str(cfg), "--resume", "--set", "train.steps=3", "--set", "train.lr=0.001"],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "<tr><th>changed at step 2</th><td>" in page
+    assert "train.steps 2 -&gt; 3" in page and "train.lr 0.002 -&gt; 0.001" in page
+    links = _parse_report(run_dir).links
+    assert "config-history.jsonl" in links and (run_dir / "config-history.jsonl").is_file()
+    assert (run_dir / ".zturbo-train.lock").exists() and not any("lock" in link for link in links)
+    last = metric_rows(run_dir)[-1]
+    for label, key in ((LOSS_LABEL, "loss_smooth"), (LAST_LOSS_LABEL, "loss")):
+        shown = f"{last[key]:.4f}"
+        assert f"<tr><th>{label}</th><td>{shown}</td></tr>" in page, label
+        assert re.search(rf"{re.escape(label)}\W+{shown}", result.output), (label, result.output)

@@ -122,9 +122,14 @@ def _settings(root: Path, config: dict) -> str:
         pairs.append((f"data {n}" if len(config.get("data", [])) > 1 else "data", _data_line(data)))
     for row in read_history(root):  # the settings above are the latest session's; what each resume changed
         pairs.append((f"changed at step {row['step']}", ", ".join(
-            f"{key} {json.dumps(change.get('from'))} -> {json.dumps(change.get('to'))}"
+            f"{key} {_setting(change.get('from'))} -> {_setting(change.get('to'))}"
             for key, change in row["changes"].items() if isinstance(change, dict))))
     return "<div><h2>Run</h2>" + _table(pairs) + "</div>"
+
+
+def _setting(value: Any) -> str:
+    """A setting's value as `--resume` prints its changes (train/resume.py)."""
+    return "(unset)" if value is None else json.dumps(value)
 
 
 def _data_line(data: dict) -> str:
