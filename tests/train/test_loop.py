@@ -580,13 +580,13 @@ def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
 def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
     """OOM while loading the model / creating the LoRA (before any step): one line, no traceback; a new
     run can simply be started again, and a resumed run's saved states and LoRAs are untouched."""
-    import zturbo_train.lora.network as lora_module
+    import zturbo_train.train.loop as loop_module  # where setup looks create_lora up
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     cfg_path = make_config(tmp_path, example_data, steps=2, save_every=0, sample_every=0)
-    monkeypatch.setattr(lora_module, "create_lora", oom)
+    monkeypatch.setattr(loop_module, "create_lora", oom)
     result = runner.invoke(app, ["train", str(cfg_path), "-q"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: out of GPU memory while setting up (loading the model, adapter and LoRA) for resolution 64, " \
@@ -597,7 +597,7 @@ def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, 
 
     run_dir = tmp_path / "run"
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    monkeypatch.setattr(lora_module, "create_lora", oom)
+    monkeypatch.setattr(loop_module, "create_lora", oom)
     result = runner.invoke(app, ["train", str(cfg_path), "-q", "--resume", "--set", "train.steps=3"])
     assert result.exit_code == 1 and "saved states are untouched; run again with --resume" in result.output
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
