@@ -275,7 +275,14 @@ def _report(message: str) -> None:
         console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
-LoraOption = typer.Option(None, "--lora", "-l", help="LoRA file as PATH[:STRENGTH] (repeatable; comfyui, diffusers or kohya keys).")
+LoraOption = typer.Option(None, "--lora", "-l", help="LoRA file as PATH[:STRENGTH] (repeatable): any key style "
+                          "(comfyui, diffusers, musubi/kohya, ComfyUI's fused qkv), LoKr, LoHa or .diff patches.")
+AllowPartialOption = typer.Option(False, "--allow-partial", help="Use a LoRA that fits this model only in part "
+                                  "(warn and skip the keys it cannot place) instead of refusing it.")
+FORMAT_HELP = ("Key style of the --to-lora file. comfyui (default): loads fully in ComfyUI v0.3.76+ and diffusers. "
+               "diffusers: alpha baked in; loads fully in diffusers and ComfyUI builds after v0.3.77. "
+               "musubi (alias kohya): musubi-tuner's lora_unet_ style; loads fully in musubi-tuner and diffusers, "
+               "ComfyUI drops its attention weights. See `zturbo inspect` and the README table.")
 
 
 @app.command(epilog="Examples:\n\n  zturbo sample --model builtin:tiny --prompt 'a red cube' --width 64 --height 64\n\n"
@@ -302,6 +309,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N, mps or cpu."),
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
+    allow_partial: bool = AllowPartialOption,
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
     from .preflight import SampleSettings, check_sample, parse_lora_spec, read_prompts_file
@@ -310,7 +318,7 @@ def sample(
     settings = SampleSettings(
         prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
         seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
-        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size)
+        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, allow_partial=allow_partial)
     check_sample(settings)  # before torch and diffusers are imported: a bad option fails in a second
     quiet_libraries()
     from .commands.sample import sample as run_sample
@@ -321,7 +329,7 @@ def sample(
 @app.command(epilog="Examples:\n\n  zturbo merge --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 --out merged-tiny\n\n"
              "  zturbo merge --lora my-lora.safetensors:0.8 --out merged-turbo\n\n"
              "  zturbo merge --lora a.safetensors --lora b.safetensors:0.5 --to-lora ab.safetensors\n\n"
-             "  zturbo merge --lora lora.safetensors --to-lora lora-kohya.safetensors --format kohya\n\n"
+             "  zturbo merge --lora lora.safetensors --to-lora lora-musubi.safetensors --format musubi\n\n"
              "  zturbo merge --adapter v2 --out z-image-dedistilled --dtype bf16")
 @fails_cleanly
 def merge(
@@ -332,8 +340,9 @@ def merge(
     adapter_weight: float = typer.Option(1.0, "--adapter-weight", help="Strength of --adapter."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (model default bf16; --to-lora default: exact fp32, or as read)."),
     to_lora: Optional[Path] = typer.Option(None, "--to-lora", help="Merge the LoRAs into one LoRA file instead of into the model."),
-    style: Optional[str] = typer.Option(None, "--format", help="Key style of the --to-lora file: comfyui (default), diffusers or kohya."),
+    style: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    allow_partial: bool = AllowPartialOption,
 ) -> None:
     """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
     from .preflight import check_merge, parse_lora_spec
@@ -345,10 +354,11 @@ def merge(
 
     if to_lora is not None:
         merge_to_lora(specs, to_lora, style=style or "comfyui", dtype=dtype, model=model,
-                      model_required=model != TURBO_REPO, overwrite=overwrite, log=_report)
+                      model_required=model != TURBO_REPO, overwrite=overwrite, log=_report,
+                      allow_partial=allow_partial)
     else:
         merge_into_model(specs, out, model=model, adapter=adapter, adapter_weight=adapter_weight,
-                         dtype=dtype or "bf16", overwrite=overwrite, log=_report)
+                         dtype=dtype or "bf16", overwrite=overwrite, log=_report, allow_partial=allow_partial)
 
 
 @app.command(epilog="Examples:\n\n  zturbo bench --model builtin:tiny --steps 3 --warmup 1\n\n"
@@ -387,6 +397,29 @@ def bench(
         for table in render(doc):
             Console().print(table)
         console.print(f"wrote {out}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  zturbo inspect output/quickstart/quickstart.safetensors\n\n"
+             "  zturbo inspect my_lora.safetensors --model builtin:tiny --json\n\n"
+             "  zturbo inspect a.safetensors b.safetensors --model Tongyi-MAI/Z-Image-Turbo")
+@fails_cleanly
+def inspect(
+    files: List[Path] = typer.Argument(..., help="LoRA / adapter .safetensors file(s)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Also check the fit against this model "
+                                        "(Z-Image folder, downloaded Hub id, or builtin:tiny); reads headers only."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Show a LoRA's key style, modules, ranks, alphas, metadata and which tools load it fully."""
+    from .commands.inspect import inspect_file
+    from .lora.inspect import render
+
+    reports = [inspect_file(path, model) for path in files]
+    if as_json:
+        typer.echo(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        return
+    for report in reports:
+        for line in render(report):
+            typer.echo(line)
 
 
 @app.command(epilog="Examples:\n\n  zturbo report output/quickstart\n\n"

@@ -87,6 +87,7 @@ class SampleSettings:
     device: str = "auto"
     dtype: str = "bf16"
     batch_size: int = 1
+    allow_partial: bool = False  # a LoRA that fits only in part: warn and use the rest instead of refusing it
 
 
 def read_prompts_file(path: Path) -> list[str]:

@@ -260,15 +260,21 @@ def test_lora_of_another_model_names_its_keys(tmp_path):
         sample(settings(tmp_path, loras=[LoraSpec(flux)]))
 
 
-def test_partial_match_warns_with_the_count(tmp_path, pipe):
+def test_partial_match_is_refused_unless_allowed(tmp_path, pipe):
+    """A file that fits only in part used to be applied with a warning; now it is an error naming the keys."""
     from zturbo_train.lora.formats import LoraWeights
 
     loras = random_lora(pipe.transformer, scale=0.01)
     loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(4, 8), torch.zeros(8, 4))
     path = write_lora_file(tmp_path / "partial.safetensors", loras)
+    expected = (rf"1 of {len(loras)} modules this model lacks \(keys it could not place: "
+                r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.\*\); pass --allow-partial")
+    with pytest.raises(LoraError, match=expected):
+        sample(settings(tmp_path, loras=[LoraSpec(path)]))
     notes = []
-    sample(settings(tmp_path, loras=[LoraSpec(path)]), log=notes.append)
-    assert any(f"1 of {len(loras)} modules are not in this model" in n for n in notes)
+    sample(settings(tmp_path, loras=[LoraSpec(path)], allow_partial=True), log=notes.append)
+    assert any(f"1 of {len(loras)} modules are not in this model and were skipped (--allow-partial): "
+               "diffusion_model.double_blocks.0.img_attn.qkv.*" in n for n in notes)
 
 
 def test_prompts_file_problems(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from zturbo_train.errors import LoraError
 from zturbo_train.lora import formats as keys
@@ -37,8 +37,12 @@ def test_round_trip_each_style(tmp_path, tiny_transformer, style, alpha):
     back, meta = read_lora_file(path)
     assert back.keys() == loras.keys()
     for name, lora in loras.items():
-        assert torch.equal(back[name].down, lora.down) and torch.equal(back[name].up, lora.up)
-        assert back[name].scale == lora.scale
+        # diffusers bakes alpha/rank into lora_B (scale 1 after); the others keep the tensors and alpha as they are.
+        baked = style == "diffusers"
+        assert torch.equal(back[name].down, lora.down)
+        assert torch.equal(back[name].up, lora.up * lora.scale if baked else lora.up)
+        assert back[name].scale == (1.0 if baked else lora.scale)
+        assert torch.equal(back[name].delta(), lora.delta())
     assert meta["zturbo.trigger_word"] == "sks" and meta["zturbo.steps"] == "10"
     assert meta["zturbo.format_version"] == keys.FORMAT_VERSION
 
@@ -49,7 +53,8 @@ def test_key_names_per_style(tiny_transformer):
     assert "diffusion_model.layers.0.attention.to_out.0.lora_A.weight" in comfy
     assert "diffusion_model.layers.0.attention.to_out.0.alpha" in comfy
     assert "transformer.layers.1.feed_forward.w2.lora_B.weight" in keys.to_state_dict(loras, "diffusers")
-    assert "lora_unet_layers_0_attention_to_out_0.lora_up.weight" in keys.to_state_dict(loras, "kohya")
+    assert "lora_unet_layers_0_attention_to_out_0.lora_up.weight" in keys.to_state_dict(loras, "musubi")
+    assert keys.to_state_dict(loras, "kohya").keys() == keys.to_state_dict(loras, "musubi").keys()  # the old name
 
 
 def test_adapter_format_without_alpha_reads_as_scale_one(tiny_adapter):
@@ -73,7 +78,7 @@ def test_foreign_keys_and_broken_pairs(tmp_path):
     with pytest.raises(LoraError, match="is not a LoRA weight"):
         read_lora_file(path)
     save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4)}, str(path))
-    with pytest.raises(LoraError, match="no lora_B/lora_up weight for layers.0.attention.to_q"):
+    with pytest.raises(LoraError, match="no lora_B/lora_up weight for diffusion_model.layers.0.attention.to_q"):
         read_lora_file(path)
 
 
@@ -86,10 +91,14 @@ def test_lora_of_another_model_is_refused(tiny_transformer):
         load_lora(tiny_transformer, wrong_shape)
 
 
-def test_partial_match_attaches_the_rest(tiny_transformer):
+def test_partial_match_is_refused_unless_allowed(tiny_transformer):
     loras = random_lora(tiny_transformer)
-    loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(2, 8), torch.zeros(8, 2))
-    network = load_lora(tiny_transformer, loras)
+    loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(2, 8), torch.zeros(8, 2),
+                                                        source="lora_unet_double_blocks_0_img_attn_qkv")
+    with pytest.raises(LoraError, match=r"1 of \d+ modules this model lacks \(keys it could not place: "
+                                        r"lora_unet_double_blocks_0_img_attn_qkv\.\*\); pass --allow-partial"):
+        load_lora(tiny_transformer, loras)
+    network = load_lora(tiny_transformer, loras, partial_ok=True)
     assert network.unmatched == ["double_blocks.0.img_attn.qkv"] and len(network.names) == len(loras) - 1
 
 
@@ -151,10 +160,16 @@ def test_written_lora_loads_in_diffusers_with_identical_image(tmp_path, tiny_dir
     assert abs(ours - theirs).max() < 1e-5
 
 
-def test_diffusers_metadata_carries_per_module_rank_and_alpha(tiny_transformer):
+def test_diffusers_metadata_carries_per_module_rank_with_alpha_baked(tiny_transformer, tmp_path):
+    """alpha/rank lives in the lora_B tensors, so the header says alpha = rank per module (scale 1 everywhere)."""
     loras = random_lora(tiny_transformer, alpha=2.0)
     first = sorted(loras)[0]
     loras[first] = LoraWeights(torch.randn(8, loras[first].down.shape[1]), torch.randn(loras[first].up.shape[0], 8), 5.0)
     meta = json.loads(keys.diffusers_metadata(loras)[keys.DIFFUSERS_METADATA_KEY])
     assert meta["transformer.r"] == 4 and meta["transformer.rank_pattern"] == {first: 8}
-    assert meta["transformer.alpha_pattern"] == {first: 5.0}
+    assert meta["transformer.lora_alpha"] == 4 and meta["transformer.alpha_pattern"] == {first: 8.0}
+    # A reader that ignores the header (ComfyUI) gets the same update as one that reads it.
+    path = write_lora_file(tmp_path / "d.safetensors", loras, "diffusers")
+    plain = keys.parse_state_dict(load_file(path))
+    for name, lora in loras.items():
+        torch.testing.assert_close(plain[name].delta(), lora.delta(), rtol=1e-5, atol=1e-6)  # fp32 order

@@ -71,6 +71,12 @@ def test_cli_run_writes_everything(trained):
     _, meta = read_lora_file(run_dir / "t.safetensors")
     assert meta["zturbo.trigger_word"] == "sks" and meta["zturbo.steps"] == "60"
     assert meta["zturbo.rank"] == "8" and meta["zturbo.adapter"] == "builtin:tiny-adapter"
+    # what LoRA managers read (lora.metadata.build_metadata), on the final LoRA and on checkpoints
+    assert meta["ss_output_name"] == "t" and meta["modelspec.trigger_phrase"] == "sks" and meta["ss_steps"] == "60"
+    assert meta["ss_network_dim"] == "8" and meta["ss_base_model_version"] == "zimage" and meta["sshs_model_hash"]
+    _, step_meta = read_lora_file(run_dir / "checkpoints" / "t-step000030.safetensors")
+    assert step_meta["ss_steps"] == "30" and step_meta["modelspec.architecture"] == "Z-Image/lora"
+    assert step_meta["ss_training_started_at"] == meta["ss_training_started_at"] and meta["modelspec.date"]
 
 
 def test_loss_falls(trained):
@@ -580,7 +586,7 @@ def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
 def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
     """OOM while loading the model / creating the LoRA (before any step): one line, no traceback; a new
     run can simply be started again, and a resumed run's saved states and LoRAs are untouched."""
-    import zturbo_train.train.loop as loop_module  # where setup looks create_lora up
+    import zturbo_train.train.loop as loop_module  # setup() calls the create_lora it imported
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

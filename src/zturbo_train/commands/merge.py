@@ -21,18 +21,26 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..errors import AdapterError, ConfigError, LoraError, ModelError
+from ..errors import AdapterError, ConfigError, LoraError, ModelError, ZTurboError
 from ..fileio import header_entries, save_safetensors, temp_dir, write_json
 from ..lora.adapter import read_adapter, resolve_adapter
+from ..lora.deltas import DeltaWeights
 from ..lora.files import LoadedLora, LoraSpec, file_sha256, read_loras
-from ..lora.formats import STYLES, LoraDict, LoraWeights, require_fit, write_lora_file
+from ..lora.formats import (
+    STYLES,
+    LoraDict,
+    LoraWeights,
+    Update,
+    partial_warning,
+    require_fit,
+    resolve_style,
+    write_lora_file,
+)
 from ..models import INDEX_NAME, resolve_model_dir, torch_dtype, transformer_files
 from ..zimage import TURBO_REPO
 
 Log = Callable[[str], None]
 PROVENANCE_NAME = "zturbo_merge.json"
-# Header keys that describe a file's own style; a converted file gets its own.
-_STYLE_KEYS = {"format", "zturbo.style", "zturbo.format_version", "modelspec.architecture", "lora_adapter_metadata"}
 
 
 def _quiet(message: str) -> None:
@@ -46,6 +54,11 @@ def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]
     """(out, in) of every 2-D `.weight`, by module path: the same table formats.linear_shapes gives a loaded model."""
     return {key.removesuffix(".weight"): (shape[0], shape[1]) for key, (shape, _) in header_entries(files).items()
             if key.endswith(".weight") and len(shape) == 2}
+
+
+def bias_modules_from_files(files: Iterable[Path]) -> set[str]:
+    """Module paths with a `.bias` tensor (where a `.diff_b` can land), from the headers alone."""
+    return {key.removesuffix(".bias") for key in header_entries(files) if key.endswith(".bias")}
 
 
 # ------------------------------------------------------------------ output paths
@@ -162,34 +175,46 @@ def _publish_folder(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------ into the base model
 
 
+Plan = dict[str, list[tuple[Update, float]]]
+
+
 def _merge_plan(loras: Sequence[LoadedLora], adapter: LoraDict | None, adapter_weight: float,
-                shapes: dict[str, tuple[int, int]], log: Log) -> dict[str, list[tuple[LoraWeights, float]]]:
-    """module -> [(LoRA, weight)] for every update that lands in this model.
+                shapes: dict[str, tuple[int, int]], log: Log, allow_partial: bool = False,
+                biases: set[str] | None = None) -> Plan:
+    """module -> [(update, weight)] for every update that lands in this model.
 
     The adapter must fit whole (a partial adapter means another model); a LoRA that
-    matches only in part is merged where it matches, with a warning.
+    matches only in part is an error, or with `allow_partial` merged where it matches, with a warning.
     """
-    plan: dict[str, list[tuple[LoraWeights, float]]] = {}
+    plan: Plan = {}
     if adapter is not None:
         try:
-            require_fit(adapter, shapes, "the training adapter")
+            require_fit(adapter, shapes, "the training adapter", can_allow=False)
         except LoraError as exc:
             raise AdapterError(f"{exc}; pass the Z-Image Turbo training adapter (v1, v2 or its file)") from None
         for module, lora in adapter.items():
             plan.setdefault(module, []).append((lora, adapter_weight))
     for item in loras:
-        unmatched = require_fit(item.weights, shapes, str(item.spec.path), partial_ok=True)
+        unmatched = require_fit(item.weights, shapes, str(item.spec.path), partial_ok=allow_partial, biases=biases)
         if unmatched:
-            log(f"warning: {item.spec.path.name}: {len(unmatched)} of {len(item.weights)} modules are not in this "
-                f"model and were skipped (e.g. {', '.join(unmatched[:3])})")
+            log(partial_warning(item.spec.path.name, item.weights, unmatched))
         for module, lora in item.weights.items():
             if module not in unmatched:
                 plan.setdefault(module, []).append((lora, item.spec.strength))
     return plan
 
 
-def _merge_shard(source: Path, target: Path, plan: dict[str, list[tuple[LoraWeights, float]]],
-                 dtype: torch.dtype, keep_fp32: Sequence[str]) -> int:
+def _shard_update(key: str, plan: Plan) -> list[tuple[torch.Tensor, float]]:
+    """The fp32 deltas (weight or bias) that land on one tensor of the base model."""
+    for suffix in (".weight", ".bias"):
+        if key.endswith(suffix) and key.removesuffix(suffix) in plan:
+            pairs = [(u.delta(torch.float32) if suffix == ".weight" else u.bias, s)
+                     for u, s in plan[key.removesuffix(suffix)]]
+            return [(d.float(), s) for d, s in pairs if d is not None]
+    return []
+
+
+def _merge_shard(source: Path, target: Path, plan: Plan, dtype: torch.dtype, keep_fp32: Sequence[str]) -> int:
     """Write one output shard: updated weights in fp32, then cast. Returns its byte size for the index."""
     from safetensors import safe_open
 
@@ -198,11 +223,11 @@ def _merge_shard(source: Path, target: Path, plan: dict[str, list[tuple[LoraWeig
         metadata = handle.metadata() or {}
         for key in handle.keys():
             tensor = handle.get_tensor(key)
-            updates = plan.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+            updates = _shard_update(key, plan)
             if updates:
                 tensor = tensor.float()
-                for lora, strength in updates:
-                    tensor += lora.delta(torch.float32) * strength
+                for delta, strength in updates:
+                    tensor += delta * strength
             if tensor.is_floating_point() and not any(part in key for part in keep_fp32):
                 tensor = tensor.to(dtype)
             tensors[key] = tensor
@@ -210,7 +235,7 @@ def _merge_shard(source: Path, target: Path, plan: dict[str, list[tuple[LoraWeig
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_transformer(model_dir: Path, out_dir: Path, plan: dict[str, list[tuple[LoraWeights, float]]],
+def _write_transformer(model_dir: Path, out_dir: Path, plan: Plan,
                        dtype: torch.dtype, log: Log) -> None:
     """The transformer folder, shard by shard, with the same layout (and index) as the source."""
     from diffusers import ZImageTransformer2DModel
@@ -234,7 +259,7 @@ def _write_transformer(model_dir: Path, out_dir: Path, plan: dict[str, list[tupl
 
 def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_REPO, adapter: str | None = None,
                      adapter_weight: float = 1.0, dtype: str = "bf16", overwrite: bool = False,
-                     log: Log = _quiet) -> Path:
+                     log: Log = _quiet, allow_partial: bool = False) -> Path:
     """Write a diffusers Z-Image folder whose transformer is base + adapter + sum of strength * LoRA."""
 
     if not specs and adapter is None:
@@ -244,8 +269,9 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
     check_output(out, overwrite, [model_dir, *(s.path for s in specs), *([adapter_path] if adapter_path else [])])
     loras = read_loras(specs)
     adapter_weights = read_adapter(adapter_path) if adapter_path is not None else None
-    shapes = linear_shapes_from_files(transformer_files(model_dir))
-    plan = _merge_plan(loras, adapter_weights, adapter_weight, shapes, log)
+    files = transformer_files(model_dir)
+    plan = _merge_plan(loras, adapter_weights, adapter_weight, linear_shapes_from_files(files), log,
+                       allow_partial=allow_partial, biases=bias_modules_from_files(files))
     tmp = temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         for item in sorted(model_dir.iterdir()):
@@ -276,35 +302,46 @@ def _write_provenance(out_dir: Path, model: str, loras: Sequence[LoadedLora], ad
 
 
 def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bool]:
-    """Sum of strength * LoRA as one LoRA, exactly: ranks concatenated, scales folded into `up`.
+    """Sum of strength * LoRA as one LoRA, exactly.
 
-    A module only one LoRA touches keeps its tensors and alpha (its strength, when not 1,
-    folded into `up`). Returns (LoRA, whether any tensor was rescaled).
+    Plain LoRA pairs: ranks concatenated, scales folded into `up`. A module only one LoRA
+    touches keeps its tensors and alpha (its strength, when not 1, folded into `up`). Where
+    a full patch, LoKr or LoHa takes part, the module's sum becomes one dense `.diff` patch.
+    Returns (LoRA, whether any tensor was rescaled or expanded).
     """
-    by_module: dict[str, list[tuple[LoraWeights, float]]] = {}
+    by_module: dict[str, list[tuple[Update, float]]] = {}
     for weights, strength in items:
-        for module, lora in weights.items():
-            by_module.setdefault(module, []).append((lora, strength))
+        for module, update in weights.items():
+            by_module.setdefault(module, []).append((update, strength))
     out: LoraDict = {}
     rescaled = False
     for module, parts in by_module.items():
         _check_pair_shapes(module, parts)
-        if len(parts) == 1 and parts[0][1] == 1.0:
-            out[module] = parts[0][0]
-        elif len(parts) == 1:
-            lora, strength = parts[0]
-            out[module] = LoraWeights(lora.down, lora.up.float() * strength, lora.alpha)
-            rescaled = True
-        else:
-            down = torch.cat([lora.down.float() for lora, _ in parts])
-            up = torch.cat([lora.up.float() * (strength * lora.scale) for lora, strength in parts], dim=1)
-            out[module] = LoraWeights(down, up, None)  # alpha = rank: scale 1, everything is in `up`
-            rescaled = True
+        out[module], changed = _combine(module, parts)
+        rescaled = rescaled or changed
     return out, rescaled
 
 
-def _check_pair_shapes(module: str, parts: Sequence[tuple[LoraWeights, float]]) -> None:
-    shapes = {(lora.up.shape[0], lora.down.shape[1]) for lora, _ in parts}
+def _combine(module: str, parts: Sequence[tuple[Update, float]]) -> tuple[Update, bool]:
+    """One module's updates as one (see combine_loras); (update, whether tensors changed)."""
+    first, strength = parts[0]
+    if len(parts) == 1 and strength == 1.0 and (isinstance(first, LoraWeights) or first.kind == "diff"):
+        return first, False
+    biases = [u.bias.float() * s for u, s in parts if u.bias is not None]
+    bias = torch.stack(biases).sum(0) if biases else None
+    if all(isinstance(u, LoraWeights) for u, _ in parts):
+        if len(parts) == 1:
+            return LoraWeights(first.down, first.up.float() * strength, first.alpha, bias, first.source), True
+        down = torch.cat([u.down.float() for u, _ in parts])
+        up = torch.cat([u.up.float() * (s * u.scale) for u, s in parts], dim=1)
+        return LoraWeights(down, up, None, bias, module), True  # alpha = rank: scale 1, everything is in `up`
+    deltas = [u.delta(torch.float32) * s for u, s in parts if u.has_weight]
+    tensors = {"diff": torch.stack(deltas).sum(0)} if deltas else {}
+    return DeltaWeights("diff", tensors, None, bias=bias, source=module), True
+
+
+def _check_pair_shapes(module: str, parts: Sequence[tuple[Update, float]]) -> None:
+    shapes = {tuple(u.shape) for u, _ in parts if u.has_weight}
     if len(shapes) > 1:
         raise LoraError(f"the LoRAs disagree on the shape of {module} ({sorted(shapes)}); they were made for "
                         "different models and cannot be merged")
@@ -312,7 +349,7 @@ def _check_pair_shapes(module: str, parts: Sequence[tuple[LoraWeights, float]]) 
 
 def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", dtype: str | None = None,
                   model: str | None = None, model_required: bool = True, overwrite: bool = False,
-                  log: Log = _quiet) -> Path:
+                  log: Log = _quiet, allow_partial: bool = False) -> Path:
     """One LoRA file equal to applying all `specs` at their strengths (or one LoRA in another style).
 
     With `model`, the result is checked against that model's transformer; when the model is
@@ -320,13 +357,15 @@ def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", 
     """
     if not specs:
         raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH]")
-    if style not in STYLES:
-        raise ConfigError(f"--format {style!r} is not one of {', '.join(STYLES)}")
+    try:
+        style = resolve_style(style)
+    except ZTurboError:
+        raise ConfigError(f"--format {style!r} is not one of {', '.join(STYLES)} (kohya = musubi)") from None
     check_output(out, overwrite, [s.path for s in specs], kind="file")
     loras = read_loras(specs)
     combined, rescaled = combine_loras([(item.weights, item.spec.strength) for item in loras])
     if model is not None:
-        combined = _keep_fitting(combined, model, model_required, log)
+        combined = _keep_fitting(combined, model, model_required, log, allow_partial)
     torch_type = _lora_dtype(dtype, rescaled)
     metadata = _merged_metadata(loras)
     write_lora_file(out, combined, style=style, metadata=metadata, dtype=torch_type)
@@ -334,8 +373,9 @@ def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", 
     return out
 
 
-def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log) -> LoraDict:
-    """Check the result against a model's transformer (headers only); modules it lacks are dropped, with a warning."""
+def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log, allow_partial: bool = False) -> LoraDict:
+    """Check the result against a model's transformer (headers only): a partial fit is an error, or with
+    `allow_partial` the modules it lacks are dropped, with a warning."""
     try:
         model_dir = resolve_model_dir(model)
     except ModelError:
@@ -343,12 +383,12 @@ def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log) -> Lora
             raise
         log(f"note: {model} is not downloaded, so the LoRA was not checked against it (pass --model to check)")
         return loras
-    shapes = linear_shapes_from_files(transformer_files(model_dir))
-    unmatched = require_fit(loras, shapes, "the merged LoRA", partial_ok=True)
+    files = transformer_files(model_dir)
+    unmatched = require_fit(loras, linear_shapes_from_files(files), "the merged LoRA", partial_ok=allow_partial,
+                            biases=bias_modules_from_files(files))
     if unmatched:
-        log(f"warning: {len(unmatched)} of {len(loras)} modules are not in {model} and were left out "
-            f"(e.g. {', '.join(unmatched[:3])})")
-    return {m: l for m, l in loras.items() if m not in unmatched}
+        log(partial_warning("the merged LoRA", loras, unmatched))
+    return {m: u for m, u in loras.items() if m not in unmatched}
 
 
 def _lora_dtype(dtype: str | None, rescaled: bool) -> torch.dtype | None:
@@ -362,11 +402,15 @@ def _merged_metadata(loras: Sequence[LoadedLora]) -> dict[str, object]:
     """One source: its own metadata carries over (trigger word, base model...). Several: the list of sources."""
     meta: dict[str, object] = {}
     if len(loras) == 1:
-        meta.update({k: v for k, v in loras[0].metadata.items() if k not in _STYLE_KEYS})
+        meta.update(loras[0].metadata)  # metadata.build_metadata recomputes the keys that describe the layout
+    else:
+        meta["modelspec.merged_from"] = ", ".join(item.metadata.get("modelspec.title", item.spec.path.stem)
+                                                 for item in loras)
     meta["zturbo.merged_from"] = [item.describe() for item in loras]
     return meta
 
 
 def _ranks(loras: LoraDict) -> str:
-    ranks = sorted({lora.rank for lora in loras.values()})
-    return ", ".join(map(str, ranks))
+    ranks = sorted({u.rank for u in loras.values() if isinstance(u, LoraWeights)})
+    dense = sum(1 for u in loras.values() if not isinstance(u, LoraWeights))
+    return ", ".join(map(str, ranks)) + (f"; {dense} full patches" if dense else "")

@@ -87,7 +87,7 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
     seed = s.seed if s.seed is not None else secrets.randbelow(2**31)
     embeds = encode_prompts_once(s, device, mode)
     parts = load_parts(s.model, parts=["transformer", "vae", "scheduler"], dtype=s.dtype, device="cpu")
-    networks = attach_loras(parts.transformer, loras, log)
+    networks = attach_loras(parts.transformer, loras, log, allow_partial=s.allow_partial)
     apply_offload(mode, parts, networks, device)
     jobs = make_jobs(s.prompts, s.count, seed)
     info = _base_info(s, loras, dtype)

@@ -56,7 +56,7 @@ from ..errors import AdapterError, LoraError
 from ..refs import hub_file, is_builtin
 from ..testing.tiny import tiny_adapter_file
 from ..zimage import ADAPTER_ALIASES
-from .formats import LoraDict, LoraWeights, linear_shapes, read_lora_file, require_fit, summarize
+from .formats import LoraDict, LoraWeights, is_low_rank, linear_shapes, read_lora_file, require_fit, summarize
 from .network import LoraNetwork, load_lora, merge_into_weights
 
 MODES = ("merge", "live")
@@ -116,13 +116,16 @@ def read_adapter(path: Path) -> LoraDict:
         loras, _ = read_lora_file(path)
     except LoraError as exc:
         raise AdapterError(f"training adapter: {exc}; {_NEXT_STEP}") from None
+    if not is_low_rank(loras):
+        raise AdapterError(f"training adapter {path} holds full patches, LoKr or LoHa updates, not plain LoRA pairs; "
+                           f"{_NEXT_STEP}")
     return loras
 
 
 def check_fit(loras: LoraDict, transformer: nn.Module, what: str) -> None:
     """Every module must exist in this transformer with the adapter's shape (no partial adapters)."""
     try:
-        require_fit(loras, linear_shapes(transformer), what, partial_ok=False)
+        require_fit(loras, linear_shapes(transformer), what, partial_ok=False, can_allow=False)
     except LoraError as exc:
         raise AdapterError(f"{exc}; {_NEXT_STEP}") from None
 

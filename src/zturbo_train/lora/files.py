@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..preflight import LoraSpec, check_lora_files, parse_lora_spec  # noqa: F401  (parse_lora_spec: re-exported)
-from .formats import LoraDict, read_lora_file
+from .formats import LoraDict, partial_warning, read_lora_file
 from .network import LoraNetwork, load_lora
 
 Log = Callable[[str], None]
@@ -58,13 +58,15 @@ def read_loras(specs: Iterable[LoraSpec]) -> list[LoadedLora]:
     return loaded
 
 
-def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet) -> list["LoraNetwork"]:
-    """Hook each LoRA on at its strength; another model's LoRA is refused, a partial match warned about."""
+def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet,
+                 allow_partial: bool = False) -> list["LoraNetwork"]:
+    """Hook each LoRA on at its strength; another model's LoRA is refused, and so is a partial match
+    unless `allow_partial` (then it is a warning naming the keys left out)."""
     networks = []
     for item in loras:
-        network = load_lora(transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path))
+        network = load_lora(transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path),
+                            partial_ok=allow_partial)
         if network.unmatched:
-            log(f"warning: {item.spec.path.name}: {len(network.unmatched)} of {len(item.weights)} modules are not in "
-                f"this model and were skipped (e.g. {', '.join(network.unmatched[:3])})")
+            log(partial_warning(item.spec.path.name, item.weights, network.unmatched))
         networks.append(network)
     return networks

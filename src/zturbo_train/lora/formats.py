@@ -1,13 +1,24 @@
-"""LoRA key converter: the three key styles of the ecosystem in and out of one internal form.
+"""LoRA files in and out: every key style of the ecosystem read into one internal form, three styles written.
 
-Internal form: `{module_path: LoraWeights}` where module_path names a linear of
-ZImageTransformer2DModel exactly as diffusers does (`layers.0.attention.to_out.0`).
+Internal form: `{module_path: update}` where module_path names a linear of
+ZImageTransformer2DModel exactly as diffusers does (`layers.0.attention.to_out.0`) and the
+update is a `LoraWeights` (one low-rank pair: the fast hook path) or a `deltas.DeltaWeights`
+(a `.diff` patch, LoKr or LoHa, expanded to a dense delta when applied).
 
-Styles written and read:
-- comfyui (our default, also ai-toolkit): `diffusion_model.<m>.lora_A.weight`, `.lora_B.weight`, `.alpha`
-- diffusers: `transformer.<m>.lora_A.weight` / `.lora_B.weight`, alpha and rank in the
-  `lora_adapter_metadata` header that diffusers' `load_lora_weights` reads
-- kohya (musubi-tuner, sd-scripts): `lora_unet_<m with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`
+Read (this module is the one place LoRA keys are parsed):
+- names: diffusers (`layers.0.attention.to_q`) and ComfyUI's own (`layers.0.attention.qkv`,
+  fused q/k/v, split exactly into the three; `attention.out`; `final_layer.linear`, `x_embedder`),
+  after `diffusion_model.`, `transformer.`, `base_model.model.`, `model.` or none, or with
+  underscores after `lora_unet_`, `lycoris_` or `lora_transformer_`
+- weights: `lora_A/lora_B`, `lora_down/lora_up` (`.alpha` optional: alpha = rank without it,
+  or from diffusers' `lora_adapter_metadata`), LoKr `lokr_*`, LoHa `hada_*`, `.diff`, `.diff_b`
+
+Written styles (README has which tool loads each fully):
+- comfyui (default): `diffusion_model.<m>.lora_A.weight`, `.lora_B.weight`, `.alpha` (`.diff` / `.diff_b`
+  for full updates)
+- diffusers: `transformer.<m>.lora_A/lora_B.weight` with alpha/rank baked into lora_B, so every tool
+  applies one strength, plus the `lora_adapter_metadata` header diffusers reads
+- musubi (alias kohya; musubi-tuner's native style): `lora_unet_<m with _>.lora_down/lora_up.weight`, `.alpha`
 """
 
 from __future__ import annotations
@@ -16,33 +27,57 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 
 from ..errors import LoraError
 from ..fileio import save_safetensors
 from ..zimage import BLOCK_STACKS, TARGET_PATHS
+from .deltas import LOHA_KEYS, LOKR_KEYS, DeltaWeights
+from .metadata import FORMAT_VERSION, build_metadata  # noqa: F401  (FORMAT_VERSION: re-exported)
 
-STYLES = ("comfyui", "diffusers", "kohya")
-FORMAT_VERSION = "1"
+STYLES = ("comfyui", "diffusers", "musubi")
+STYLE_ALIASES = {"kohya": "musubi"}  # the old name: musubi-tuner's (and sd-scripts') `lora_unet_` keys
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
-_DOWN = (".lora_A.weight", ".lora_down.weight", ".lora_A.default.weight")
-_UP = (".lora_B.weight", ".lora_up.weight", ".lora_B.default.weight")
-_ALPHA = (".alpha",)
-# kohya names flatten dots to underscores; these are Z-Image's module names with underscores of their own.
-_KOHYA_BLOCK = re.compile(rf"^({'|'.join(BLOCK_STACKS)})_(\d+)_(.+)$")
-_KOHYA_LEAVES = {path.replace(".", "_"): path for path in TARGET_PATHS.values()}
+_FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")  # module names with `.` written as `_`
+_PARTS = {  # key suffix after the module name -> part
+    "lora_A.weight": "down", "lora_down.weight": "down", "lora_A.default.weight": "down",
+    "lora_B.weight": "up", "lora_up.weight": "up", "lora_B.default.weight": "up",
+    "alpha": "alpha", "diff": "diff", "diff_b": "diff_b", **{k: k for k in LOKR_KEYS + LOHA_KEYS},
+}
+_SUFFIXES = sorted(_PARTS, key=len, reverse=True)
+FUSED_QKV = "attention.qkv"  # ComfyUI's fused q/k/v linear; parse_state_dict splits it into QKV
+QKV = tuple(TARGET_PATHS[t] for t in ("to_q", "to_k", "to_v"))
+# Module names flattened with `_`, per block leaf: diffusers' names and ComfyUI's own (qkv, out).
+_FLAT_BLOCK = re.compile(rf"^({'|'.join(BLOCK_STACKS)})_(\d+)_(.+)$")
+_FLAT_LEAVES = {path.replace(".", "_"): path for path in (*TARGET_PATHS.values(), FUSED_QKV, "attention.out")}
+_FLAT_TOP = {
+    "all_x_embedder_2-1": "all_x_embedder.2-1", "all_final_layer_2-1_linear": "all_final_layer.2-1.linear",
+    "all_final_layer_2-1_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
+    "cap_embedder_1": "cap_embedder.1", "t_embedder_mlp_0": "t_embedder.mlp.0", "t_embedder_mlp_2": "t_embedder.mlp.2",
+    "x_embedder": "x_embedder", "final_layer_linear": "final_layer.linear",
+    "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
+}
+# ComfyUI's module names (comfy/utils.py z_image_to_diffusers) -> diffusers'; `attention.qkv` is split instead.
+_COMFY_NAMES = {"attention.out": "attention.to_out.0", "final_layer.linear": "all_final_layer.2-1.linear",
+                "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
+                "x_embedder": "all_x_embedder.2-1"}
 
 
 @dataclass
 class LoraWeights:
-    """One module's LoRA: delta W = (alpha / rank) * up @ down."""
+    """One module's LoRA: delta W = (alpha / rank) * up @ down (plus an optional `.diff_b` bias delta)."""
 
     down: torch.Tensor  # (rank, in_features), a.k.a. lora_A / lora_down
     up: torch.Tensor  # (out_features, rank), a.k.a. lora_B / lora_up
     alpha: float | None = None  # None: alpha = rank (scale 1), the adapter's convention
+    bias: torch.Tensor | None = None  # delta of the linear's bias, applied as is (ComfyUI's `.diff_b`)
+    source: str = ""  # the module's name in the file, for messages
+
+    kind = "lora"
+    has_weight = True
 
     @property
     def rank(self) -> int:
@@ -52,60 +87,151 @@ class LoraWeights:
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.up.shape[0]), int(self.down.shape[1])
+
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full weight update, computed in fp32."""
         return (self.up.float() @ self.down.float()).mul_(self.scale).to(dtype)
 
 
-LoraDict = dict[str, LoraWeights]
+Update = Union[LoraWeights, DeltaWeights]
+LoraDict = dict[str, Update]
+
+
+def resolve_style(style: str) -> str:
+    """A written style by name or alias (kohya -> musubi)."""
+    name = STYLE_ALIASES.get(style, style)
+    if name not in STYLES:
+        raise LoraError(f"unknown LoRA style {style!r}; choose one of {', '.join(STYLES)} (kohya = musubi)")
+    return name
+
+
+def is_low_rank(loras: LoraDict) -> bool:
+    """Every update is a plain LoRA pair without a bias delta (what diffusers and musubi files can hold)."""
+    return all(isinstance(u, LoraWeights) and u.bias is None for u in loras.values())
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def flat_to_module(name: str) -> str:
+    """`layers_0_attention_to_out_0` -> `layers.0.attention.to_out.0` (unknown names kept as they are)."""
+    match = _FLAT_BLOCK.match(name)
+    if match and match.group(3) in _FLAT_LEAVES:
+        return f"{match.group(1)}.{match.group(2)}.{_FLAT_LEAVES[match.group(3)]}"
+    return _FLAT_TOP.get(name, name)
+
+
+kohya_to_module = flat_to_module  # the old name
+
+
+def module_name(raw: str) -> str:
+    """A file's module name (any prefix, dots or underscores, ComfyUI or diffusers names) -> ours.
+
+    A fused ComfyUI `...attention.qkv` is returned as is; `parse_state_dict` splits it.
+    """
+    for prefix in _FLAT_PREFIXES:
+        if raw.startswith(prefix):
+            raw = flat_to_module(raw[len(prefix):])
+            break
+    else:
+        while prefix := next((p for p in _PREFIXES if raw.startswith(p)), None):  # `model.diffusion_model.` too
+            raw = raw[len(prefix):]
+    for comfy, ours in _COMFY_NAMES.items():
+        if raw == comfy or raw.endswith("." + comfy):
+            return raw[: len(raw) - len(comfy)] + ours
+    return raw
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """A state-dict key as (module name in the file, part), part one of down/up/alpha/diff/diff_b/lokr_*/hada_*."""
+    for suffix in _SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], _PARTS[suffix]
+    raise LoraError(f"key {key!r} is not a LoRA weight (expected .lora_A/.lora_B/.lora_down/.lora_up/.alpha, "
+                    "LoKr .lokr_*, LoHa .hada_* or .diff/.diff_b); DoRA, OFT and full checkpoints are not supported")
 
 
 # ------------------------------------------------------------------------------ reading
 
 
-def kohya_to_module(name: str) -> str:
-    """`layers_0_attention_to_out_0` -> `layers.0.attention.to_out.0` (unknown names kept as they are)."""
-    match = _KOHYA_BLOCK.match(name)
-    if match and match.group(3) in _KOHYA_LEAVES:
-        return f"{match.group(1)}.{match.group(2)}.{_KOHYA_LEAVES[match.group(3)]}"
-    return name
+def _update(found: dict[str, torch.Tensor], alpha: float | None, source: str, what: str) -> Update:
+    """One module's parts as a LoraWeights or a DeltaWeights; incomplete or mixed parts are an error."""
+    bias = found.get("diff_b")
+    lycoris = {k: v for k, v in found.items() if k.startswith(("lokr_", "hada_"))}
+    kinds = [name for name, present in (("LoRA", "down" in found or "up" in found), ("LoKr/LoHa", bool(lycoris)),
+                                        ("diff", "diff" in found)) if present]
+    if len(kinds) > 1:
+        raise LoraError(f"{what}: {source} mixes {' and '.join(kinds)} weights; one module holds one kind of update")
+    if "down" in found or "up" in found:
+        if "down" not in found or "up" not in found:
+            missing = "lora_B/lora_up" if "down" in found else "lora_A/lora_down"
+            raise LoraError(f"{what} has no {missing} weight for {source}; the file is incomplete or damaged")
+        down, up = found["down"], found["up"]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise LoraError(f"{what}: {source} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                            "which are not a LoRA pair (rank must match)")
+        return LoraWeights(down=down, up=up, alpha=alpha, bias=bias, source=source)
+    if lycoris:
+        return _lycoris_update(lycoris, alpha, bias, source, what)
+    if "diff" in found or bias is not None:
+        return DeltaWeights("diff", {"diff": found["diff"]} if "diff" in found else {}, None, bias=bias, source=source)
+    raise LoraError(f"{what}: {source} has only an alpha and no weights; the file is incomplete or damaged")
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """A state-dict key as (module path, part) with part in down / up / alpha."""
-    for part, suffixes in (("down", _DOWN), ("up", _UP), ("alpha", _ALPHA)):
-        for suffix in suffixes:
-            if key.endswith(suffix):
-                module = key[: -len(suffix)]
-                if module.startswith("lora_unet_"):
-                    return kohya_to_module(module.removeprefix("lora_unet_")), part
-                for prefix in _PREFIXES:
-                    if module.startswith(prefix):
-                        module = module[len(prefix):]
-                        break
-                return module, part
-    raise LoraError(f"key {key!r} is not a LoRA weight (expected .lora_A/.lora_B/.lora_down/.lora_up/.alpha); "
-                    "only plain LoRA files are supported (not LoKr, DoRA or full checkpoints)")
+def _lycoris_update(t: dict[str, torch.Tensor], alpha: float | None, bias, source: str, what: str) -> DeltaWeights:
+    if any(k.startswith("hada_") for k in t):
+        need = [k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if k not in t]
+        kind = "loha"
+    else:
+        need = [f"lokr_w{n}" for n in "12" if f"lokr_w{n}" not in t and not {f"lokr_w{n}_a", f"lokr_w{n}_b"} <= set(t)]
+        kind = "lokr"
+    if need:
+        raise LoraError(f"{what}: the {kind} module {source} lacks {', '.join(need)}; "
+                        "the file is incomplete or damaged")
+    update = DeltaWeights(kind, t, alpha, bias=bias, source=source)
+    try:
+        update.shape
+    except (KeyError, IndexError, RuntimeError) as exc:
+        raise LoraError(f"{what}: the {kind} factors of {source} do not fit together ({exc})") from None
+    return update
+
+
+def _split_fused(module: str, update: Update, what: str) -> dict[str, Update]:
+    """ComfyUI's fused `attention.qkv` -> to_q, to_k, to_v: rows q, k, v of up (or of the delta), down shared."""
+    block = module[: -len(FUSED_QKV)]
+    rows = update.shape[0] if update.has_weight else int(update.bias.shape[0])
+    if rows % 3:
+        raise LoraError(f"{what}: {update.source} has {rows} output rows, which do not split into q, k and v")
+    if isinstance(update, LoraWeights):
+        biases = update.bias.chunk(3) if update.bias is not None else (None,) * 3
+        parts = [LoraWeights(update.down, up, update.alpha, b, update.source)
+                 for up, b in zip(update.up.chunk(3), biases)]
+    else:
+        parts = update.split_rows(3)
+    return {block + leaf: part for leaf, part in zip(QKV, parts)}
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None = None,
                      source: str = "the LoRA") -> LoraDict:
-    """Read any of the three styles (with or without alpha keys) into the internal form."""
+    """Read any supported style into the internal form (module path -> update)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        module, part = _split_key(key)
-        parts.setdefault(module, {})[part] = tensor
+        name, part = split_key(key)
+        parts.setdefault(name, {})[part] = tensor
     loras: LoraDict = {}
-    for module, found in parts.items():
-        if "down" not in found or "up" not in found:
-            missing = "lora_B/lora_up" if "down" in found else "lora_A/lora_down"
-            raise LoraError(f"{source} has no {missing} weight for {module}; the file is incomplete or damaged")
-        down, up = found["down"], found["up"]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise LoraError(f"{source}: {module} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
-                            "which are not a LoRA pair (rank must match)")
-        alpha = float(found["alpha"].float().reshape(-1)[0]) if "alpha" in found else (alphas or {}).get(module)
-        loras[module] = LoraWeights(down=down, up=up, alpha=alpha)
+    for name, found in parts.items():
+        module = module_name(name)
+        alpha = float(found.pop("alpha").float().reshape(-1)[0]) if "alpha" in found else (alphas or {}).get(module)
+        update = _update(found, alpha, name, source)
+        split = _split_fused(module, update, source) if module.endswith(FUSED_QKV) else {module: update}
+        for path, piece in split.items():
+            if path in loras:
+                raise LoraError(f"{source} holds two updates for {path} ({loras[path].source} and {piece.source}); "
+                                "keep one of them")
+            loras[path] = piece
     if not loras:
         raise LoraError(f"{source} holds no LoRA weights")
     return loras
@@ -113,6 +239,13 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], alphas: dict[str, floa
 
 def read_lora_file(path: str | Path) -> tuple[LoraDict, dict[str, str]]:
     """Load a LoRA from a .safetensors file (never pickle) -> (weights, header metadata)."""
+    tensors, metadata = read_safetensors(path)
+    require_finite(tensors, str(path))
+    return parse_state_dict(tensors, diffusers_alphas(metadata, tensors), source=str(path)), metadata
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the header metadata of a LoRA file; not safetensors or truncated -> LoraError."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -122,11 +255,11 @@ def read_lora_file(path: str | Path) -> tuple[LoraDict, dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"{path} is not a safetensors file ({_sniff(path)}); only .safetensors LoRAs are "
-                        f"accepted, since pickle files can run code: convert it to safetensors first") from exc
-    require_finite(tensors, str(path))
-    return parse_state_dict(tensors, _diffusers_alphas(metadata, tensors), source=str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoraError(f"{path} is not a safetensors file ({sniff(path)}); only .safetensors LoRAs are "
+                        f"accepted, since pickle files can run code: convert it to safetensors, or download it "
+                        f"again if it is cut short") from exc
+    return tensors, metadata
 
 
 def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -138,16 +271,27 @@ def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                             "broken (saved from a run whose loss diverged?): use an earlier checkpoint of it")
 
 
-def _sniff(path: Path) -> str:
-    head = path.read_bytes()[:4]
-    if head.startswith(b"PK"):
+def sniff(path: Path) -> str:
+    """Why a file is not safetensors, in a few words."""
+    data = path.read_bytes()
+    if data.startswith(b"PK"):
         return "it looks like a PyTorch zip/pickle checkpoint"
-    if head[:1] == b"\x80":
+    if data[:1] == b"\x80":
         return "it looks like a pickle"
+    if len(data) >= 8 and 8 + int.from_bytes(data[:8], "little") > len(data):
+        return f"it is truncated: the header alone claims {int.from_bytes(data[:8], 'little')} bytes of {len(data)}"
+    if len(data) >= 8:
+        try:
+            header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + int.from_bytes(data[:8], "little") + end > len(data):
+                return f"it is truncated: {len(data)} bytes where the header needs more"
+        except (ValueError, KeyError, TypeError):
+            pass
     return "its header is not valid"
 
 
-def _diffusers_alphas(metadata: dict[str, str], tensors: dict) -> dict[str, float]:
+def diffusers_alphas(metadata: dict[str, str], tensors: dict) -> dict[str, float]:
     """Per-module alphas from diffusers' `lora_adapter_metadata` header (peft LoraConfig kwargs)."""
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if not raw:
@@ -158,10 +302,11 @@ def _diffusers_alphas(metadata: dict[str, str], tensors: dict) -> dict[str, floa
         return {}
     alpha = config.get("lora_alpha")
     patterns = config.get("alpha_pattern") or {}
-    modules = {_split_key(k)[0] for k in tensors}
+    modules = {module_name(split_key(k)[0]) for k in tensors}
     out = {}
     for module in modules:
-        value = next((v for pattern, v in patterns.items() if module == pattern or module.endswith("." + pattern)), alpha)
+        value = next((v for pattern, v in patterns.items()
+                      if module == pattern or module.endswith("." + pattern)), alpha)
         if value is not None:
             out[module] = float(value)
     return out
@@ -172,33 +317,76 @@ def _diffusers_alphas(metadata: dict[str, str], tensors: dict) -> dict[str, floa
 
 def to_state_dict(loras: LoraDict, style: str = "comfyui", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The internal form as a state dict of one style (alpha written as a key where the style has one)."""
-    if style not in STYLES:
-        raise LoraError(f"unknown LoRA style {style!r}; choose one of {', '.join(STYLES)}")
+    style = resolve_style(style)
+    if style != "comfyui" and not is_low_rank(loras):
+        kinds = sorted({u.kind if u.has_weight else "diff_b" for u in loras.values() if not isinstance(u, LoraWeights)
+                        or u.bias is not None})
+        raise LoraError(f"the {style} style holds plain LoRA pairs only, and this LoRA has {', '.join(kinds)} "
+                        "updates (full patches, LoKr, LoHa or bias deltas); write --format comfyui, which ComfyUI "
+                        "loads whole")
     out: dict[str, torch.Tensor] = {}
-    for module, lora in sorted(loras.items()):
-        down, up = (t.to(dtype) if dtype else t for t in (lora.down, lora.up))
-        alpha = torch.tensor(float(lora.alpha if lora.alpha is not None else lora.rank))
-        if style == "kohya":
-            base = "lora_unet_" + module.replace(".", "_")
-            out.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": alpha})
-        elif style == "comfyui":
-            base = f"diffusion_model.{module}"
-            out.update({f"{base}.lora_A.weight": down, f"{base}.lora_B.weight": up, f"{base}.alpha": alpha})
-        else:
-            out.update({f"transformer.{module}.lora_A.weight": down, f"transformer.{module}.lora_B.weight": up})
+    for module, update in sorted(loras.items()):
+        out.update(_WRITERS[style](module, update, dtype))
+    return _unshared(out)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of tensors that share storage (q, k, v split from one fused pair): safetensors refuses shared memory."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != tensor.numel() * tensor.element_size()
+        seen.add(storage.data_ptr())
+        out[key] = tensor.clone() if shared else tensor
     return out
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype else tensor
+
+
+def _alpha(lora: LoraWeights) -> torch.Tensor:
+    return torch.tensor(float(lora.alpha if lora.alpha is not None else lora.rank))
+
+
+def _write_comfyui(module: str, update: Update, dtype) -> dict[str, torch.Tensor]:
+    base = f"diffusion_model.{module}"
+    out = {}
+    if isinstance(update, LoraWeights):
+        out = {f"{base}.lora_A.weight": _cast(update.down, dtype), f"{base}.lora_B.weight": _cast(update.up, dtype),
+               f"{base}.alpha": _alpha(update)}
+    elif update.has_weight:
+        out[f"{base}.diff"] = update.delta(dtype or torch.float32)
+    if update.bias is not None:
+        out[f"{base}.diff_b"] = _cast(update.bias, dtype)
+    return out
+
+
+def _write_diffusers(module: str, lora: LoraWeights, dtype) -> dict[str, torch.Tensor]:
+    """alpha/rank baked into lora_B (in fp32): the file means the same to tools that ignore the header."""
+    up = lora.up if lora.scale == 1.0 else lora.up.float() * lora.scale
+    return {f"transformer.{module}.lora_A.weight": _cast(lora.down, dtype),
+            f"transformer.{module}.lora_B.weight": _cast(up, dtype or lora.up.dtype)}
+
+
+def _write_musubi(module: str, lora: LoraWeights, dtype) -> dict[str, torch.Tensor]:
+    base = "lora_unet_" + module.replace(".", "_")
+    return {f"{base}.lora_down.weight": _cast(lora.down, dtype), f"{base}.lora_up.weight": _cast(lora.up, dtype),
+            f"{base}.alpha": _alpha(lora)}
+
+
+_WRITERS = {"comfyui": _write_comfyui, "diffusers": _write_diffusers, "musubi": _write_musubi}
+
+
 def diffusers_metadata(loras: LoraDict) -> dict[str, str]:
-    """peft LoraConfig kwargs as diffusers' `save_lora_weights` writes them, with per-module rank/alpha patterns."""
-    ranks = {m: l.rank for m, l in loras.items()}
-    alphas = {m: float(l.alpha if l.alpha is not None else l.rank) for m, l in loras.items()}
+    """peft LoraConfig kwargs as diffusers' `save_lora_weights` writes them; alpha = rank, since the scale is baked."""
+    ranks = {m: u.rank for m, u in loras.items()}
     base_rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    base_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     config = {
-        "r": base_rank, "lora_alpha": base_alpha, "target_modules": sorted(loras),
+        "r": base_rank, "lora_alpha": base_rank, "target_modules": sorted(loras),
         "rank_pattern": {m: r for m, r in ranks.items() if r != base_rank},
-        "alpha_pattern": {m: a for m, a in alphas.items() if a != base_alpha},
+        "alpha_pattern": {m: float(r) for m, r in ranks.items() if r != base_rank},
         "init_lora_weights": False, "use_dora": False, "lora_bias": False,
     }
     return {DIFFUSERS_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
@@ -206,17 +394,17 @@ def diffusers_metadata(loras: LoraDict) -> dict[str, str]:
 
 def write_lora_file(path: str | Path, loras: LoraDict, style: str = "comfyui",
                     metadata: dict[str, object] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Atomically write a LoRA in one style, with our metadata (and diffusers' where that style needs it)."""
-    header = {"format": "pt", "zturbo.format_version": FORMAT_VERSION, "zturbo.style": style,
-              "modelspec.architecture": "Z-Image-Turbo/lora"}
-    header.update({k if "." in k else f"zturbo.{k}": _meta_text(v) for k, v in (metadata or {}).items()})
+    """Atomically write a LoRA in one style, with the metadata LoRA managers read (metadata.build_metadata).
+
+    `metadata`: what the caller knows (name, trigger_word, steps, epochs, resolution, started_at,
+    base_model ...; see build_metadata) and keys carried over from a source file.
+    """
+    style = resolve_style(style)
+    tensors = to_state_dict(loras, style, dtype)
+    header = build_metadata(loras, tensors, style, metadata or {}, name=Path(path).stem)
     if style == "diffusers":
         header.update(diffusers_metadata(loras))
-    return save_safetensors(path, to_state_dict(loras, style, dtype), header)
-
-
-def _meta_text(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return save_safetensors(path, tensors, header)
 
 
 # ------------------------------------------------------------------------------ checking
@@ -228,32 +416,66 @@ def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
             if isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features"))}
 
 
-def validate(loras: LoraDict, shapes: dict[str, tuple[int, int]]) -> tuple[list[str], list[str]]:
+def bias_modules(transformer: torch.nn.Module) -> set[str]:
+    """Module paths of the linears that have a bias (where a `.diff_b` can land)."""
+    return {name for name, m in transformer.named_modules()
+            if name and isinstance(getattr(m, "bias", None), torch.Tensor) and hasattr(m, "in_features")}
+
+
+def validate(loras: LoraDict, shapes: dict[str, tuple[int, int]],
+             biases: set[str] | None = None) -> tuple[list[str], list[str]]:
     """(modules the model lacks, modules whose shapes do not fit) for a LoRA against a model."""
     unmatched = sorted(m for m in loras if m not in shapes)
-    misfit = sorted(
-        f"{m}: LoRA {tuple(l.up.shape[:1]) + tuple(l.down.shape[1:])} vs model {shapes[m]}"
-        for m, l in loras.items() if m in shapes and (l.up.shape[0], l.down.shape[1]) != shapes[m]
-    )
+    misfit = []
+    for m, update in sorted(loras.items()):
+        if m not in shapes:
+            continue
+        if update.has_weight and tuple(update.shape) != tuple(shapes[m]):
+            misfit.append(f"{m}: LoRA {tuple(update.shape)} vs model {shapes[m]}")
+        if update.bias is not None and (biases is not None and m not in biases):
+            misfit.append(f"{m}: a bias delta (.diff_b), but the model's layer has no bias")
+        elif update.bias is not None and int(update.bias.shape[0]) != shapes[m][0]:
+            misfit.append(f"{m}: bias delta of {int(update.bias.shape[0])} vs model {shapes[m][0]} outputs")
     return unmatched, misfit
 
 
-def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, partial_ok: bool = False) -> list[str]:
-    """Raise unless the LoRA fits the model; return the unmatched modules when `partial_ok`."""
-    unmatched, misfit = validate(loras, shapes)
+def unplaced_keys(loras: LoraDict, modules: Iterable[str]) -> list[str]:
+    """The file's own names for modules that could not be placed (what the user can find in the file)."""
+    return sorted({(loras[m].source or m) + ".*" for m in modules})
+
+
+def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, partial_ok: bool = False,
+                biases: set[str] | None = None, can_allow: bool = True) -> list[str]:
+    """Raise unless the LoRA fits the model; with `partial_ok`, return the modules it lacks instead.
+
+    A LoRA that matches nothing, or whose shapes disagree, is always an error (another model).
+    `can_allow`: the caller has an `--allow-partial` to suggest (the training adapter has none).
+    """
+    unmatched, misfit = validate(loras, shapes, biases)
     if misfit:
         raise LoraError(f"{what} does not fit this model ({len(misfit)} shape mismatches, e.g. "
                         f"{'; '.join(misfit[:3])}); it was made for another model")
     if unmatched and (not partial_ok or len(unmatched) == len(loras)):
-        raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (e.g. "
-                        f"{', '.join(unmatched[:3])}); it was made for another model")
+        keys = unplaced_keys(loras, unmatched)
+        hint = "pass --allow-partial to use the rest anyway" if can_allow and len(unmatched) < len(loras) else \
+            "it was made for another model"
+        raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (keys it could not "
+                        f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); {hint}")
     return unmatched
+
+
+def partial_warning(what: str, loras: LoraDict, unmatched: list[str]) -> str:
+    """The `--allow-partial` warning: how many modules were left out and which keys."""
+    keys = unplaced_keys(loras, unmatched)
+    return (f"warning: {what}: {len(unmatched)} of {len(loras)} modules are not in this model and were skipped "
+            f"(--allow-partial): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
 
 
 def summarize(loras: LoraDict) -> dict[str, object]:
     """Rank, alpha and module count, for logs and metadata."""
-    ranks = sorted({l.rank for l in loras.values()})
-    alphas = sorted({float(l.alpha if l.alpha is not None else l.rank) for l in loras.values()})
+    pairs = [u for u in loras.values() if isinstance(u, LoraWeights)]
+    ranks = sorted({u.rank for u in pairs})
+    alphas = sorted({float(u.alpha if u.alpha is not None else u.rank) for u in pairs})
     return {"modules": len(loras), "ranks": ranks, "alphas": alphas}
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..zimage import TARGET_PATHS
-from .formats import LoraDict, LoraWeights, linear_shapes, require_fit
+from .formats import LoraDict, LoraWeights, bias_modules, linear_shapes, require_fit
 
 
 def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Iterable[str]) -> list[str]:
@@ -41,20 +41,42 @@ def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Itera
 
 
 class LoraLayer(nn.Module):
-    """The low-rank branch of one linear: scale * up(down(dropout(x)))."""
+    """The low-rank branch of one linear: scale * up(down(dropout(x))) (+ a bias delta, when the file has one)."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, dropout: float = 0.0):
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, dropout: float = 0.0,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(up)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.down.dtype)
         out = F.linear(F.linear(self.dropout(x), self.down), self.up)
-        return out * self.scale if self.scale != 1.0 else out  # alpha = rank: no multiply kernel (exact)
+        out = out * self.scale if self.scale != 1.0 else out  # alpha = rank: no multiply kernel (exact)
+        return out if self.bias is None else out + self.bias
+
+
+class DeltaLayer(nn.Module):
+    """A dense update of one linear (a `.diff` patch, or LoKr / LoHa expanded once): x @ dW.T (+ d bias).
+
+    Frozen, held in the model's dtype: it costs the size of the linear it patches, so a
+    LoKr file on every layer doubles the transformer's memory while it is attached; merge
+    such a file into the model (`zturbo merge --out`) to pay nothing at sampling time.
+    """
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.bias
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class LoraNetwork(nn.Module):
@@ -64,7 +86,7 @@ class LoraNetwork(nn.Module):
     detaching (used for the live adapter and before/after comparisons).
     """
 
-    def __init__(self, layers: dict[str, LoraLayer], alphas: dict[str, float | None], multiplier: float = 1.0):
+    def __init__(self, layers: dict[str, nn.Module], alphas: dict[str, float | None], multiplier: float = 1.0):
         super().__init__()
         self.names = list(layers)
         self.layers = nn.ModuleList(layers.values())
@@ -92,7 +114,7 @@ class LoraNetwork(nn.Module):
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def _hook(self, layer: LoraLayer):
+    def _hook(self, layer: nn.Module):
         def add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if not self.enabled or self.multiplier == 0.0:
                 return output
@@ -150,16 +172,31 @@ def create_lora(transformer: nn.Module, rank: int, alpha: float, blocks: Iterabl
 
 
 def load_lora(transformer: nn.Module, loras: LoraDict, multiplier: float = 1.0, what: str = "the LoRA",
-              partial_ok: bool = True, trainable: bool = False) -> LoraNetwork:
-    """Attach a saved LoRA (frozen unless `trainable`) at a strength; refuses a LoRA of another model."""
-    unmatched = require_fit(loras, linear_shapes(transformer), what, partial_ok=partial_ok)
+              partial_ok: bool = False, trainable: bool = False) -> LoraNetwork:
+    """Attach a saved LoRA (frozen unless `trainable`) at a strength; refuses a LoRA of another model.
+
+    A LoRA that fits only in part is an error unless `partial_ok` (`--allow-partial`); the
+    modules left out are in `network.unmatched`. Plain LoRA pairs become low-rank branches;
+    full patches, LoKr and LoHa become dense branches (see DeltaLayer).
+    """
+    unmatched = require_fit(loras, linear_shapes(transformer), what, partial_ok=partial_ok,
+                            biases=bias_modules(transformer))
+    modules = dict(transformer.named_modules())
     device = next(transformer.parameters()).device
     layers, alphas = {}, {}
-    for name, lora in loras.items():
+    for name, update in loras.items():
         if name in unmatched:
             continue
-        layers[name] = LoraLayer(lora.down.float().to(device), lora.up.float().to(device), lora.scale)
-        alphas[name] = lora.alpha
+        bias = None if update.bias is None else update.bias.float().to(device)
+        if isinstance(update, LoraWeights):
+            layers[name] = LoraLayer(update.down.float().to(device), update.up.float().to(device), update.scale,
+                                     bias=bias)
+        else:
+            dtype = modules[name].weight.dtype if modules[name].weight.is_floating_point() else torch.float32
+            weight = update.delta(torch.float32)
+            layers[name] = DeltaLayer(None if weight is None else weight.to(device, dtype),
+                                      None if bias is None else bias.to(dtype))
+        alphas[name] = update.alpha
     network = LoraNetwork(layers, alphas, multiplier)
     network.requires_grad_(trainable)
     network.unmatched = unmatched
@@ -168,9 +205,14 @@ def load_lora(transformer: nn.Module, loras: LoraDict, multiplier: float = 1.0, 
 
 @torch.no_grad()
 def merge_into_weights(transformer: nn.Module, loras: LoraDict, weight: float = 1.0) -> None:
-    """W <- W + weight * scale * up @ down, computed in fp32 and cast back to the weight's dtype."""
+    """W <- W + weight * delta (b <- b + weight * bias delta), computed in fp32 and cast back to the weight's dtype."""
     modules = dict(transformer.named_modules())
-    for name, lora in loras.items():
+    for name, update in loras.items():
         linear = modules[name]
-        update = lora.delta(torch.float32).to(linear.weight.device) * weight
-        linear.weight.copy_((linear.weight.float() + update).to(linear.weight.dtype))
+        delta = update.delta(torch.float32)
+        if delta is not None:
+            update_w = delta.to(linear.weight.device) * weight
+            linear.weight.copy_((linear.weight.float() + update_w).to(linear.weight.dtype))
+        if update.bias is not None:
+            linear.bias.copy_((linear.bias.float() + update.bias.float().to(linear.bias.device) * weight)
+                              .to(linear.bias.dtype))

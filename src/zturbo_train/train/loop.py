@@ -97,6 +97,7 @@ class Session:
     data_state: dict | None = None
     rank: int = 0
     world: int = 1
+    started_at: float = field(default_factory=time.time)  # unix seconds, for the LoRA's ss_training_started_at
 
     @property
     def is_main(self) -> bool:
@@ -211,7 +212,8 @@ def lora_metadata(s: Session, step: int) -> dict[str, object]:
     return {"base_model": cfg.model.path, "adapter": cfg.model.adapter, "adapter_weight": cfg.model.adapter_weight,
             "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha, "targets": modules_of(s.network.names),
             "trigger_word": cfg.data[0].trigger_word, "steps": step,
-            "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__}
+            "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__,
+            "started_at": int(s.started_at)}
 
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
