@@ -63,6 +63,7 @@ app = _Typer(
     "  zturbo train configs/quickstart.toml\n\n"
     "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors --prompt 'sks a red square' "
     "--width 64 --height 64\n\n"
+    "  zturbo report output/quickstart\n\n"
     "  zturbo check configs/quickstart.toml",
 )
 console = Console(stderr=True)
@@ -196,7 +197,7 @@ def print_summary(result) -> None:
 
     from .drift import DRIFT_LABEL
     from .drift import summary as drift_summary
-    from .train.loop import LOSS_LABEL
+    from .monitor.records import LAST_LOSS_LABEL, LOSS_LABEL
 
     def loss(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -205,7 +206,7 @@ def print_summary(result) -> None:
     table.add_row("steps", str(result.steps_done))
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row(LOSS_LABEL, loss(result.smoothed_loss))
-    table.add_row("last step loss", loss(result.final_loss))
+    table.add_row(LAST_LOSS_LABEL, loss(result.final_loss))
     if result.turbo_drift is not None:
         table.add_row(DRIFT_LABEL, drift_summary(result.turbo_drift))
     table.add_row("LoRA", str(result.lora_path))
@@ -481,6 +482,19 @@ def inspect(
     for report in reports:
         for line in render(report):
             typer.echo(line)
+
+
+@app.command(epilog="Examples:\n\n  zturbo report output/quickstart\n\n"
+             "  zturbo report output/zimage-turbo-lora --no-plots")
+@fails_cleanly
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder (train.output_dir), finished, stopped or still training."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Redraw loss.png and the preview timelines first."),
+) -> None:
+    """Write RUN_DIR/report.html: settings, loss plot, previews (prompts x steps), files, next commands."""
+    from .commands.report import report_run
+
+    typer.echo(f"wrote {report_run(run_dir, plots=plots)}")
 
 
 def run() -> None:  # pragma: no cover - `python -m zturbo_train`

@@ -10,6 +10,7 @@ reference for each key; `zturbo check CONFIG` prints the resolved settings.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -207,12 +208,36 @@ class SampleConfig(_Section):
     negative: str = Field("", description="Negative prompt (used only when guidance > 0).")
 
 
+class LogConfig(_Section):
+    tensorboard: bool = Field(False, description="Log metrics, previews and the config to TensorBoard in "
+                              "<output_dir>/tensorboard (pip install \"zturbo-train[tensorboard]\").")
+    wandb: bool = Field(False, description="Log metrics, previews and the config to Weights & Biases (pip install "
+                        "\"zturbo-train[wandb]\"; log in with `wandb login`, or set WANDB_MODE=offline).")
+    project: str = Field("zturbo", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); unset: your default.")
+    run_name: str | None = Field(None, description="Run name shown in W&B; unset: train.name.")
+    images: bool = Field(True, description="Send the preview images to the loggers too.")
+    report: bool = Field(True, description="Write loss.png, samples/timeline-<n>.png and report.html at every "
+                         "save and at the end.")
+
+    @field_validator("tensorboard", "wandb")
+    @classmethod
+    def _extra_installed(cls, value: bool, info: ValidationInfo) -> bool:
+        """A logger that is on needs its package: said at config time, before anything is loaded."""
+        package = info.field_name  # the extra, the package and the key share the name
+        if value and importlib.util.find_spec(package) is None:
+            raise ValueError(f"needs the {package} package, which is not installed; "
+                             f"pip install \"zturbo-train[{package}]\" or set log.{package} = false")
+        return value
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: list[DataConfig] = Field(default_factory=list, description="One [data] table or several [[data]] tables.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("data", mode="before")
     @classmethod

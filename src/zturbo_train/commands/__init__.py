@@ -1,1 +1,1 @@
-"""Commands that orchestrate the library: sample, merge, bench."""
+"""Commands that orchestrate the library: sample, merge, bench, report."""

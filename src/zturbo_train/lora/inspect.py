@@ -5,7 +5,9 @@ keeps the two equal). It was read from each tool's loading code (Dec 2026): Comf
 `comfy/lora.py` + `comfy/utils.py` `z_image_to_diffusers` + `comfy/weight_adapter/`,
 diffusers `ZImageLoraLoaderMixin` (`_convert_non_diffusers_z_image_lora_to_diffusers`),
 musubi-tuner `networks/lora.py` (`create_network_from_weights` reads `lora_down/lora_up`
-keys only), ai-toolkit's Z-Image save/load path.
+keys only), ai-toolkit `toolkit/inference_lora.py` (`InferenceLoRA.load`, what its inference
+engine applies) and, for a training start / resume, `toolkit/network_mixins.py` `load_weights`
+(Z-Image's `convert_lora_weights_before_load`; `.alpha` dropped, only its own module names).
 """
 
 from __future__ import annotations
@@ -33,38 +35,43 @@ SUPPORT: dict[str, dict[str, str]] = {
         "ComfyUI": "fully (v0.3.76+)",
         "diffusers": "fully",
         "musubi-tuner": "no: reads `lora_unet_` keys only (write --format musubi)",
-        "ai-toolkit": "fully when alpha = rank; partly otherwise: it drops `.alpha` (strength off by alpha/rank)",
+        "ai-toolkit": "fully (its inference engine reads `.alpha`); as a training start / resume it drops `.alpha` "
+                      "(strength off by alpha/rank unless alpha = rank)",
     },
     "diffusers": {
         "ComfyUI": "fully (builds after v0.3.77 read `transformer.`)",
         "diffusers": "fully",
         "musubi-tuner": "no: reads `lora_unet_` keys only",
-        "ai-toolkit": "not checked",
+        "ai-toolkit": "fully (inference engine; also as a training start / resume)",
     },
     "musubi": {
         "ComfyUI": "partly: under `lora_unet_` it knows only its own fused names, so every attention weight is "
                    "dropped (a console warning)",
         "diffusers": "fully",
         "musubi-tuner": "fully",
-        "ai-toolkit": "not checked",
+        "ai-toolkit": "fully in its inference engine (`lora_unet_` names matched with `_`); no as a training "
+                      "start / resume (every key dropped)",
     },
     "comfyui-native": {
         "ComfyUI": "fully (its own trainer and extract nodes write it)",
         "diffusers": "no: the fused `attention.qkv` is not split",
         "musubi-tuner": "no",
-        "ai-toolkit": "not checked",
+        "ai-toolkit": "partly: its inference engine leaves the fused `attention.qkv`, `attention.out`, "
+                      "`final_layer`, `x_embedder` unmatched (a status line counts them) and applies the rest",
     },
     "lycoris": {
         "ComfyUI": "fully (LoKr, LoHa)",
         "diffusers": "no: LoKr / LoHa are not converted",
         "musubi-tuner": "no",
-        "ai-toolkit": "LoKr: fully (it trains LoKr for Z-Image); LoHa: not checked",
+        "ai-toolkit": "LoKr: fully (inference engine; it also trains LoKr); LoHa: no: `hada_` keys are not read "
+                      "(a LoHa-only file is refused: matched no modules)",
     },
     "diff": {
         "ComfyUI": "fully (`.diff` / `.diff_b` patches)",
         "diffusers": "no",
         "musubi-tuner": "no",
-        "ai-toolkit": "not checked",
+        "ai-toolkit": "fully for linear layers under diffusers names (inference engine); a 1-D `.diff` (norm "
+                      "weight) applies only with `lora_mode: merge`; ComfyUI's fused names stay unmatched",
     },
 }
 WRITTEN = ("comfyui", "diffusers", "musubi")  # the styles `--format` writes; the rest are read only

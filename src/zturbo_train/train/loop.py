@@ -42,6 +42,8 @@ from ..lora.network import LoraNetwork, create_lora
 from ..memory.estimate import rank_warning
 from ..memory.levers import apply_levers, levers_for, workload_of
 from ..models import autocast, load_parts, resolve_device, torch_dtype
+from ..monitor import Monitor
+from ..monitor.records import LOSS_LABEL
 from ..preflight import check_train
 from ..sampling import generate_images
 from . import distributed
@@ -60,8 +62,6 @@ from .state import (
     save_state,
 )
 from .step import StepSettings, TrainStep, build_optimizer, lr_at
-
-LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
 
 @dataclass
@@ -421,7 +421,9 @@ def loop(s: Session, started: float) -> TrainResult:
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
     step, due_save = s.start_step, False
-    with s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader, \
+    resumed_at = s.start_step if s.data_state is not None else None
+    with Monitor(s.cfg, s.run.root, resumed_at, active=s.is_main) as monitor, \
+            s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader, \
             StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
             _progress(s, cfg.steps) as bar:
         while step < cfg.steps and stop.reason is None:
@@ -436,14 +438,17 @@ def loop(s: Session, started: float) -> TrainResult:
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
                 _show(bar, step, log.flush(s.device))
+                monitor.on_metrics()
             else:
                 bar.update(step)
             if due_save and s.is_main:
                 lora_path = save_lora(s, step, final=False)
                 save_training_state(s, step, loader)
+                monitor.on_save(step)
             # a stop (SIGTERM: preemption with a grace period) saves at once, without drawing a preview first
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and s.is_main and not stop.reason:
                 previews += preview(s, step)
+                monitor.on_preview(step)
         interrupted = stop.reason is not None and step < cfg.steps
         if s.is_main:
             if not (interrupted and due_save):  # stopped right after a save: it is already on disk
