@@ -46,21 +46,33 @@ def test_monitor_ratio_and_warning():
     assert "earlier checkpoint" in warning and "lower train.lr" in warning and "\n" not in warning
 
 
-def test_metrics_note_merges_into_pending_rows_and_rewrites_written_ones(tmp_path):
+def test_metrics_note_reaches_pending_and_held_rows_and_the_file_is_only_appended(tmp_path):
+    """A note merges into a pending row (at flush) or the row flush(hold=) kept back (at release); a written row is
+    never rewritten (monitor/ tails the file by offset): a late note gets a row of its own.
+
+    Mutation checked: writing the held row at flush (ignoring hold) leaves step 4 without turbo_drift."""
     from zturbo_train.train.loop import MetricsLog
 
-    log = MetricsLog(tmp_path / "metrics.jsonl", 2, True)
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, 2, True)
     for step in (1, 2):
         log.add(step, torch.tensor(1.0), torch.tensor(0.5), 1e-3, 0)
     log.note(2, {"turbo_drift": 0.2})  # still pending: merged at flush
     log.flush(torch.device("cpu"))
-    log.add(3, torch.tensor(1.0), torch.tensor(0.5), 1e-3, 0)
-    log.flush(torch.device("cpu"))
-    log.note(3, {"turbo_drift": 0.3})  # already written: the row is rewritten in place
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert "turbo_drift" not in rows[0] and rows[1]["turbo_drift"] == 0.2 and rows[2]["turbo_drift"] == 0.3
-    assert all("loss" in r for r in rows)
+    written = path.read_bytes()
+    for step in (3, 4):
+        log.add(step, torch.tensor(1.0), torch.tensor(0.5), 1e-3, 0)
+    row = log.flush(torch.device("cpu"), hold=4)
+    assert row["step"] == 4 and path.read_bytes().startswith(written)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]  # 4 waits
+    log.note(4, {"turbo_drift": 0.4})
+    log.release()
+    log.note(1, {"turbo_drift": 0.1})  # already written: appended as its own row
+    assert path.read_bytes().startswith(written)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 1]
+    assert "turbo_drift" not in rows[0] and rows[1]["turbo_drift"] == 0.2 and rows[3]["turbo_drift"] == 0.4
+    assert all("loss" in r for r in rows[:4]) and rows[4] == {"step": 1, "turbo_drift": 0.1}
 
 
 def test_monitor_keeps_a_resumed_start_and_labels_one_preview():

@@ -336,7 +336,7 @@ def lab_run(
 @fails_cleanly
 def lab_report(
     lab_dir: Path = typer.Argument(..., help="A lab folder after `zturbo lab run`."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the curves as PNGs here (needs matplotlib)."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the curves as PNGs here."),
 ) -> None:
     """Print the table (mean and min-max over seeds) and optionally plot the curves."""
     from .lab.report import report

@@ -137,14 +137,3 @@ def test_lab_cli_help_and_a_folder_that_is_no_lab(tmp_path):
     assert result.exit_code == 2 and "--seeds '1,x' must be comma-separated integers" in result.output
     result = runner.invoke(app, ["lab", "run", str(tmp_path), "--strategies", "direct,lora"])
     assert result.exit_code == 2 and "(lora unknown)" in result.output
-
-
-def test_plots_without_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
-    import sys
-
-    from zturbo_train.errors import ConfigError
-    from zturbo_train.lab.report import report
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(ConfigError, match=r"--plots needs matplotlib: `pip install 'zturbo-train\[lab\]'`"):
-        report(tmp_path, tmp_path / "plots")

@@ -34,14 +34,8 @@ def drift_table(summary: dict) -> str:
 
 
 def report(lab_dir: Path, plots: Path | None = None) -> str:
-    from ..errors import ConfigError, DataError
+    from ..errors import DataError
 
-    if plots is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ConfigError("--plots needs matplotlib: `pip install 'zturbo-train[lab]'` (or matplotlib), "
-                              "or leave --plots out for the tables alone") from None
     results = collect(Path(lab_dir))
     if not results["runs"]:
         raise DataError(f"{lab_dir} has no measured runs; run `zturbo lab run {lab_dir}` first")

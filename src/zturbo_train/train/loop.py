@@ -320,13 +320,19 @@ class StopRequest:
 
 
 class MetricsLog:
-    """Buffers per-step tensors on the device and reads them in one sync every `every` steps."""
+    """Buffers per-step tensors on the device and reads them in one sync every `every` steps.
+
+    metrics.jsonl is only ever appended to (monitor/ tails it by offset). A preview's fields
+    (turbo_drift) reach their step's row through `note`: merged at flush while the row is
+    pending, or into the row `flush(hold=step)` kept back for them until `release()`.
+    """
 
     def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
         self.notes: dict[int, dict] = {}  # extra fields (turbo_drift) for rows not written yet
+        self.held: dict | None = None  # the row of a step whose preview is still to come
         self.smooth: float | None = None
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
@@ -335,20 +341,25 @@ class MetricsLog:
         self.pending.append((step, loss, grad_norm, lr, epoch))
 
     def note(self, step: int, fields: dict) -> None:
-        """Add fields to step's row: merged at flush if it is pending, else written into the file's row."""
-        if any(p[0] == step for p in self.pending):
+        """Add fields to step's row (held or pending); a step whose row is already written gets a row of its own."""
+        if self.held is not None and self.held["step"] == step:
+            self.held.update(fields)
+        elif any(p[0] == step for p in self.pending):
             self.notes.setdefault(step, {}).update(fields)
-        elif self.write and self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            for i in range(len(lines) - 1, -1, -1):
-                row = json.loads(lines[i]) if lines[i].startswith("{") else {}
-                if row.get("step") == step:
-                    lines[i] = json.dumps({**row, **fields})
-                    write_text(self.path, "".join(f"{line}\n" for line in lines))
-                    break
+        elif self.write:
+            append_line(self.path, json.dumps({"step": step, **fields}))
 
-    def flush(self, device: torch.device) -> dict | None:
-        """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved."""
+    def release(self) -> None:
+        """Write the row `flush(hold=...)` kept back (after its preview, or when none came)."""
+        if self.held is not None and self.write:
+            append_line(self.path, json.dumps(self.held))
+        self.held = None
+
+    def flush(self, device: torch.device, hold: int | None = None) -> dict | None:
+        """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved.
+
+        The row of step `hold` (a preview is due there) is kept back for `note` until `release()`."""
+        self.release()
         if not self.pending:
             return None
         values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending])
@@ -371,7 +382,9 @@ class MetricsLog:
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
                    "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
                    **self.notes.pop(step, {})}
-            if self.write:
+            if step == hold:
+                self.held = row
+            elif self.write:
                 append_line(self.path, json.dumps(row))
         self.pending.clear()
         return row
@@ -413,6 +426,22 @@ def out_of_memory_message(cfg: Config, setting_up: bool = False, resume: bool = 
             f"a smaller data.resolution or lora.rank ({kept})")
 
 
+def _preview_due(s: Session, step: int, stop_reason: str | None) -> bool:
+    """Whether `loop` draws a preview after this step (so the step's row waits for its turbo_drift)."""
+    cfg = s.cfg.train
+    if not (s.is_main and s.cfg.sample.prompts):
+        return False
+    return step == cfg.steps or bool(cfg.sample_every and step % cfg.sample_every == 0 and not stop_reason)
+
+
+def _preview(s: Session, step: int, log: MetricsLog) -> list[Path]:
+    """A preview, then its step's row written (also when the preview fails: the row is never lost to it)."""
+    try:
+        return preview(s, step)
+    finally:
+        log.release()
+
+
 def loop(s: Session, started: float) -> TrainResult:
     cfg = s.cfg.train
     log = MetricsLog(s.run.metrics, cfg.log_every, s.is_main, distributed.mean_over_ranks if s.world > 1 else None)
@@ -437,7 +466,7 @@ def loop(s: Session, started: float) -> TrainResult:
             log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch)
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
-                _show(bar, step, log.flush(s.device))
+                _show(bar, step, log.flush(s.device, hold=step if _preview_due(s, step, stop.reason) else None))
                 monitor.on_metrics()
             else:
                 bar.update(step)
@@ -447,7 +476,7 @@ def loop(s: Session, started: float) -> TrainResult:
                 monitor.on_save(step)
             # a stop (SIGTERM: preemption with a grace period) saves at once, without drawing a preview first
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and s.is_main and not stop.reason:
-                previews += preview(s, step)
+                previews += _preview(s, step, log)
                 monitor.on_preview(step)
         interrupted = stop.reason is not None and step < cfg.steps
         if s.is_main:
@@ -455,7 +484,8 @@ def loop(s: Session, started: float) -> TrainResult:
                 save_training_state(s, step, loader)
                 lora_path = save_lora(s, step, final=not interrupted)
             if not interrupted:
-                previews += preview(s, step)
+                previews += _preview(s, step, log)
+        log.release()
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
                          time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth,
                          turbo_drift=s.drift.last)
