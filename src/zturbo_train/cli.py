@@ -195,6 +195,8 @@ def print_summary(result) -> None:
     """The end-of-run table: time, the losses (labelled: the bar showed the smoothed one), where the files are."""
     from rich.table import Table
 
+    from .drift import DRIFT_LABEL
+    from .drift import summary as drift_summary
     from .monitor.records import LAST_LOSS_LABEL, LOSS_LABEL
 
     def loss(value: float | None) -> str:
@@ -205,6 +207,8 @@ def print_summary(result) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row(LOSS_LABEL, loss(result.smoothed_loss))
     table.add_row(LAST_LOSS_LABEL, loss(result.final_loss))
+    if result.turbo_drift is not None:
+        table.add_row(DRIFT_LABEL, drift_summary(result.turbo_drift))
     table.add_row("LoRA", str(result.lora_path))
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
@@ -285,6 +289,61 @@ FORMAT_HELP = ("Key style of the --to-lora file. comfyui (default): loads fully 
                "ComfyUI drops its attention weights. See `zturbo inspect` and the README table.")
 
 
+lab_app = typer.Typer(help="The Turbo lab: a distilled tiny Z-Image to measure what LoRAs do to few-step "
+                        "quality (TURBO.md).", no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("build", epilog="Examples:\n\n  zturbo lab build lab\n\n  zturbo lab build lab-quick --quick")
+@fails_cleanly
+def lab_build(
+    out: Path = typer.Argument(..., help="Folder for the lab (student/, teacher/, adapter.safetensors, data/)."),
+    quick: bool = typer.Option(False, "--quick", help="The CI-sized build (fewer iterations, same code)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Retrain only the adapter of a built lab."),
+) -> None:
+    """Build the distilled tiny Z-Image: VAE, teacher, Turbo student, de-distill adapter, data."""
+    import torch
+
+    from .lab.build import LabSettings, build_lab, rebuild_adapter
+
+    quiet_libraries()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
+    (rebuild_adapter if adapter_only else build_lab)(out, LabSettings.quick() if quick else LabSettings(), log=_report)
+
+
+@lab_app.command("run", epilog="Examples:\n\n  zturbo lab run lab\n\n"
+                 "  zturbo lab run lab --seeds 1 --strategies direct,merge")
+@fails_cleanly
+def lab_run(
+    lab_dir: Path = typer.Argument(..., help="A folder made by `zturbo lab build`."),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated training seeds."),
+    strategies: str = typer.Option("direct,merge,live,base", "--strategies", help="Comma-separated strategies."),
+    steps: int = typer.Option(240, "--steps", help="Training steps of each user LoRA."),
+    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of each user LoRA."),
+    quick: bool = typer.Option(False, "--quick", help="Shorter runs, fewer samples (the CI-sized variant)."),
+) -> None:
+    """Train user LoRAs on the lab's new concept with `zturbo train` and measure them (lab-result.json per run)."""
+    import torch
+
+    from .lab.experiment import RunSettings, run_lab
+
+    quiet_libraries()
+    torch.set_num_threads(1)
+    run_lab(lab_dir, RunSettings.from_options(seeds, strategies, steps, lr, quick), log=_report)
+
+
+@lab_app.command("report", epilog="Example:\n\n  zturbo lab report lab --plots docs/turbo")
+@fails_cleanly
+def lab_report(
+    lab_dir: Path = typer.Argument(..., help="A lab folder after `zturbo lab run`."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Write the curves as PNGs here."),
+) -> None:
+    """Print the table (mean and min-max over seeds) and optionally plot the curves."""
+    from .lab.report import report
+
+    typer.echo(report(lab_dir, plots))
+
+
 @app.command(epilog="Examples:\n\n  zturbo sample --model builtin:tiny --prompt 'a red cube' --width 64 --height 64\n\n"
              "  zturbo sample --model builtin:tiny --lora output/quickstart/quickstart.safetensors:0.8 --prompt 'sks a red square' "
              "--count 4 --seed 1 --width 64 --height 64 --compare\n\n"
@@ -310,6 +369,8 @@ def sample(
     dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
     allow_partial: bool = AllowPartialOption,
+    drift: bool = typer.Option(False, "--drift", help="Report turbo_drift per image, with and without the LoRAs "
+                               "(a heuristic to compare checkpoints; see TURBO.md)."),
 ) -> None:
     """Make images with Z-Image Turbo and LoRAs; settings go into each PNG's metadata."""
     from .preflight import SampleSettings, check_sample, parse_lora_spec, read_prompts_file
@@ -318,7 +379,8 @@ def sample(
     settings = SampleSettings(
         prompts=texts, loras=[parse_lora_spec(s) for s in loras or []], model=model, steps=steps, guidance=guidance,
         seed=seed, count=count, width=width, height=height, negative=negative, out_dir=out, compare=compare,
-        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, allow_partial=allow_partial)
+        low_mem=low_mem, device=device, dtype=dtype, batch_size=batch_size, allow_partial=allow_partial,
+        drift=drift)
     check_sample(settings)  # before torch and diffusers are imported: a bad option fails in a second
     quiet_libraries()
     from .commands.sample import sample as run_sample

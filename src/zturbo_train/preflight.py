@@ -88,6 +88,7 @@ class SampleSettings:
     dtype: str = "bf16"
     batch_size: int = 1
     allow_partial: bool = False  # a LoRA that fits only in part: warn and use the rest instead of refusing it
+    drift: bool = False  # report turbo_drift (drift.py) per image, with and without the LoRAs
 
 
 def read_prompts_file(path: Path) -> list[str]:

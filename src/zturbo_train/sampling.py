@@ -9,7 +9,7 @@ per-seed CPU generators), so a seed gives the image diffusers gives for
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -72,7 +72,8 @@ def _velocity(transformer, latents: Tensor, t: Tensor, cond: list[Tensor], uncon
 def generate_latents(transformer, scheduler, prompt_embeds: Sequence[Tensor], *, width: int, height: int,
                      seeds: Sequence[int], steps: int = 8, guidance: float = 0.0,
                      negative_embeds: Sequence[Tensor] | None = None, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None, cfg_truncation: float = 1.0) -> Tensor:
+                     dtype: torch.dtype | None = None, cfg_truncation: float = 1.0,
+                     observe: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Denoise one image per (embedding, seed) as ZImagePipeline does; returns fp32 latents (B, 16, H/8, W/8).
 
     `prompt_embeds`: one unpadded (L_i, cap_dim) tensor per image (the text encoder's
@@ -80,6 +81,8 @@ def generate_latents(transformer, scheduler, prompt_embeds: Sequence[Tensor], *,
     `guidance` > 0 and then needs `negative_embeds` (the encoded negative prompt, "" for
     none). The caller's scheduler is not touched: a fresh copy holds the loop's state.
     `device` is where the loop runs (the execution device under CPU offload).
+    `observe(i, x0)`, when given, sees each step's prediction of the clean latents
+    (`x_t - sigma * velocity`, fp32); drift.py turns them into `turbo_drift`. Off, it costs nothing.
     """
     check_size(width, height)
     if steps < 1:
@@ -101,6 +104,8 @@ def generate_latents(transformer, scheduler, prompt_embeds: Sequence[Tensor], *,
     for i, t in enumerate(timesteps):
         scale = guidance if use_cfg and t_norms[i] <= cfg_truncation else 0.0
         velocity = _velocity(transformer, latents, t, cond, uncond if scale > 0 else None, scale, dtype)
+        if observe is not None:
+            observe(i, latents - schedule.sigmas[i].to(latents.device) * velocity)
         latents = schedule.step(velocity, t, latents, return_dict=False)[0]
     return latents
 
@@ -119,11 +124,12 @@ def decode_latents(vae, latents: Tensor) -> list["Image"]:
 def generate_images(transformer, scheduler, vae, prompt_embeds: Sequence[Tensor], *, width: int, height: int,
                     seeds: Sequence[int], steps: int = 8, guidance: float = 0.0,
                     negative_embeds: Sequence[Tensor] | None = None, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> list["Image"]:
+                    dtype: torch.dtype | None = None,
+                    observe: Callable[[int, Tensor], None] | None = None) -> list["Image"]:
     """`generate_latents` then `decode_latents`: what a training preview calls."""
     latents = generate_latents(transformer, scheduler, prompt_embeds, width=width, height=height, seeds=seeds,
                                steps=steps, guidance=guidance, negative_embeds=negative_embeds, device=device,
-                               dtype=dtype)
+                               dtype=dtype, observe=observe)
     return decode_latents(vae, latents)
 
 

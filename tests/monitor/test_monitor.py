@@ -150,7 +150,8 @@ def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, w
     assert [r["step"] for r in rows] == list(range(1, 7))
 
     logged = tb_scalars(run_dir)
-    assert set(logged) == LOGGED | {"turbo_drift", "val_loss"}
+    drift = {"turbo_drift_start", "turbo_drift_ratio"}  # the preview steps' real drift fields (3 and 6)
+    assert set(logged) == LOGGED | {"turbo_drift", "val_loss"} | drift
     for key, points in logged.items():
         assert points == [(r["step"], float(np.float32(r[key]))) for r in rows if key in r], key
     acc = tensorboard_log(run_dir)
@@ -171,7 +172,7 @@ def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, w
         by_step.setdefault(row["_step"], {}).update(row)
     for r in rows:
         assert {k: by_step[r["step"]][k] for k in scalars(r)} == scalars(r)  # JSON floats: exact
-    assert set(scalars(rows[2])) == LOGGED | {"turbo_drift", "val_loss"}
+    assert set(scalars(rows[2])) == LOGGED | {"turbo_drift", "val_loss"} | drift
     assert [s for s in sorted(by_step) if "preview/1/_type" in by_step[s]] == [0, 3, 6]
     assert by_step[3]["preview/0/_type"] == "image-file"
 

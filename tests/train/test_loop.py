@@ -226,6 +226,10 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, example_data, mo
     b, _ = read_lora_file(resumed.lora_path)
     assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)
     assert [r["loss"] for r in metrics(full.run_dir)] == [r["loss"] for r in metrics(resumed.run_dir)]
+    # turbo_drift's start is saved with the state: the resumed run's final preview is judged against its own step 0
+    # (with no preview between, the metrics rows could not have told it; checked: without it the ratio is 1.0).
+    drift = [{k: v for k, v in metrics(r.run_dir)[-1].items() if k.startswith("turbo_drift")} for r in (full, resumed)]
+    assert drift[0] == drift[1] and drift[0]["turbo_drift_ratio"] != 1.0
 
 
 def test_sigterm_saves_state_and_lora(tmp_path, example_data, monkeypatch):
@@ -627,6 +631,27 @@ def test_summary_labels_both_losses_and_output_starts_with_no_blank_line(trained
     assert "final loss" not in output
     assert f"loss (smoothed) {last['loss_smooth']:.4f}" in output  # the bar's last draw
     assert output.splitlines()[0].strip(), output[:200]
+
+
+def test_turbo_drift_is_in_the_preview_rows_the_progress_lines_and_the_summary(trained):
+    """Each preview's turbo_drift goes into its step's metrics row and a labelled line (one preview's value,
+    never smoothed); the summary shows the last one under its own label, beside the losses'."""
+    import re
+
+    run_dir, _, output = trained
+    rows = {r["step"]: r for r in metrics(run_dir)}
+    assert [s for s, r in rows.items() if "turbo_drift" in r] == [30, 60]
+    start = rows[30]["turbo_drift_start"]
+    assert start > 0 and rows[60]["turbo_drift_start"] == start
+    for step in (30, 60):
+        row = rows[step]
+        assert row["turbo_drift_ratio"] == pytest.approx(row["turbo_drift"] / start)
+        assert f"preview step {step}: turbo_drift {row['turbo_drift']:.3f} ({row['turbo_drift_ratio']:.2f}x step 0)" \
+            in output
+    assert f"preview step 0: turbo_drift {start:.3f} (1.00x step 0)" in output
+    last = rows[60]
+    assert re.search(rf"turbo_drift \(last preview\)\s+│ {last['turbo_drift']:.3f} "
+                     rf"\({last['turbo_drift_ratio']:.2f}x step 0\)", output), output
 
 
 def test_dry_run_plans_the_real_model_before_the_download(example_data):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..data.cache import free_memory
+from ..drift import DriftProbe
 from ..images import make_grid, png_text, save_png
 from ..lora.files import LoadedLora, attach_loras, read_loras
 from ..memory.offload import apply_offload, choose_offload, transformer_bytes
@@ -94,12 +95,15 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
     paths, pairs = [], []
     for start in range(0, len(jobs), s.batch_size):
         batch = jobs[start:start + s.batch_size]
-        images = _render(parts, batch, embeds, s, device, dtype)
-        if s.compare:
-            pairs += zip(_render(parts, batch, embeds, s, device, dtype, networks), images)
-        for job, image in zip(batch, images):
+        drifts = _drift_probes(s, networks)
+        images = _render(parts, batch, embeds, s, device, dtype, probe=drifts[0])
+        if s.compare or drifts[1] is not None:
+            base = _render(parts, batch, embeds, s, device, dtype, networks, probe=drifts[1])
+            pairs += zip(base, images) if s.compare else []
+        extra = _report_drift(drifts, batch, log)
+        for job, image, more in zip(batch, images, extra):
             path = save_png(image, s.out_dir, f"{job.seed}-{job.prompt}", png_text({**info, "prompt": job.prompt,
-                                                                                      "seed": job.seed}))
+                                                                                      "seed": job.seed, **more}))
             log(f"wrote {path}")
             paths.append(path)
     if s.compare:
@@ -118,8 +122,35 @@ def _offload_mode(s: SampleSettings, device: torch.device, model_dir: Path, dtyp
     return mode
 
 
+Probes = tuple[DriftProbe | None, DriftProbe | None]
+
+
+def _drift_probes(s: SampleSettings, networks: Sequence["LoraNetwork"]) -> Probes:
+    """(probe with the LoRAs, probe without them) under --drift: the second is the base the LoRAs are judged by."""
+    if not s.drift:
+        return None, None
+    return DriftProbe(), DriftProbe() if networks else None
+
+
+def _report_drift(probes: Probes, batch: Sequence[Job], log: Log) -> list[dict[str, float]]:
+    """One line per image (turbo_drift with LoRAs, and without), and the values for the PNG metadata."""
+    with_loras, without = probes
+    if with_loras is None:
+        return [{} for _ in batch]
+    values = with_loras.per_image()
+    bases = without.per_image() if without is not None else [None] * len(batch)
+    out = []
+    for job, value, base in zip(batch, values, bases):
+        more = {"turbo_drift": value} | ({"turbo_drift_without_loras": base} if base is not None else {})
+        versus = f" (without LoRAs {base:.3f}: {value / base:.2f}x)" if base else ""
+        log(f"turbo_drift {value:.3f}{versus} seed {job.seed}: {job.prompt}")
+        out.append(more)
+    return out
+
+
 def _render(parts, batch: Sequence[Job], embeds: dict[str, Tensor], s: SampleSettings, device: torch.device,
-            dtype: torch.dtype, disabled: Sequence["LoraNetwork"] = ()) -> list["Image"]:
+            dtype: torch.dtype, disabled: Sequence["LoraNetwork"] = (),
+            probe: DriftProbe | None = None) -> list["Image"]:
     """One batch of images; `disabled` LoRAs are switched off for it (the `--compare` base row)."""
     for network in disabled:
         network.enabled = False
@@ -127,7 +158,8 @@ def _render(parts, batch: Sequence[Job], embeds: dict[str, Tensor], s: SampleSet
         negative = [embeds[s.negative]] * len(batch) if s.guidance > 0 else None
         return generate_images(parts.transformer, parts.scheduler, parts.vae, [embeds[j.prompt] for j in batch],
                                width=s.width, height=s.height, seeds=[j.seed for j in batch], steps=s.steps,
-                               guidance=s.guidance, negative_embeds=negative, device=device, dtype=dtype)
+                               guidance=s.guidance, negative_embeds=negative, device=device, dtype=dtype,
+                               observe=probe.observe if probe is not None else None)
     finally:
         for network in disabled:
             network.enabled = True

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..data.batches import TrainDataset
 from .. import __version__
 from ..config import Config
+from ..drift import DriftMonitor, DriftProbe
 from ..errors import TrainingError
 from ..fileio import append_line, write_json, write_text, write_with
 from ..images import make_grid
@@ -74,6 +75,7 @@ class TrainResult:
     previews: list[Path] = field(default_factory=list)
     rank: int = 0
     smoothed_loss: float | None = None  # the moving average the progress bar shows
+    turbo_drift: dict[str, float] | None = None  # the last preview's turbo_drift fields (drift.py); None: no previews
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Session:
     rank: int = 0
     world: int = 1
     started_at: float = field(default_factory=time.time)  # unix seconds, for the LoRA's ss_training_started_at
+    drift: DriftMonitor = field(default_factory=DriftMonitor)  # each preview's turbo_drift against step 0's
+    metrics_log: MetricsLog | None = None  # the loop's log, so a preview can add turbo_drift to its step's row
 
     @property
     def is_main(self) -> bool:
@@ -182,6 +186,7 @@ def _resume(s: Session) -> None:
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
         _truncate_metrics(s.run.metrics, s.start_step)
+        s.drift.start = meta.get("turbo_drift_start")  # the run's own step 0, not the first preview after resuming
 
 
 def _pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -228,7 +233,7 @@ def save_training_state(s: Session, step: int, loader) -> Path:
     lora = {}
     for name, layer in zip(s.network.names, s.network.layers):
         lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
-    extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json")}
+    extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json"), "turbo_drift_start": s.drift.start}
     return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last)
 
 
@@ -237,25 +242,38 @@ def save_training_state(s: Session, step: int, loader) -> Path:
 
 @torch.no_grad()
 def preview(s: Session, step: int) -> list[Path]:
-    """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo)."""
+    """Draw the [sample] prompts with the adapter inverted (what users get on plain Turbo), and their turbo_drift."""
     cfg = s.cfg.sample
     if not cfg.prompts:
         return []
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
+    probe = DriftProbe()
     s.network.eval()
     try:
         with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
-                                     negative_embeds=s.negative_embeds, device=s.device)
+                                     negative_embeds=s.negative_embeds, device=s.device, observe=probe.observe)
     finally:
         s.network.train()
+    _report_drift(s, step, probe.value())
     folder = s.run.samples / f"step-{step:06d}"
     paths = [write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
              for i, im in enumerate(images)]
     grid = make_grid([images], [f"step {step}"])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
+
+
+def _report_drift(s: Session, step: int, drift: float) -> None:
+    """turbo_drift into the step's metrics row and the progress output; a one-line warning past the threshold."""
+    fields, warning = s.drift.update(step, drift)
+    if s.metrics_log is not None and step > 0:
+        s.metrics_log.note(step, fields)
+    if s.console is not None:
+        s.console.print(f"[dim]{s.drift.line(step, fields)}[/]", highlight=False, soft_wrap=True)
+        if warning:
+            s.console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -302,12 +320,19 @@ class StopRequest:
 
 
 class MetricsLog:
-    """Buffers per-step tensors on the device and reads them in one sync every `every` steps."""
+    """Buffers per-step tensors on the device and reads them in one sync every `every` steps.
+
+    metrics.jsonl is only ever appended to (monitor/ tails it by offset). A preview's fields
+    (turbo_drift) reach their step's row through `note`: merged at flush while the row is
+    pending, or into the row `flush(hold=step)` kept back for them until `release()`.
+    """
 
     def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
+        self.notes: dict[int, dict] = {}  # extra fields (turbo_drift) for rows not written yet
+        self.held: dict | None = None  # the row of a step whose preview is still to come
         self.smooth: float | None = None
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
@@ -315,8 +340,26 @@ class MetricsLog:
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int) -> None:
         self.pending.append((step, loss, grad_norm, lr, epoch))
 
-    def flush(self, device: torch.device) -> dict | None:
-        """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved."""
+    def note(self, step: int, fields: dict) -> None:
+        """Add fields to step's row (held or pending); a step whose row is already written gets a row of its own."""
+        if self.held is not None and self.held["step"] == step:
+            self.held.update(fields)
+        elif any(p[0] == step for p in self.pending):
+            self.notes.setdefault(step, {}).update(fields)
+        elif self.write:
+            append_line(self.path, json.dumps({"step": step, **fields}))
+
+    def release(self) -> None:
+        """Write the row `flush(hold=...)` kept back (after its preview, or when none came)."""
+        if self.held is not None and self.write:
+            append_line(self.path, json.dumps(self.held))
+        self.held = None
+
+    def flush(self, device: torch.device, hold: int | None = None) -> dict | None:
+        """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved.
+
+        The row of step `hold` (a preview is due there) is kept back for `note` until `release()`."""
+        self.release()
         if not self.pending:
             return None
         values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending])
@@ -337,8 +380,11 @@ class MetricsLog:
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
             self.last_loss = loss
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
-                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time()}
-            if self.write:
+                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
+                   **self.notes.pop(step, {})}
+            if step == hold:
+                self.held = row
+            elif self.write:
                 append_line(self.path, json.dumps(row))
         self.pending.clear()
         return row
@@ -380,9 +426,26 @@ def out_of_memory_message(cfg: Config, setting_up: bool = False, resume: bool = 
             f"a smaller data.resolution or lora.rank ({kept})")
 
 
+def _preview_due(s: Session, step: int, stop_reason: str | None) -> bool:
+    """Whether `loop` draws a preview after this step (so the step's row waits for its turbo_drift)."""
+    cfg = s.cfg.train
+    if not (s.is_main and s.cfg.sample.prompts):
+        return False
+    return step == cfg.steps or bool(cfg.sample_every and step % cfg.sample_every == 0 and not stop_reason)
+
+
+def _preview(s: Session, step: int, log: MetricsLog) -> list[Path]:
+    """A preview, then its step's row written (also when the preview fails: the row is never lost to it)."""
+    try:
+        return preview(s, step)
+    finally:
+        log.release()
+
+
 def loop(s: Session, started: float) -> TrainResult:
     cfg = s.cfg.train
     log = MetricsLog(s.run.metrics, cfg.log_every, s.is_main, distributed.mean_over_ranks if s.world > 1 else None)
+    s.metrics_log = log
     previews: list[Path] = []
     if s.start_step == 0 and s.is_main:
         previews += preview(s, 0)
@@ -403,7 +466,7 @@ def loop(s: Session, started: float) -> TrainResult:
             log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch)
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
-                _show(bar, step, log.flush(s.device))
+                _show(bar, step, log.flush(s.device, hold=step if _preview_due(s, step, stop.reason) else None))
                 monitor.on_metrics()
             else:
                 bar.update(step)
@@ -413,7 +476,7 @@ def loop(s: Session, started: float) -> TrainResult:
                 monitor.on_save(step)
             # a stop (SIGTERM: preemption with a grace period) saves at once, without drawing a preview first
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and s.is_main and not stop.reason:
-                previews += preview(s, step)
+                previews += _preview(s, step, log)
                 monitor.on_preview(step)
         interrupted = stop.reason is not None and step < cfg.steps
         if s.is_main:
@@ -421,9 +484,11 @@ def loop(s: Session, started: float) -> TrainResult:
                 save_training_state(s, step, loader)
                 lora_path = save_lora(s, step, final=not interrupted)
             if not interrupted:
-                previews += preview(s, step)
+                previews += _preview(s, step, log)
+        log.release()
     result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth)
+                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth,
+                         turbo_drift=s.drift.last)
     return result
 
 
