@@ -164,9 +164,9 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
     """The cheap checks of `zturbo train`, before the output folder is touched or anything is cached:
     the flags, every output location, the model folder, the data folders, the adapter file.
     `writes_run` False (ranks other than 0, which never write the run folder) skips that folder."""
-    from .data.cache import default_cache_dir
     from .data.dataset import list_images
     from .models import resolve_model_dir
+    from .paths import default_cache_dir
 
     if resume and overwrite:
         raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "

@@ -93,8 +93,8 @@ def _run_holding(path: Path) -> Path | None:
 
 def _foreign_folder(out: Path) -> str | None:
     """Why an existing --out folder is not merge's to replace, or None when it is (merge output or empty)."""
+    from ..data.dataset import IMAGE_EXTS
     from ..train.state import RunFolder
-    from .data.dataset import IMAGE_EXTS
 
     if RunFolder(out).holds_run():
         return "holds a training run (its config, state, LoRAs and previews)"

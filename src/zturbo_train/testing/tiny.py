@@ -44,7 +44,7 @@ def tiny_model_dir() -> Path:
     target = builtin_dir() / f"{TINY_NAME}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
-    from .fileio import temp_dir
+    from ..fileio import temp_dir
 
     tmp = temp_dir(".tiny-", target.parent)
     try:
