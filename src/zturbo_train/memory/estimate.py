@@ -34,7 +34,9 @@ EXTRA_VECTORS = 6.5
 CONSTANT_GIB = 0.02
 # Bytes per weight when stored compactly (nf4: 4 bits + double-quantised absmax per 64).
 STORAGE_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}  # per fp32 LoRA parameter
+# per fp32 LoRA parameter: Prodigy keeps two moments, s and the start point; Adafactor factored second moments
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0, "adafactor": 0.5, "lion": 4.0,
+                         "adamw_schedulefree": 8.0}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..preflight import check_train
 from ..sampling import generate_images
 from . import distributed
+from .optimizers import averaged_weights, build_optimizer, param_groups
 from .resume import plan_resume, record_resume
 from .state import (
     RunFolder,
@@ -58,7 +59,7 @@ from .state import (
     restore_rng,
     save_state,
 )
-from .step import StepSettings, TrainStep, build_optimizer, lr_at
+from .step import StepSettings, TrainStep, lr_at
 
 LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
@@ -152,7 +153,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     params = network.trainable_parameters()
-    optimizer = build_optimizer(params, cfg.train, device)
+    optimizer = build_optimizer(param_groups(network, cfg.train.loraplus_ratio), cfg.train, device)
     step = TrainStep(transformer, params, optimizer, StepSettings.from_config(cfg.train, dtype, device), generator)
     negative = dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
@@ -216,7 +217,8 @@ def lora_metadata(s: Session, step: int) -> dict[str, object]:
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
     path = s.run.lora(s.cfg.train.name, None if final else step)
-    write_lora_file(path, s.network.to_lora_dict(), "comfyui", lora_metadata(s, step))
+    with averaged_weights(s.step.optimizer, s.step.params):
+        write_lora_file(path, s.network.to_lora_dict(), "comfyui", lora_metadata(s, step))
     if not final:
         prune(s.run.checkpoints, f"{s.cfg.train.name}-step*.safetensors", s.cfg.train.keep_last)
     return path
@@ -242,7 +244,8 @@ def preview(s: Session, step: int) -> list[Path]:
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
     s.network.eval()
     try:
-        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype), \
+                averaged_weights(s.step.optimizer, s.step.params):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device)
