@@ -188,3 +188,15 @@ def test_optimizer_keys_default_and_refuse_what_cannot_work(tmp_path):
         with pytest.raises(ConfigError) as err:
             train(**keys)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_validation_keys_resolve_and_refuse_bad_values(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + '[train]\nval_dir = "held"\nval_every = 5\n'))
+    assert cfg.train.val_dir == tmp_path / "held" and cfg.val_data.dir == tmp_path / "held"
+    assert cfg.val_data.repeats == 1 and cfg.val_data.caption_dropout == 0.0
+    assert load_config(write(tmp_path, MINIMAL)).val_data is None
+    for text, message in (("val_fraction = 1.0", "`train.val_fraction` = 1.0: input should be less than 1"),
+                          ("val_every = 0", "`train.val_every` = 0: input should be greater than or equal to 1"),
+                          ("validation_split = 0.1", "did you mean `train.val_fraction`?")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            load_config(write(tmp_path, MINIMAL + f"[train]\n{text}\n"))

@@ -38,7 +38,8 @@ KEY_SYNONYMS = {
     "image_dir": "dir", "path": "dir", "train_data_dir": "dir", "caption_extension": "caption_ext",
     "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
     "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
-    "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio",
+    "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio", "validation_dir": "val_dir",
+    "validation_every": "val_every", "validation_split": "val_fraction", "val_split": "val_fraction",
 }
 
 
@@ -187,11 +188,14 @@ class TrainConfig(_Section):
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
     timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
+    val_dir: Path | None = Field(None, description="Folder of held-out images with captions (read as the first [data] table's settings), never trained on; their validation loss is logged as val_loss.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the [data] images held out of training for validation (picked by seed, at least one); 0: none.")
+    val_every: int = Field(100, ge=1, description="Compute val_loss every N steps (and at the end) when val_dir or val_fraction gives a held-out set.")
 
-    @field_validator("output_dir")
+    @field_validator("output_dir", "val_dir")
     @classmethod
-    def _resolve_out(cls, value: Path, info: ValidationInfo) -> Path:
-        return resolve_path(value, _base_dir(info))
+    def _resolve_out(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, _base_dir(info))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -254,6 +258,14 @@ class Config(_Section):
             raise ValueError("no [data] table; add one with `dir` set to a folder of images with .txt captions")
         return self
 
+    @property
+    def val_data(self) -> DataConfig | None:
+        """train.val_dir read as a dataset with the first [data] table's settings (no repeats, flips or dropout)."""
+        if self.train.val_dir is None:
+            return None
+        return self.data[0].model_copy(update={"dir": self.train.val_dir, "repeats": 1, "flip": False,
+                                               "caption_dropout": 0.0})
+
 
 # ---------------------------------------------------------------- loading and errors
 
@@ -289,7 +301,7 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config
 
 
 # Keys that hold paths: relative values given with --set resolve against `base_dir` (the current folder).
-PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path,
+PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path, ("train", "val_dir"): resolve_path,
              ("model", "path"): resolve_model_ref, ("model", "adapter"): resolve_model_ref}
 
 

@@ -60,6 +60,7 @@ from .state import (
     save_state,
 )
 from .step import StepSettings, TrainStep, lr_at
+from .validation import Validation
 
 LOSS_LABEL = "loss (smoothed)"  # the bar shows metrics.jsonl's loss_smooth; the summary shows both
 
@@ -98,6 +99,7 @@ class Session:
     data_state: dict | None = None
     rank: int = 0
     world: int = 1
+    validation: Validation | None = None  # held-out views (every rank flushes the log at its steps; rank 0 evaluates)
 
     @property
     def is_main(self) -> bool:
@@ -159,6 +161,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
                       dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
                       world=ranks.world)
+    session.validation = Validation.build(dataset, cfg.train.seed, cfg.train.val_every, step.settings, device)
     if resume:
         _resume(session)
         if plan is not None:
@@ -308,26 +311,28 @@ class MetricsLog:
     def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float, dict]] = []
         self.smooth: float | None = None
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int) -> None:
-        self.pending.append((step, loss, grad_norm, lr, epoch))
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int,
+            extra: dict[str, torch.Tensor] | None = None) -> None:
+        """`extra`: more device scalars for the step's row (val_loss), read in the same flush."""
+        self.pending.append((step, loss, grad_norm, lr, epoch, extra or {}))
 
     def flush(self, device: torch.device) -> dict | None:
         """Read the buffered values (one host sync); raise on a NaN/inf loss before anything is saved."""
         if not self.pending:
             return None
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending])
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _, _ in self.pending])
         values = (values if self.reduce is None else self.reduce(values)).cpu().tolist()
         now = time.perf_counter()
         per_step = (now - self.window_start) / len(self.pending)
         self.window_start = now
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         row = None
-        for (step, _, _, lr, epoch), (loss, norm) in zip(self.pending, values):
+        for (step, _, _, lr, epoch, extra), (loss, norm) in zip(self.pending, values):
             # a non-finite gradient (finite loss) has already turned the LoRA weights into NaN in the update
             for what, value in (("loss", loss), ("gradient norm", norm)):
                 if not math.isfinite(value):
@@ -338,7 +343,8 @@ class MetricsLog:
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
             self.last_loss = loss
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
-                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time()}
+                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
+                   **{key: float(value) for key, value in extra.items()}}
             if self.write:
                 append_line(self.path, json.dumps(row))
         self.pending.clear()
@@ -399,9 +405,11 @@ def loop(s: Session, started: float) -> TrainResult:
             norm = s.step.update(lr)
             step += 1
             stop.poll()
-            log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch)
+            due_val = s.validation is not None and s.validation.due(step, cfg.steps)
+            log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch,
+                    {"val_loss": validation_loss(s)} if due_val and s.is_main else None)
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
-            if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
+            if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason or due_val:
                 _show(bar, step, log.flush(s.device))
             else:
                 bar.update(step)
@@ -423,6 +431,12 @@ def loop(s: Session, started: float) -> TrainResult:
     return result
 
 
+def validation_loss(s: Session) -> torch.Tensor:
+    """val_loss of the LoRA as it would be saved (schedule-free: its averaged weights), on the device."""
+    with averaged_weights(s.step.optimizer, s.step.params):
+        return s.validation.loss(s.transformer, s.network, s.device)
+
+
 def _warning(s: Session):
     """Library notes (the dataset changed since the saved state, ...) as one `warning:` line on our console."""
     def warn(message: str) -> None:
@@ -438,8 +452,10 @@ def _progress(s: Session, total: int):
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
                TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[rate]} it/s"), TimeRemainingColumn()]
+    if s.validation is not None:
+        columns.insert(4, TextColumn("val_loss {task.fields[val]}"))
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:
-        task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-")
+        task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-", val="-")
         yield _Bar(progress, task)
 
 
@@ -456,4 +472,5 @@ def _show(bar: _Bar, step: int, row: dict | None) -> None:
         bar.update(step)
         return
     rate = 1.0 / row["sec_per_step"] if row["sec_per_step"] > 0 else 0.0
-    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}")
+    val = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}", **val)
