@@ -183,6 +183,9 @@ def test_optimizer_keys_default_and_refuse_what_cannot_work(tmp_path):
         ({"optimizer_args": {"weight_decay": 0.1}}, "`train.optimizer_args` sets weight_decay; remove it"),
         ({"loraplus_lr_ratio": 4}, "unknown key `train.loraplus_lr_ratio`; did you mean `train.loraplus_ratio`?"),
         ({"optimizer": "sgd"}, "'adamw', 'adamw8bit', 'prodigy', 'adafactor', 'lion' or 'adamw_schedulefree'"),
+        ({"optimizer": "adamw_schedulefree", "ema": True}, "`train.ema` = true with optimizer adamw_schedulefree"),
+        ({"ema_decay": 1.0}, "`train.ema_decay` = 1.0: input should be less than 1"),
+        ({"use_ema": True}, "did you mean `train.ema`?"),
     ]
     for keys, message in refused:
         with pytest.raises(ConfigError) as err:

@@ -39,7 +39,7 @@ KEY_SYNONYMS = {
     "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
     "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
     "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio", "validation_dir": "val_dir",
-    "validation_every": "val_every", "validation_split": "val_fraction", "val_split": "val_fraction",
+    "validation_every": "val_every", "use_ema": "ema", "ema_beta": "ema_decay", "validation_split": "val_fraction", "val_split": "val_fraction",
 }
 
 
@@ -188,6 +188,9 @@ class TrainConfig(_Section):
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
     timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
+    ema: bool = Field(False, description="Keep an EMA of the LoRA weights (on the LoRA's device); the saved <name>.safetensors and the previews use it, <name>-raw.safetensors holds the trained weights.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step (0.999: an average over about the last 1000 steps).")
+    ema_start: int = Field(0, ge=0, description="Steps before the EMA starts averaging (until then it follows the weights).")
     val_dir: Path | None = Field(None, description="Folder of held-out images with captions (read as the first [data] table's settings), never trained on; their validation loss is logged as val_loss.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the [data] images held out of training for validation (picked by seed, at least one); 0: none.")
     val_every: int = Field(100, ge=1, description="Compute val_loss every N steps (and at the end) when val_dir or val_fraction gives a held-out set.")
@@ -223,6 +226,9 @@ class TrainConfig(_Section):
         if self.optimizer == "prodigy" and self.loraplus_ratio != 1.0:
             raise ValueError("`train.loraplus_ratio` needs one lr per parameter group, which Prodigy does not "
                              "take; set train.loraplus_ratio = 1 or another train.optimizer")
+        if self.optimizer == "adamw_schedulefree" and self.ema:
+            raise ValueError("`train.ema` = true with optimizer adamw_schedulefree, which already returns an average "
+                             "of its weights; set train.ema = false or another train.optimizer")
         if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
             raise ValueError(f'`train.lr_scheduler` = "{self.lr_scheduler}" with optimizer adamw_schedulefree: it '
                              f'averages the weights instead of decaying the lr; set train.lr_scheduler = "constant" '

@@ -44,6 +44,7 @@ from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..preflight import check_train
 from ..sampling import generate_images
 from . import distributed
+from .ema import LoraEma
 from .optimizers import averaged_weights, build_optimizer, param_groups
 from .resume import plan_resume, record_resume
 from .state import (
@@ -99,6 +100,7 @@ class Session:
     data_state: dict | None = None
     rank: int = 0
     world: int = 1
+    ema: LoraEma | None = None  # train.ema: the average the saved LoRA and previews use
     validation: Validation | None = None  # held-out views (every rank flushes the log at its steps; rank 0 evaluates)
 
     @property
@@ -161,6 +163,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
                       dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
                       world=ranks.world)
+    session.ema = LoraEma(params, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema else None
     session.validation = Validation.build(dataset, cfg.train.seed, cfg.train.val_every, step.settings, device)
     if resume:
         _resume(session)
@@ -181,6 +184,8 @@ def _resume(s: Session) -> None:
     _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
+    if s.ema is not None:
+        s.ema.load(tensors)
     restore_rng(s.step.generator, tensors, meta)
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
@@ -210,21 +215,42 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------ saving
 
 
-def lora_metadata(s: Session, step: int) -> dict[str, object]:
+def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str, object]:
+    """`weights` (with train.ema): which weights the file holds, "ema" or "raw"."""
     cfg = s.cfg
-    return {"base_model": cfg.model.path, "adapter": cfg.model.adapter, "adapter_weight": cfg.model.adapter_weight,
+    which = {"ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
+             "raw": "raw (the trained weights; the EMA is the main file)"}.get(weights)
+    return {**({"weights": which} if which else {}), "base_model": cfg.model.path, "adapter": cfg.model.adapter, "adapter_weight": cfg.model.adapter_weight,
             "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha, "targets": modules_of(s.network.names),
             "trigger_word": cfg.data[0].trigger_word, "steps": step,
             "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__}
 
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
-    path = s.run.lora(s.cfg.train.name, None if final else step)
-    with averaged_weights(s.step.optimizer, s.step.params):
-        write_lora_file(path, s.network.to_lora_dict(), "comfyui", lora_metadata(s, step))
+    name = s.cfg.train.name
+    path = s.run.lora(name, None if final else step)
+    if s.ema is not None:  # the trained weights beside the average: <name>-raw.safetensors
+        write_lora_file(s.run.lora(f"{name}-raw", None if final else step), s.network.to_lora_dict(), "comfyui",
+                        lora_metadata(s, step, "raw"))
+    with shown_weights(s):
+        write_lora_file(path, s.network.to_lora_dict(), "comfyui",
+                        lora_metadata(s, step, "ema" if s.ema is not None else None))
     if not final:
-        prune(s.run.checkpoints, f"{s.cfg.train.name}-step*.safetensors", s.cfg.train.keep_last)
+        prune(s.run.checkpoints, f"{name}-step*.safetensors", s.cfg.train.keep_last)
+        prune(s.run.checkpoints, f"{name}-raw-step*.safetensors", s.cfg.train.keep_last)
     return path
+
+
+@contextmanager
+def shown_weights(s: Session) -> Iterator[None]:
+    """The weights saved as the LoRA, previewed and validated: the EMA (train.ema), schedule-free's average, or
+    the trained ones; the trained weights are back as they were afterwards."""
+    with averaged_weights(s.step.optimizer, s.step.params):
+        if s.ema is None:
+            yield
+        else:
+            with s.ema.swapped_in():
+                yield
 
 
 def save_training_state(s: Session, step: int, loader) -> Path:
@@ -232,7 +258,8 @@ def save_training_state(s: Session, step: int, loader) -> Path:
     for name, layer in zip(s.network.names, s.network.layers):
         lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
     extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json")}
-    return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last)
+    return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last,
+                      s.ema.state_tensors() if s.ema is not None else None)
 
 
 # ------------------------------------------------------------------------------ previews
@@ -247,8 +274,7 @@ def preview(s: Session, step: int) -> list[Path]:
     seeds = [cfg.seed + i for i in range(len(cfg.prompts))]
     s.network.eval()
     try:
-        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype), \
-                averaged_weights(s.step.optimizer, s.step.params):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype), shown_weights(s):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device)
@@ -257,7 +283,7 @@ def preview(s: Session, step: int) -> list[Path]:
     folder = s.run.samples / f"step-{step:06d}"
     paths = [write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
              for i, im in enumerate(images)]
-    grid = make_grid([images], [f"step {step}"])
+    grid = make_grid([images], [f"step {step}" + (" (EMA weights)" if s.ema is not None else "")])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
 
@@ -404,6 +430,8 @@ def loop(s: Session, started: float) -> TrainResult:
                       for b in batches]
             norm = s.step.update(lr)
             step += 1
+            if s.ema is not None:
+                s.ema.update(step)
             stop.poll()
             due_val = s.validation is not None and s.validation.due(step, cfg.steps)
             log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch,
@@ -432,8 +460,8 @@ def loop(s: Session, started: float) -> TrainResult:
 
 
 def validation_loss(s: Session) -> torch.Tensor:
-    """val_loss of the LoRA as it would be saved (schedule-free: its averaged weights), on the device."""
-    with averaged_weights(s.step.optimizer, s.step.params):
+    """val_loss of the LoRA as it is saved (the EMA, schedule-free's average, or the trained weights), on the device."""
+    with shown_weights(s):
         return s.validation.loss(s.transformer, s.network, s.device)
 
 
