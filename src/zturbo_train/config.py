@@ -39,7 +39,8 @@ KEY_SYNONYMS = {
     "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
     "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
     "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio", "validation_dir": "val_dir",
-    "validation_every": "val_every", "use_ema": "ema", "ema_beta": "ema_decay", "validation_split": "val_fraction", "val_split": "val_fraction",
+    "validation_every": "val_every", "use_ema": "ema", "ema_beta": "ema_decay", "validation_split": "val_fraction",
+    "val_split": "val_fraction",
 }
 
 

@@ -29,7 +29,8 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
 
     monkeypatch.setattr(TrainStep, "update", update)
     labels = []
-    monkeypatch.setattr(loop_module, "make_grid", lambda rows, names: labels.append(list(names)) or make_grid(rows, names))
+    monkeypatch.setattr(loop_module, "make_grid",
+                        lambda rows, names: labels.append(list(names)) or make_grid(rows, names))
     cfg = load_config(make_config(tmp_path, example_data, steps=6, save_every=0, sample_every=6, lr=5e-3), EMA)
     result = run(cfg, quiet=True)
     average = None
@@ -45,7 +46,8 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
     for t, i in zip(flat_ema, order):
         assert torch.allclose(t, average[i], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(t, recorded[-1][i]) for t, i in zip(flat_ema, order))
-    assert meta["zturbo.weights"].startswith("ema (decay 0.6, from step 2)") and raw_meta["zturbo.weights"].startswith("raw")
+    assert meta["zturbo.weights"].startswith("ema (decay 0.6, from step 2)")
+    assert raw_meta["zturbo.weights"].startswith("raw")
     assert labels == [["step 0 (EMA weights)"], ["step 6 (EMA weights)"]]
 
 

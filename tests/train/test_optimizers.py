@@ -1,4 +1,5 @@
-"""Every `train.optimizer` (and LoRA+) on builtin:tiny: the loss falls, a resume is bit-exact, a missing extra is one line."""
+"""Every `train.optimizer` (and LoRA+) on builtin:tiny: the loss falls, a resume is bit-exact, a missing extra
+is one line."""
 
 from __future__ import annotations
 

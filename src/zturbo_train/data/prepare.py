@@ -213,7 +213,7 @@ def report_summary(dataset: TrainDataset, console) -> None:
     corrupt = f", {len(st.corrupt)} corrupt cache files re-encoded" if st.corrupt else ""
     held = len({sample.item for sample, _ in dataset.heldout})
     held = f" ({held} held out for validation)" if held else ""
-    console.print(f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in {len(dataset.bucket_counts)} "
-                  f"buckets, {dataset.batches_per_epoch} batches per epoch; cache: {st.latents_encoded} latents "
-                  f"encoded, {st.latents_reused} reused, {st.texts_encoded} captions encoded, {st.texts_reused} "
-                  f"reused{corrupt}", highlight=False, soft_wrap=True)
+    console.print(f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in "
+                  f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
+                  f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
+                  f"encoded, {st.texts_reused} reused{corrupt}", highlight=False, soft_wrap=True)

@@ -220,8 +220,9 @@ def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str
     cfg = s.cfg
     which = {"ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
              "raw": "raw (the trained weights; the EMA is the main file)"}.get(weights)
-    return {**({"weights": which} if which else {}), "base_model": cfg.model.path, "adapter": cfg.model.adapter, "adapter_weight": cfg.model.adapter_weight,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha, "targets": modules_of(s.network.names),
+    return {**({"weights": which} if which else {}), "base_model": cfg.model.path, "adapter": cfg.model.adapter,
+            "adapter_weight": cfg.model.adapter_weight, "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha,
+            "targets": modules_of(s.network.names),
             "trigger_word": cfg.data[0].trigger_word, "steps": step,
             "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__}
 
