@@ -580,7 +580,7 @@ def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
 def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
     """OOM while loading the model / creating the LoRA (before any step): one line, no traceback; a new
     run can simply be started again, and a resumed run's saved states and LoRAs are untouched."""
-    import zturbo_train.lora.network as lora_module
+    import zturbo_train.train.loop as lora_module  # where setup looks create_lora up
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
