@@ -163,3 +163,43 @@ def test_every_example_config_validates(path):
     assert cfg.data, path
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("#"), "each example config starts with a comment giving the commands to run it"
+
+
+def test_optimizer_keys_default_and_refuse_what_cannot_work(tmp_path):
+    """Prodigy's lr defaults to 1 (a multiplier of its own step size); combinations that cannot work are one line."""
+    def train(**keys) -> Config:
+        return validate_config({"data": {"dir": "imgs"}, "train": keys}, base_dir=tmp_path)
+
+    assert train(optimizer="prodigy").train.lr == 1.0 and train().train.lr == 1e-4
+    assert train(optimizer="prodigy", lr=0.5).train.lr == 0.5
+    assert train(optimizer="adamw", loraplus_ratio=16).train.loraplus_ratio == 16
+    refused = [
+        ({"optimizer": "prodigy", "lr": 1e-4},
+         "invalid config: `train.lr` = 0.0001 with optimizer prodigy: Prodigy estimates the step size itself"),
+        ({"optimizer": "prodigy", "loraplus_ratio": 16}, "`train.loraplus_ratio` needs one lr per parameter group"),
+        ({"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
+         '`train.lr_scheduler` = "cosine" with optimizer adamw_schedulefree'),
+        ({"loraplus_ratio": 0.5}, "`train.loraplus_ratio` = 0.5: input should be greater than or equal to 1"),
+        ({"optimizer_args": {"weight_decay": 0.1}}, "`train.optimizer_args` sets weight_decay; remove it"),
+        ({"loraplus_lr_ratio": 4}, "unknown key `train.loraplus_lr_ratio`; did you mean `train.loraplus_ratio`?"),
+        ({"optimizer": "sgd"}, "'adamw', 'adamw8bit', 'prodigy', 'adafactor', 'lion' or 'adamw_schedulefree'"),
+        ({"optimizer": "adamw_schedulefree", "ema": True}, "`train.ema` = true with optimizer adamw_schedulefree"),
+        ({"ema_decay": 1.0}, "`train.ema_decay` = 1.0: input should be less than 1"),
+        ({"use_ema": True}, "did you mean `train.ema`?"),
+    ]
+    for keys, message in refused:
+        with pytest.raises(ConfigError) as err:
+            train(**keys)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_validation_keys_resolve_and_refuse_bad_values(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + '[train]\nval_dir = "held"\nval_every = 5\n'))
+    assert cfg.train.val_dir == tmp_path / "held" and cfg.val_data.dir == tmp_path / "held"
+    assert cfg.val_data.repeats == 1 and cfg.val_data.caption_dropout == 0.0
+    assert load_config(write(tmp_path, MINIMAL)).val_data is None
+    for text, message in (("val_fraction = 1.0", "`train.val_fraction` = 1.0: input should be less than 1"),
+                          ("val_every = 0", "`train.val_every` = 0: input should be greater than or equal to 1"),
+                          ("validation_split = 0.1", "did you mean `train.val_fraction`?")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            load_config(write(tmp_path, MINIMAL + f"[train]\n{text}\n"))

@@ -39,6 +39,9 @@ KEY_SYNONYMS = {
     "image_dir": "dir", "path": "dir", "train_data_dir": "dir", "caption_extension": "caption_ext",
     "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
     "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
+    "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio", "validation_dir": "val_dir",
+    "validation_every": "val_every", "use_ema": "ema", "ema_beta": "ema_decay", "validation_split": "val_fraction",
+    "val_split": "val_fraction",
 }
 
 
@@ -170,8 +173,10 @@ class TrainConfig(_Section):
     keep_last: int = Field(3, ge=1, description="How many intermediate LoRAs and states to keep.")
     log_every: int = Field(10, ge=1, description="Read the loss back from the device every N steps (one host sync); metrics.jsonl still gets one line per step.")
     sample_every: int = Field(250, ge=0, description="Draw preview images every N steps (0: only at step 0 and the end).")
-    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch, fused on GPU) or adamw8bit (bitsandbytes).")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"] = Field("adamw", description="adamw (torch, fused on GPU), adamw8bit (bitsandbytes), adafactor (transformers), or from the `optimizers` extra: prodigy (sets its own step size; lr 1), lion (lr 3-10x below AdamW's), adamw_schedulefree (no decaying schedule; previews and saved LoRAs use its averaged weights).")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay (decoupled, as AdamW's).")
+    optimizer_args: dict[str, bool | int | float | str | list[float]] = Field(default_factory=dict, description="Extra keyword arguments of the optimizer, e.g. {betas = [0.9, 0.99]} or Prodigy's {d0 = 1e-4, d_coef = 0.5}; checked against the optimizer before any work.")
+    loraplus_ratio: float = Field(1.0, ge=1.0, le=256.0, description="LoRA+: the up (B) matrices train at lr x this ratio (the paper suggests 16); 1: off.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: off).")
@@ -185,17 +190,52 @@ class TrainConfig(_Section):
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
     timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
+    ema: bool = Field(False, description="Keep an EMA of the LoRA weights (on the LoRA's device); the saved <name>.safetensors and the previews use it, <name>-raw.safetensors holds the trained weights.")
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step (0.999: an average over about the last 1000 steps).")
+    ema_start: int = Field(0, ge=0, description="Steps before the EMA starts averaging (until then it follows the weights).")
+    val_dir: Path | None = Field(None, description="Folder of held-out images with captions (read as the first [data] table's settings), never trained on; their validation loss is logged as val_loss.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the [data] images held out of training for validation (picked by seed, at least one); 0: none.")
+    val_every: int = Field(100, ge=1, description="Compute val_loss every N steps (and at the end) when val_dir or val_fraction gives a held-out set.")
 
-    @field_validator("output_dir")
+    @field_validator("output_dir", "val_dir")
     @classmethod
-    def _resolve_out(cls, value: Path, info: ValidationInfo) -> Path:
-        return resolve_path(value, _base_dir(info))
+    def _resolve_out(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else resolve_path(value, _base_dir(info))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _bool_checkpointing(cls, value: Any) -> Any:
         """Older configs say true/false."""
         return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prodigy_lr(cls, data: Any) -> Any:
+        """Prodigy's lr multiplies the step size it estimates: 1 unless the config says otherwise."""
+        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and "lr" not in data:
+            return {**data, "lr": 1.0}
+        return data
+
+    @model_validator(mode="after")
+    def _optimizer_fits(self) -> "TrainConfig":
+        own = sorted({"lr", "weight_decay", "params"} & set(self.optimizer_args))
+        if own:
+            raise ValueError(f"`train.optimizer_args` sets {', '.join(own)}; remove it: train.lr and "
+                             f"train.weight_decay are their own keys, and the parameters are the LoRA's")
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise ValueError(f"`train.lr` = {self.lr:g} with optimizer prodigy: Prodigy estimates the step size "
+                             f"itself and lr multiplies it; set train.lr = 1.0 (or leave it unset)")
+        if self.optimizer == "prodigy" and self.loraplus_ratio != 1.0:
+            raise ValueError("`train.loraplus_ratio` needs one lr per parameter group, which Prodigy does not "
+                             "take; set train.loraplus_ratio = 1 or another train.optimizer")
+        if self.optimizer == "adamw_schedulefree" and self.ema:
+            raise ValueError("`train.ema` = true with optimizer adamw_schedulefree, which already returns an average "
+                             "of its weights; set train.ema = false or another train.optimizer")
+        if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            raise ValueError(f'`train.lr_scheduler` = "{self.lr_scheduler}" with optimizer adamw_schedulefree: it '
+                             f'averages the weights instead of decaying the lr; set train.lr_scheduler = "constant" '
+                             f"(train.warmup_steps still applies)")
+        return self
 
 
 class SampleConfig(_Section):
@@ -250,6 +290,14 @@ class Config(_Section):
             raise ValueError("no [data] table; add one with `dir` set to a folder of images with .txt captions")
         return self
 
+    @property
+    def val_data(self) -> DataConfig | None:
+        """train.val_dir read as a dataset with the first [data] table's settings (no repeats, flips or dropout)."""
+        if self.train.val_dir is None:
+            return None
+        return self.data[0].model_copy(update={"dir": self.train.val_dir, "repeats": 1, "flip": False,
+                                               "caption_dropout": 0.0})
+
 
 # ---------------------------------------------------------------- loading and errors
 
@@ -285,7 +333,7 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config
 
 
 # Keys that hold paths: relative values given with --set resolve against `base_dir` (the current folder).
-PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path,
+PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path, ("train", "val_dir"): resolve_path,
              ("model", "path"): resolve_model_ref, ("model", "adapter"): resolve_model_ref}
 
 
@@ -384,7 +432,7 @@ def _describe(err: dict[str, Any], single_data: bool) -> str:
     if err["type"] == "missing":
         return f"`{key}` is required"
     msg = err["msg"].removeprefix("Value error, ")
-    if not loc:
+    if not loc or isinstance(err.get("input"), dict):  # a table's own check names its keys itself
         return msg
     return f"`{key}` = {err.get('input')!r}: {msg[0].lower() + msg[1:]}"
 

@@ -162,6 +162,15 @@ def check_merge(specs: Sequence[LoraSpec], out: Path | None, to_lora: Path | Non
 # ------------------------------------------------------------------ zturbo train
 
 
+def check_optimizer(cfg: "Config") -> None:
+    """An optimizer from the `optimizers` extra that is not installed: the pip command, before any work."""
+    from .train.optimizers import missing_package
+
+    problem = missing_package(cfg.train.optimizer)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool = True) -> None:
     """The cheap checks of `zturbo train`, before the output folder is touched or anything is cached:
     the flags, every output location, the model folder, the data folders, the adapter file.
@@ -173,6 +182,7 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
     if resume and overwrite:
         raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "
                             "pass one of them")
+    check_optimizer(cfg)
     if writes_run:
         check_writable(cfg.train.output_dir, "train.output_dir")
     check_writable(default_cache_dir(), "the latent cache folder ($ZTURBO_HOME/cache)")
@@ -181,7 +191,9 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
         list_images(data.dir)
     from .lora.adapter import resolve_adapter  # imports torch: the last checks
     from .models import torch_dtype
+    from .train.optimizers import check_arguments
     from .train.step import check_training_dtype
 
     check_training_dtype(torch_dtype(cfg.model.dtype))
+    check_arguments(cfg.train)
     resolve_adapter(cfg.model.adapter)

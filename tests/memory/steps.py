@@ -9,7 +9,8 @@ from zturbo_train.lora.network import create_lora
 from zturbo_train.memory.levers import apply_levers
 from zturbo_train.memory.presets import Levers
 from zturbo_train.models import load_parts
-from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
+from zturbo_train.train.optimizers import build_optimizer
+from zturbo_train.train.step import StepSettings, TrainStep
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 CPU = torch.device("cpu")

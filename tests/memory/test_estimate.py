@@ -41,3 +41,15 @@ def test_dry_run_prints_the_memory_estimate(tmp_path, example_data):
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if "memory" in line and "estimated peak" in line)
     assert "8gb" in line and "offload blocks" in line and "pinned host memory" in line
+
+
+
+def test_optimizer_state_and_ema_count_in_the_lora_memory(real_shape):
+    """Per LoRA parameter: fp32 weight and gradient (8 bytes) + the optimizer's state + 4 for an EMA copy."""
+    from zturbo_train.memory.estimate import lora_params
+
+    for optimizer, state in (("prodigy", 16.0), ("lion", 4.0), ("adamw", 8.0)):
+        for ema in (False, True):
+            work = Workload(resolution=512, optimizer=optimizer, ema=ema)
+            expected = lora_params(real_shape, work) * (8 + state + 4 * ema) / 2**30
+            assert estimate(real_shape, work).lora == pytest.approx(expected)

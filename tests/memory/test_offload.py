@@ -13,7 +13,8 @@ from zturbo_train.memory.estimate import Workload, shape_from_config
 from zturbo_train.memory.levers import apply_levers
 from zturbo_train.memory.presets import Levers, estimate_for
 from zturbo_train.testing.synthetic import ZIMAGE_CONFIG, build_synthetic
-from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
+from zturbo_train.train.optimizers import build_optimizer
+from zturbo_train.train.step import StepSettings, TrainStep
 
 
 def test_offload_gives_the_same_loss_and_lora_as_no_offload():

@@ -236,3 +236,26 @@ def _inputs(transformer, seed: int) -> tuple:
     dim = transformer.config.cap_feat_dim
     return (torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen),
             [torch.randn(7, dim, generator=gen)])
+
+
+def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir):
+    """Validation (rank 0 evaluates, every rank flushes the log at its steps: no rank waits alone in the
+    all-reduce) and the EMA under torchrun: the run finishes and logs what one process at batch 2 logs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "builtin").symlink_to(tiny_dir.parent)
+    extra = ["train.val_fraction=0.34", "train.val_every=2", "train.log_every=3", "train.ema=true",
+             "train.ema_decay=0.5"]
+    cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
+    done = torchrun([str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
+                    {"ZTURBO_HOME": str(home)}, tmp_path / "logs")
+    assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
+    one = run(load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra),
+              quiet=True)
+    ours, theirs = metrics(tmp_path / "two" / "run"), metrics(one.run_dir)
+    assert [r["step"] for r in ours if "val_loss" in r] == [2, 4] == [r["step"] for r in theirs if "val_loss" in r]
+    assert [r["val_loss"] for r in ours if "val_loss" in r] == \
+        pytest.approx([r["val_loss"] for r in theirs if "val_loss" in r], rel=1e-4)
+    largest, _ = lora_difference(tmp_path / "two" / "run" / "t.safetensors", one.lora_path)
+    assert largest <= LORA_ATOL
+    assert (tmp_path / "two" / "run" / "t-raw.safetensors").is_file()

@@ -14,7 +14,8 @@ import torch
 from zturbo_train.config import TrainConfig
 from zturbo_train.lora.network import create_lora
 from zturbo_train.models import load_parts, torch_dtype
-from zturbo_train.train.step import StepSettings, TrainStep, build_optimizer
+from zturbo_train.train.optimizers import build_optimizer
+from zturbo_train.train.step import StepSettings, TrainStep
 
 CPU = torch.device("cpu")
 SIGMAS = torch.tensor([0.02, 0.45, 0.9])  # 0.02: where a bf16 t is off most (t*1000 = 980 rounds to 984)

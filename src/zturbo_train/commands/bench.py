@@ -1,6 +1,6 @@
 """`zturbo bench`: seconds per training step, peak memory and 8-step sampling time, per preset.
 
-It runs the training step of `zturbo train` itself (step.TrainStep, step.build_optimizer,
+It runs the training step of `zturbo train` itself (step.TrainStep, optimizers.build_optimizer,
 levers.apply_levers, lora.create_lora), not a copy, so what it times is what training
 runs. Models: `synthetic` (a random Z-Image transformer of the real shapes built straight
 on the GPU, no download), `synthetic:tiny`, builtin:tiny or any Z-Image folder.
@@ -38,7 +38,8 @@ from ..memory.levers import apply_levers, model_shape, resolve_levers
 from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..sampling import generate_latents
 from ..testing.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_config
-from ..train.step import StepSettings, TrainStep, build_optimizer
+from ..train.optimizers import build_optimizer
+from ..train.step import StepSettings, TrainStep
 from ..zimage import SCHEDULER
 
 DEFAULT_RESOLUTIONS = {"builtin:tiny": [64], "synthetic:tiny": [64]}

@@ -149,6 +149,7 @@ class TrainDataset:
     stats: CacheStats = field(default_factory=CacheStats)
     rank: int = 0
     world: int = 1
+    heldout: list[tuple[Sample, Path]] = field(default_factory=list)  # validation views and their latent entries
     _order: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -218,6 +219,16 @@ class TrainDataset:
                      [self.items[self.samples[i].item].path for i in indices], self.samples[indices[0]].bucket,
                      epoch, position, [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
                      None if weight == 1.0 else [weight] * len(slots))
+
+    def heldout_views(self) -> list[tuple[Any, Any, str]]:
+        """(latent mean (1, C, H, W), caption embedding, key) of each held-out view: the validation set, read
+        once. The key (content, bucket, flip) seeds the view's fixed noise and sigma."""
+        views = []
+        for sample, path in self.heldout:
+            item = self.items[sample.item]
+            views.append((read_entry(path)["mean"].float().unsqueeze(0), self._embeddings([item.caption])[0],
+                          f"{item.content_hash}|{sample.bucket}|{sample.flip}"))
+        return views
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> list:
         """Cached embeddings of preview prompts (passed to prepare_dataset as extra_prompts)."""

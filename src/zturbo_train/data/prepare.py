@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import Config, DataConfig
+from ..errors import DataError
 from ..models import resolve_model_dir
 from ..paths import default_cache_dir
-from .batches import Sample, TrainDataset
+from .batches import Sample, TrainDataset, derive_seed
 from .buckets import Fit, closest_bucket, fit
 from .cache import (
     CacheStats,
@@ -78,9 +79,30 @@ def scan_and_plan(datasets: Sequence[DataConfig], console=None,
     return scan, samples
 
 
+def all_datasets(cfg: Config) -> list[DataConfig]:
+    """cfg.data, then train.val_dir read as a dataset (its items have dataset index len(cfg.data))."""
+    return [*cfg.data, *([cfg.val_data] if cfg.val_data is not None else [])]
+
+
+def heldout_items(scan: Scan, cfg: Config) -> set[int]:
+    """The images held out for validation: train.val_dir's, and train.val_fraction of the [data] images
+    (at least one), picked by a hash of (seed, content), so the choice does not depend on file order."""
+    held = {i for i, item in enumerate(scan.items) if item.dataset >= len(cfg.data)}
+    if cfg.train.val_fraction > 0:
+        pool = [i for i, item in enumerate(scan.items) if item.dataset < len(cfg.data)]
+        count = max(1, round(cfg.train.val_fraction * len(pool)))
+        if count >= len(pool):
+            raise DataError(f"train.val_fraction = {cfg.train.val_fraction:g} holds out {count} of the {len(pool)} "
+                            f"images, leaving none to train on; lower it or set train.val_dir to a separate folder")
+        held |= set(sorted(pool, key=lambda i: (derive_seed("heldout", cfg.train.seed, scan.items[i].content_hash),
+                                                i))[:count])
+    return held
+
+
 def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
-    """Every image and caption of cfg.data checked, all problems reported at once (a DataError if any stops the run)."""
-    scan, samples = scan_and_plan(cfg.data, console, exclude=[cfg.train.output_dir])
+    """Every image and caption of cfg.data (and train.val_dir) checked, all problems reported at once (a DataError
+    if any stops the run)."""
+    scan, samples = scan_and_plan(all_datasets(cfg), console, exclude=[cfg.train.output_dir])
     report_problems(scan.problems, console)
     return scan, samples
 
@@ -118,7 +140,8 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     latent_root, text_root = root / "latents" / encoders.vae_id, root / "text" / encoders.text_id
     jobs = [_latent_job(scan, sample, latent_root) for sample in samples]
-    captions = _captions(scan, cfg.data, sample_prompts(cfg) if extra_prompts is None else extra_prompts)
+    datasets = all_datasets(cfg)
+    captions = _captions(scan, datasets, sample_prompts(cfg) if extra_prompts is None else extra_prompts)
     text_paths = {caption: entry_path(text_root, text_key(caption)) for caption in captions}
     stats = CacheStats()
     index, count = share
@@ -129,11 +152,14 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
         wait()
     if count > 1:
         _fill_rest(jobs, text_paths, encoders, stats, console, vae_batch_size, text_batch_size)
-    per_sample = [cfg.data[scan.items[s.item].dataset] for s in samples]
+    held = heldout_items(scan, cfg)  # cached like the rest, never in the training order
+    train = [i for i, s in enumerate(samples) if s.item not in held]
+    per_sample = [datasets[scan.items[samples[i].item].dataset] for i in train]
     dataset = TrainDataset(
-        items=scan.items, samples=samples, latent_paths=[job.path for job in jobs], text_paths=text_paths,
-        repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
+        items=scan.items, samples=[samples[i] for i in train], latent_paths=[jobs[i].path for i in train],
+        text_paths=text_paths, repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
         batch_size=cfg.train.batch_size, seed=cfg.train.seed, problems=scan.problems, stats=stats,
+        heldout=[(s, job.path) for s, job in zip(samples, jobs) if s.item in held],
     ).for_rank(*rank)
     report_summary(dataset, console)
     return dataset
@@ -185,7 +211,9 @@ def report_summary(dataset: TrainDataset, console) -> None:
         return
     st = dataset.stats
     corrupt = f", {len(st.corrupt)} corrupt cache files re-encoded" if st.corrupt else ""
-    console.print(f"data: {len(dataset.items)} images, {sum(dataset.repeats)} samples in {len(dataset.bucket_counts)} "
-                  f"buckets, {dataset.batches_per_epoch} batches per epoch; cache: {st.latents_encoded} latents "
-                  f"encoded, {st.latents_reused} reused, {st.texts_encoded} captions encoded, {st.texts_reused} "
-                  f"reused{corrupt}", highlight=False, soft_wrap=True)
+    held = len({sample.item for sample, _ in dataset.heldout})
+    held = f" ({held} held out for validation)" if held else ""
+    console.print(f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in "
+                  f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
+                  f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
+                  f"encoded, {st.texts_reused} reused{corrupt}", highlight=False, soft_wrap=True)

@@ -34,7 +34,9 @@ EXTRA_VECTORS = 6.5
 CONSTANT_GIB = 0.02
 # Bytes per weight when stored compactly (nf4: 4 bits + double-quantised absmax per 64).
 STORAGE_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0}  # per fp32 LoRA parameter
+# per fp32 LoRA parameter: Prodigy keeps two moments, s and the start point; Adafactor factored second moments
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0, "adafactor": 0.5, "lion": 4.0,
+                         "adamw_schedulefree": 8.0}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Workload:
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
     lora_blocks: tuple[str, ...] = ("layers",)
     optimizer: str = "adamw"
+    ema: bool = False  # train.ema: one more fp32 copy of the LoRA
     caption_tokens: int = 128
     dtype_bytes: int = 2  # the model dtype: bf16/fp16 2, fp32 4
 
@@ -225,7 +228,7 @@ def estimate(shape: ModelShape, work: Workload, *, checkpointing: str = "full", 
         kept = shape.stack_sizes["layers"] - len(checkpointed_layers(shape.stack_sizes["layers"], checkpointing,
                                                                      fraction))
         transient += kept * shape.quant_params["layers"] * work.dtype_bytes
-    lora = lora_params(shape, work) * (8 + OPTIMIZER_STATE_BYTES[work.optimizer])
+    lora = lora_params(shape, work) * (8 + OPTIMIZER_STATE_BYTES[work.optimizer] + 4 * work.ema)
     acts = activation_bytes(shape, work, checkpointing, fraction)
     return Estimate(weights / GIB, lora / GIB, acts / GIB, transient / GIB, host / GIB)
 

@@ -63,7 +63,7 @@ def workload_of(cfg: Config) -> Workload:
     """The largest step the config trains: its biggest resolution, batch, LoRA and optimizer."""
     return Workload(resolution=max(r for d in cfg.data for r in d.resolution), batch=cfg.train.batch_size,
                     rank=cfg.lora.rank, targets=tuple(cfg.lora.targets), lora_blocks=tuple(cfg.lora.blocks),
-                    optimizer=cfg.train.optimizer, dtype_bytes=DTYPE_BYTES[cfg.model.dtype])
+                    optimizer=cfg.train.optimizer, ema=cfg.train.ema, dtype_bytes=DTYPE_BYTES[cfg.model.dtype])
 
 
 def model_shape(model_ref: str) -> ModelShape:

@@ -23,7 +23,9 @@ from ..memory.estimate import ModelShape, adapted_linears, rank_warning, shape_f
 from ..memory.levers import levers_for, model_shape, workload_of
 from ..memory.presets import BUDGET_GIB, estimate_for
 from ..models import resolve_device, resolve_model_dir
+from ..preflight import check_optimizer
 from ..testing.synthetic import KNOWN_HUB_CONFIGS
+from .optimizers import check_arguments
 
 NOT_DOWNLOADED = "estimated for the real model (weights not downloaded)"
 
@@ -33,6 +35,8 @@ def dry_run(cfg: Config, console) -> dict:
     from rich.markup import escape
     from rich.table import Table
 
+    check_optimizer(cfg)
+    check_arguments(cfg.train)
     model, known = _model(cfg.model.path)
     adapter = _adapter(cfg.model.adapter, downloaded=known is None)
     inspection = inspect_datasets(cfg.data, exclude=[cfg.train.output_dir])

@@ -47,6 +47,8 @@ from ..monitor.records import LOSS_LABEL
 from ..preflight import check_train
 from ..sampling import generate_images
 from . import distributed
+from .ema import LoraEma
+from .optimizers import averaged_weights, build_optimizer, param_groups
 from .resume import plan_resume, record_resume
 from .state import (
     RunFolder,
@@ -61,7 +63,8 @@ from .state import (
     restore_rng,
     save_state,
 )
-from .step import StepSettings, TrainStep, build_optimizer, lr_at
+from .step import StepSettings, TrainStep, lr_at
+from .validation import Validation
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Session:
     started_at: float = field(default_factory=time.time)  # unix seconds, for the LoRA's ss_training_started_at
     drift: DriftMonitor = field(default_factory=DriftMonitor)  # each preview's turbo_drift against step 0's
     metrics_log: MetricsLog | None = None  # the loop's log, so a preview can add turbo_drift to its step's row
+    ema: LoraEma | None = None  # train.ema: the average the saved LoRA and previews use
+    validation: Validation | None = None  # held-out views (every rank flushes the log at its steps; rank 0 evaluates)
 
     @property
     def is_main(self) -> bool:
@@ -157,12 +162,14 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     torch.manual_seed(cfg.train.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     params = network.trainable_parameters()
-    optimizer = build_optimizer(params, cfg.train, device)
+    optimizer = build_optimizer(param_groups(network, cfg.train.loraplus_ratio), cfg.train, device)
     step = TrainStep(transformer, params, optimizer, StepSettings.from_config(cfg.train, dtype, device), generator)
     negative = dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
     session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
                       dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
                       world=ranks.world)
+    session.ema = LoraEma(params, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema else None
+    session.validation = Validation.build(dataset, cfg.train.seed, cfg.train.val_every, step.settings, device)
     if resume:
         _resume(session)
         if plan is not None:
@@ -182,6 +189,8 @@ def _resume(s: Session) -> None:
     _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
+    if s.ema is not None:
+        s.ema.load(tensors)
     restore_rng(s.step.generator, tensors, meta)
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
@@ -212,21 +221,44 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------ saving
 
 
-def lora_metadata(s: Session, step: int) -> dict[str, object]:
+def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str, object]:
+    """`weights` (with train.ema): which weights the file holds, "ema" or "raw"."""
     cfg = s.cfg
-    return {"base_model": cfg.model.path, "adapter": cfg.model.adapter, "adapter_weight": cfg.model.adapter_weight,
-            "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha, "targets": modules_of(s.network.names),
+    which = {"ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
+             "raw": "raw (the trained weights; the EMA is the main file)"}.get(weights)
+    return {**({"weights": which} if which else {}), "base_model": cfg.model.path, "adapter": cfg.model.adapter,
+            "adapter_weight": cfg.model.adapter_weight, "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha,
+            "targets": modules_of(s.network.names),
             "trigger_word": cfg.data[0].trigger_word, "steps": step,
             "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__,
             "started_at": int(s.started_at)}
 
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
-    path = s.run.lora(s.cfg.train.name, None if final else step)
-    write_lora_file(path, s.network.to_lora_dict(), "comfyui", lora_metadata(s, step))
+    name = s.cfg.train.name
+    path = s.run.lora(name, None if final else step)
+    if s.ema is not None:  # the trained weights beside the average: <name>-raw.safetensors
+        write_lora_file(s.run.lora(f"{name}-raw", None if final else step), s.network.to_lora_dict(), "comfyui",
+                        lora_metadata(s, step, "raw"))
+    with shown_weights(s):
+        write_lora_file(path, s.network.to_lora_dict(), "comfyui",
+                        lora_metadata(s, step, "ema" if s.ema is not None else None))
     if not final:
-        prune(s.run.checkpoints, f"{s.cfg.train.name}-step*.safetensors", s.cfg.train.keep_last)
+        prune(s.run.checkpoints, f"{name}-step*.safetensors", s.cfg.train.keep_last)
+        prune(s.run.checkpoints, f"{name}-raw-step*.safetensors", s.cfg.train.keep_last)
     return path
+
+
+@contextmanager
+def shown_weights(s: Session) -> Iterator[None]:
+    """The weights saved as the LoRA, previewed and validated: the EMA (train.ema), schedule-free's average, or
+    the trained ones; the trained weights are back as they were afterwards."""
+    with averaged_weights(s.step.optimizer, s.step.params):
+        if s.ema is None:
+            yield
+        else:
+            with s.ema.swapped_in():
+                yield
 
 
 def save_training_state(s: Session, step: int, loader) -> Path:
@@ -234,7 +266,8 @@ def save_training_state(s: Session, step: int, loader) -> Path:
     for name, layer in zip(s.network.names, s.network.layers):
         lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
     extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json"), "turbo_drift_start": s.drift.start}
-    return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last)
+    return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last,
+                      s.ema.state_tensors() if s.ema is not None else None)
 
 
 # ------------------------------------------------------------------------------ previews
@@ -250,7 +283,7 @@ def preview(s: Session, step: int) -> list[Path]:
     probe = DriftProbe()
     s.network.eval()
     try:
-        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype):
+        with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype), shown_weights(s):
             images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
                                      height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
                                      negative_embeds=s.negative_embeds, device=s.device, observe=probe.observe)
@@ -260,7 +293,7 @@ def preview(s: Session, step: int) -> list[Path]:
     folder = s.run.samples / f"step-{step:06d}"
     paths = [write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
              for i, im in enumerate(images)]
-    grid = make_grid([images], [f"step {step}"])
+    grid = make_grid([images], [f"step {step}" + (" (EMA weights)" if s.ema is not None else "")])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
 
@@ -330,15 +363,17 @@ class MetricsLog:
     def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float, dict]] = []
         self.notes: dict[int, dict] = {}  # extra fields (turbo_drift) for rows not written yet
         self.held: dict | None = None  # the row of a step whose preview is still to come
         self.smooth: float | None = None
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int) -> None:
-        self.pending.append((step, loss, grad_norm, lr, epoch))
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int,
+            extra: dict[str, torch.Tensor] | None = None) -> None:
+        """`extra`: more device scalars for the step's row (val_loss), read in the same flush."""
+        self.pending.append((step, loss, grad_norm, lr, epoch, extra or {}))
 
     def note(self, step: int, fields: dict) -> None:
         """Add fields to step's row (held or pending); a step whose row is already written gets a row of its own."""
@@ -362,14 +397,14 @@ class MetricsLog:
         self.release()
         if not self.pending:
             return None
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _ in self.pending])
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _, _ in self.pending])
         values = (values if self.reduce is None else self.reduce(values)).cpu().tolist()
         now = time.perf_counter()
         per_step = (now - self.window_start) / len(self.pending)
         self.window_start = now
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         row = None
-        for (step, _, _, lr, epoch), (loss, norm) in zip(self.pending, values):
+        for (step, _, _, lr, epoch, extra), (loss, norm) in zip(self.pending, values):
             # a non-finite gradient (finite loss) has already turned the LoRA weights into NaN in the update
             for what, value in (("loss", loss), ("gradient norm", norm)):
                 if not math.isfinite(value):
@@ -381,7 +416,7 @@ class MetricsLog:
             self.last_loss = loss
             row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
                    "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
-                   **self.notes.pop(step, {})}
+                   **{key: float(value) for key, value in extra.items()}, **self.notes.pop(step, {})}
             if step == hold:
                 self.held = row
             elif self.write:
@@ -462,10 +497,14 @@ def loop(s: Session, started: float) -> TrainResult:
                       for b in batches]
             norm = s.step.update(lr)
             step += 1
+            if s.ema is not None:
+                s.ema.update(step)
             stop.poll()
-            log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch)
+            due_val = s.validation is not None and s.validation.due(step, cfg.steps)
+            log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch,
+                    {"val_loss": validation_loss(s)} if due_val and s.is_main else None)
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
-            if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason:
+            if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason or due_val:
                 _show(bar, step, log.flush(s.device, hold=step if _preview_due(s, step, stop.reason) else None))
                 monitor.on_metrics()
             else:
@@ -492,6 +531,12 @@ def loop(s: Session, started: float) -> TrainResult:
     return result
 
 
+def validation_loss(s: Session) -> torch.Tensor:
+    """val_loss of the LoRA as it is saved (the EMA, schedule-free's average, or the trained weights), on the device."""
+    with shown_weights(s):
+        return s.validation.loss(s.transformer, s.network, s.device)
+
+
 def _warning(s: Session):
     """Library notes (the dataset changed since the saved state, ...) as one `warning:` line on our console."""
     def warn(message: str) -> None:
@@ -507,8 +552,10 @@ def _progress(s: Session, total: int):
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
                TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[rate]} it/s"), TimeRemainingColumn()]
+    if s.validation is not None:
+        columns.insert(4, TextColumn("val_loss {task.fields[val]}"))
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:
-        task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-")
+        task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-", val="-")
         yield _Bar(progress, task)
 
 
@@ -525,4 +572,5 @@ def _show(bar: _Bar, step: int, row: dict | None) -> None:
         bar.update(step)
         return
     rate = 1.0 / row["sec_per_step"] if row["sec_per_step"] > 0 else 0.0
-    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}")
+    val = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}", **val)

@@ -32,6 +32,8 @@ FROZEN = {
     "lora.targets": "the saved LoRA adapts those layers",
     "lora.blocks": "the saved LoRA adapts those blocks",
     "train.optimizer": "the saved optimizer state is of that optimizer",
+    "train.optimizer_args": "the saved optimizer state holds them",
+    "train.loraplus_ratio": "the saved optimizer state has its parameter groups",
 }
 _ERRORS = {"lora": LoraError}  # by section; anything else is a TrainingError
 _NOT_SETTINGS = {"zturbo_version"}

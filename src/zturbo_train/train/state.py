@@ -137,7 +137,7 @@ def open_run_folder(root: Path, resume: bool, overwrite: bool, name: str, lock: 
         raise TrainingError(f"nothing to resume in {run.root}: it has no saved training state; "
                             f"drop --resume to start a new run (with --overwrite if the folder holds files of one)")
     if overwrite and not resume:
-        for path in (run.config, run.metrics, run.lora(name)):
+        for path in (run.config, run.metrics, run.lora(name), run.lora(f"{name}-raw")):
             path.unlink(missing_ok=True)
         for folder in (run.samples, run.checkpoints, run.states):
             shutil.rmtree(folder, ignore_errors=True)
@@ -171,8 +171,10 @@ def latest_state(run: RunFolder) -> Path | None:
 
 
 def save_state(run: RunFolder, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               rng: dict[str, Any], extra: dict[str, Any], keep_last: int) -> Path:
-    """Write state/step-N atomically (temp folder, then rename), then prune to the last `keep_last`."""
+               rng: dict[str, Any], extra: dict[str, Any], keep_last: int,
+               more: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write state/step-N atomically (temp folder, then rename), then prune to the last `keep_last`.
+    `more`: further tensors under their own keys (the EMA's `ema.N`)."""
     target = run.states / f"step-{step:06d}"
     tmp = run.states / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +182,7 @@ def save_state(run: RunFolder, step: int, lora: dict[str, torch.Tensor], optimiz
     tensors.update({f"lora.{k}": v for k, v in lora.items()})
     rng_tensors, rng_meta = _split_rng(rng)
     tensors.update(rng_tensors)
+    tensors.update(more or {})
     save_safetensors(tmp / "state.safetensors", {k: v.cpu() for k, v in tensors.items()})
     write_json(tmp / "state.json", {"version": STATE_VERSION, "step": step, "optimizer": optim_meta,
                                     "rng": rng_meta, **extra})

@@ -113,7 +113,7 @@ class TrainStep:
     def update(self, lr: float) -> Tensor:
         """Clip, step and clear gradients; returns the pre-clip gradient norm (on the device)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+: the up matrices' group runs at lr x ratio
         if self.settings.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         else:
@@ -148,15 +148,6 @@ def to_device(values: Sequence[float], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def build_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig, device: torch.device):
-    """adamw (torch; fused on CUDA) or adamw8bit (bitsandbytes)."""
-    if train.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda")
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
