@@ -62,7 +62,10 @@ def test_again_command_resumes_only_what_was_saved(tmp_path):
 
     run = tmp_path / "my run"
     overrides = ["train.output_dir=my run", "train.lr=2e-4"]
-    assert again_command(Path("c.toml"), overrides, run) == "zturbo train c.toml --set 'train.output_dir=my run' --set train.lr=2e-4"
+    assert (
+        again_command(Path("c.toml"), overrides, run)
+        == "zturbo train c.toml --set 'train.output_dir=my run' --set train.lr=2e-4"
+    )
     run.mkdir()
     (run / "config.json").write_text("{}")
     assert again_command(Path("c.toml"), [], run) == "zturbo train c.toml --overwrite"  # a run without a state
@@ -79,8 +82,9 @@ def test_ctrl_c_while_setting_up_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "run", interrupted)
     config = ROOT / "configs" / "quickstart.toml"
-    result = runner.invoke(app, ["train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}"],
-                           env={"COLUMNS": "300"})
+    result = runner.invoke(
+        app, ["train", str(config), "--set", f"train.output_dir={tmp_path / 'run'}"], env={"COLUMNS": "300"}
+    )
     assert result.exit_code == 130
     assert "interrupted; files already written are complete. Go on with: zturbo train" in result.output
     assert f"--set train.output_dir={tmp_path / 'run'}" in result.output and "Traceback" not in result.output
@@ -138,9 +142,12 @@ def read_only(tmp_path):
 def _train_config(tmp_path: Path, output_dir: Path) -> Path:
     data = ROOT / "examples" / "data"
     config = tmp_path / "cfg.toml"
-    config.write_text(f'[model]\npath = "builtin:tiny"\nadapter = "builtin:tiny-adapter"\n[data]\n'
-                      f'dir = {json.dumps(str(data))}\nresolution = 64\n[train]\n'
-                      f'output_dir = {json.dumps(str(output_dir))}\nsteps = 1\n', encoding="utf-8")
+    config.write_text(
+        f'[model]\npath = "builtin:tiny"\nadapter = "builtin:tiny-adapter"\n[data]\n'
+        f"dir = {json.dumps(str(data))}\nresolution = 64\n[train]\n"
+        f"output_dir = {json.dumps(str(output_dir))}\nsteps = 1\n",
+        encoding="utf-8",
+    )
     return config
 
 
@@ -182,8 +189,11 @@ def test_unwritable_cache_folder_is_refused_before_caching(tmp_path, read_only, 
     monkeypatch.setenv("COLUMNS", "400")
     monkeypatch.setenv("ZTURBO_HOME", str(read_only))
     result = runner.invoke(app, ["train", str(_train_config(tmp_path, tmp_path / "run"))])
-    _one_error_line(result, f"the latent cache folder ($ZTURBO_HOME/cache) {read_only / 'cache'} is not writable "
-                            f"(it would be created in {read_only})")
+    _one_error_line(
+        result,
+        f"the latent cache folder ($ZTURBO_HOME/cache) {read_only / 'cache'} is not writable "
+        f"(it would be created in {read_only})",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -217,10 +227,16 @@ def test_argument_errors_come_before_heavy_imports(tmp_path, tiny_dir):
         (["sample", "--prompt", "x", "--dtype", "fp64"], 1, "--dtype 'fp64' is not one of"),
         (["merge", "--lora", str(lora)], 2, "pass exactly one of --out DIR"),
         (["merge", "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "m")], 1, "does not exist"),
-        (["train", str(_train_config(tmp_path, tmp_path / "run")), "--set", f"data.dir={tmp_path / 'no-data'}"], 1,
-         "does not exist"),
-        (["train", str(_train_config(tmp_path, tmp_path / "run")), "--resume", "--overwrite"], 1,
-         "--resume continues the run"),
+        (
+            ["train", str(_train_config(tmp_path, tmp_path / "run")), "--set", f"data.dir={tmp_path / 'no-data'}"],
+            1,
+            "does not exist",
+        ),
+        (
+            ["train", str(_train_config(tmp_path, tmp_path / "run")), "--resume", "--overwrite"],
+            1,
+            "--resume continues the run",
+        ),
     ]
     for args, code, needle in cases:
         report = _in_fresh_process(*args)
@@ -231,8 +247,17 @@ def test_argument_errors_come_before_heavy_imports(tmp_path, tiny_dir):
 def test_flags_show_no_value_type_in_help():
     """Typer 0.29 printed `<bool>` beside flags such as --dry-run and --help, which take no value (issue 12).
     Options that take a value keep their type."""
-    for args in (["--help"], ["train", "--help"], ["check", "--help"], ["download", "--help"], ["sample", "--help"],
-                 ["merge", "--help"], ["bench", "--help"], ["data", "--help"], ["data", "inspect", "--help"]):
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["check", "--help"],
+        ["download", "--help"],
+        ["sample", "--help"],
+        ["merge", "--help"],
+        ["bench", "--help"],
+        ["data", "--help"],
+        ["data", "inspect", "--help"],
+    ):
         result = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert result.exit_code == 0, args
         assert "--help" in result.output and "<bool>" not in result.output, args

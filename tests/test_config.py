@@ -35,7 +35,9 @@ def test_relative_paths_resolve_against_config_folder(tmp_path):
 
 def test_local_model_path_resolves_and_hub_id_stays(tmp_path):
     (tmp_path / "mymodel").mkdir()
-    cfg = load_config(write(tmp_path, '[model]\npath = "mymodel"\nadapter = "owner/repo/file.safetensors"\n[data]\ndir = "x"\n'))
+    cfg = load_config(
+        write(tmp_path, '[model]\npath = "mymodel"\nadapter = "owner/repo/file.safetensors"\n[data]\ndir = "x"\n')
+    )
     assert cfg.model.path == str((tmp_path / "mymodel").resolve())
     assert cfg.model.adapter == "owner/repo/file.safetensors"
     hub = load_config(write(tmp_path, '[model]\npath = "Tongyi-MAI/Z-Image-Turbo"\n[data]\ndir = "x"\n'))
@@ -83,8 +85,16 @@ def test_missing_data_and_missing_file(tmp_path):
 
 
 def test_set_overrides_any_key(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=2e-4", "lora.rank=8", "data.resolution=[512, 768]",
-                                                 "model.adapter=none", 'sample.prompts=["a", "b"]'])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        [
+            "train.lr=2e-4",
+            "lora.rank=8",
+            "data.resolution=[512, 768]",
+            "model.adapter=none",
+            'sample.prompts=["a", "b"]',
+        ],
+    )
     assert cfg.train.lr == 2e-4 and cfg.lora.rank == 8 and cfg.data[0].resolution == [512, 768]
     assert cfg.model.adapter == "none" and cfg.sample.prompts == ["a", "b"]
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
@@ -99,8 +109,16 @@ def test_set_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
     config = write(tmp_path / "configs", MINIMAL)
     (tmp_path / "work" / "local-model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")
-    cfg = load_config(config, ["data.dir=my-photos", "train.output_dir=out/run", "model.path=local-model",
-                               "model.adapter=v2", 'data.dir="~/x"'])
+    cfg = load_config(
+        config,
+        [
+            "data.dir=my-photos",
+            "train.output_dir=out/run",
+            "model.path=local-model",
+            "model.adapter=v2",
+            'data.dir="~/x"',
+        ],
+    )
     assert cfg.data[0].dir == Path("~/x").expanduser().resolve()
     assert cfg.train.output_dir == tmp_path / "work" / "out" / "run"
     assert cfg.model.path == str(tmp_path / "work" / "local-model") and cfg.model.adapter == "v2"
@@ -121,8 +139,11 @@ def test_several_data_tables(tmp_path):
 def test_set_picks_one_of_several_data_tables_and_refuses_an_ambiguous_one(tmp_path):
     """`data.dir` with two [[data]] tables used to set both; now it names the index syntax instead."""
     text = '[model]\npath = "builtin:tiny"\n[[data]]\ndir = "a"\n[[data]]\ndir = "b"\n'
-    with pytest.raises(ConfigError, match=r"--set 'data.dir=/x' is ambiguous: the config has 2 \[\[data\]\] "
-                                          r"tables; pick one by index, e.g. --set data.0.dir=\.\.\."):
+    with pytest.raises(
+        ConfigError,
+        match=r"--set 'data.dir=/x' is ambiguous: the config has 2 \[\[data\]\] "
+        r"tables; pick one by index, e.g. --set data.0.dir=\.\.\.",
+    ):
         load_config(write(tmp_path, text), ["data.dir=/x"])
     cfg = load_config(write(tmp_path, text), ["data[1].dir=/x", "data.0.repeats=2"])
     assert [d.dir for d in cfg.data] == [tmp_path / "a", Path("/x")] and [d.repeats for d in cfg.data] == [2, 1]
@@ -167,6 +188,7 @@ def test_every_example_config_validates(path):
 
 def test_optimizer_keys_default_and_refuse_what_cannot_work(tmp_path):
     """Prodigy's lr defaults to 1 (a multiplier of its own step size); combinations that cannot work are one line."""
+
     def train(**keys) -> Config:
         return validate_config({"data": {"dir": "imgs"}, "train": keys}, base_dir=tmp_path)
 
@@ -174,11 +196,15 @@ def test_optimizer_keys_default_and_refuse_what_cannot_work(tmp_path):
     assert train(optimizer="prodigy", lr=0.5).train.lr == 0.5
     assert train(optimizer="adamw", loraplus_ratio=16).train.loraplus_ratio == 16
     refused = [
-        ({"optimizer": "prodigy", "lr": 1e-4},
-         "invalid config: `train.lr` = 0.0001 with optimizer prodigy: Prodigy estimates the step size itself"),
+        (
+            {"optimizer": "prodigy", "lr": 1e-4},
+            "invalid config: `train.lr` = 0.0001 with optimizer prodigy: Prodigy estimates the step size itself",
+        ),
         ({"optimizer": "prodigy", "loraplus_ratio": 16}, "`train.loraplus_ratio` needs one lr per parameter group"),
-        ({"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
-         '`train.lr_scheduler` = "cosine" with optimizer adamw_schedulefree'),
+        (
+            {"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"},
+            '`train.lr_scheduler` = "cosine" with optimizer adamw_schedulefree',
+        ),
         ({"loraplus_ratio": 0.5}, "`train.loraplus_ratio` = 0.5: input should be greater than or equal to 1"),
         ({"optimizer_args": {"weight_decay": 0.1}}, "`train.optimizer_args` sets weight_decay; remove it"),
         ({"loraplus_lr_ratio": 4}, "unknown key `train.loraplus_lr_ratio`; did you mean `train.loraplus_ratio`?"),
@@ -198,8 +224,10 @@ def test_validation_keys_resolve_and_refuse_bad_values(tmp_path):
     assert cfg.train.val_dir == tmp_path / "held" and cfg.val_data.dir == tmp_path / "held"
     assert cfg.val_data.repeats == 1 and cfg.val_data.caption_dropout == 0.0
     assert load_config(write(tmp_path, MINIMAL)).val_data is None
-    for text, message in (("val_fraction = 1.0", "`train.val_fraction` = 1.0: input should be less than 1"),
-                          ("val_every = 0", "`train.val_every` = 0: input should be greater than or equal to 1"),
-                          ("validation_split = 0.1", "did you mean `train.val_fraction`?")):
+    for text, message in (
+        ("val_fraction = 1.0", "`train.val_fraction` = 1.0: input should be less than 1"),
+        ("val_every = 0", "`train.val_every` = 0: input should be greater than or equal to 1"),
+        ("validation_split = 0.1", "did you mean `train.val_fraction`?"),
+    ):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
             load_config(write(tmp_path, MINIMAL + f"[train]\n{text}\n"))

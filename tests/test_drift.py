@@ -96,8 +96,9 @@ def test_observer_sees_each_steps_x0_and_changes_nothing(tiny_parts):
     args = dict(seeds=[4], steps=3, width=64, height=64)
     plain = generate_latents(tiny_parts.transformer, tiny_parts.scheduler, embeds, **args)
     seen: list[tuple[int, torch.Tensor]] = []
-    observed = generate_latents(tiny_parts.transformer, tiny_parts.scheduler, embeds,
-                                observe=lambda i, x0: seen.append((i, x0)), **args)
+    observed = generate_latents(
+        tiny_parts.transformer, tiny_parts.scheduler, embeds, observe=lambda i, x0: seen.append((i, x0)), **args
+    )
     assert torch.equal(plain, observed)
     assert [i for i, _ in seen] == [0, 1, 2]
     torch.testing.assert_close(seen[-1][1], observed, rtol=0, atol=1e-6)

@@ -208,11 +208,20 @@ def run_pipeline(pipe, latents: torch.Tensor, replace_output: torch.Tensor | Non
             return (list(replace_output.unsqueeze(2).unbind(0)),)
         return None
 
-    handles = [pipe.transformer.register_forward_pre_hook(before, with_kwargs=True),
-               pipe.transformer.register_forward_hook(after, with_kwargs=True)]
+    handles = [
+        pipe.transformer.register_forward_pre_hook(before, with_kwargs=True),
+        pipe.transformer.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
-        record["final"] = pipe(PROMPTS, height=32, width=32, num_inference_steps=STEPS, guidance_scale=0.0,
-                               latents=latents.clone(), output_type="latent").images
+        record["final"] = pipe(
+            PROMPTS,
+            height=32,
+            width=32,
+            num_inference_steps=STEPS,
+            guidance_scale=0.0,
+            latents=latents.clone(),
+            output_type="latent",
+        ).images
     finally:
         for handle in handles:
             handle.remove()
@@ -253,8 +262,7 @@ def test_one_euler_step_with_the_target_lands_on_the_next_noisy_latent(perfect_r
     for i, timestep in enumerate(scheduler.timesteps):
         xt = flow.noisy_latents(x0, noise, sigmas[i].expand(2))
         stepped = scheduler.step(-raw, timestep, xt, return_dict=False)[0]
-        torch.testing.assert_close(stepped, flow.noisy_latents(x0, noise, sigmas[i + 1].expand(2)),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(stepped, flow.noisy_latents(x0, noise, sigmas[i + 1].expand(2)), atol=1e-6, rtol=0)
 
 
 def test_pipeline_with_perfect_output_walks_our_noising_line(perfect_run):

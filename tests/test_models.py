@@ -15,8 +15,15 @@ def test_tiny_folder_runs_in_diffusers_and_matches_our_loader(tiny_dir):
     from diffusers import ZImagePipeline
 
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
-    image = pipe("a red cube", height=64, width=64, num_inference_steps=2, guidance_scale=0.0,
-                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipe(
+        "a red cube",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (64, 64, 3) and 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
 
     ours = load_parts("builtin:tiny", dtype="fp32")
@@ -30,8 +37,14 @@ def test_tiny_folder_runs_in_diffusers_and_matches_our_loader(tiny_dir):
     assert ours.tokenizer("a red cube").input_ids == pipe.tokenizer("a red cube").input_ids
 
     rebuilt = build_pipeline(ours)(
-        "a red cube", height=64, width=64, num_inference_steps=2, guidance_scale=0.0,
-        generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        "a red cube",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert (rebuilt == image).all()
 
 

@@ -23,7 +23,7 @@ def imported_packages(top_level_only: bool = False) -> set[str]:
     names = set()
     for path in (ROOT / "src").rglob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in (tree.body if top_level_only else ast.walk(tree)):
+        for node in tree.body if top_level_only else ast.walk(tree):
             if isinstance(node, ast.Import):
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -34,8 +34,11 @@ SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 def snapshot(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder`: equal snapshots mean nothing was lost."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_line_error(result, message: str) -> str:
@@ -67,8 +70,10 @@ def test_merge_never_replaces_a_run_a_dataset_or_a_model(tmp_path, trained_run, 
         (["--lora", lora, "--out", str(data_copy)], "holds images (6, e.g. img_00.png): a dataset"),
         (["--lora", lora, "--out", str(model_copy)], "is a model folder without zturbo_merge.json"),
         (["--lora", lora, "--to-lora", str(trained_run / "t.safetensors")], "is a file of the training run"),
-        (["--lora", lora, "--to-lora", str(trained_run / "checkpoints" / "t-step000001.safetensors")],
-         "is a file of the training run"),
+        (
+            ["--lora", lora, "--to-lora", str(trained_run / "checkpoints" / "t-step000001.safetensors")],
+            "is a file of the training run",
+        ),
     ]:
         for flag in ([], ["--overwrite"]):
             output = one_line_error(runner.invoke(app, [*merge, *args, *flag]), reason)
@@ -92,8 +97,9 @@ def test_merge_overwrites_its_own_output_and_keeps_the_umask(tmp_path, trained_r
     # --to-lora: an input reached through a hard link is an input too
     link = tmp_path / "link.safetensors"
     os.link(lora, link)
-    one_line_error(runner.invoke(app, ["merge", "--lora", lora, "--to-lora", str(link), "--overwrite"]),
-                   "overlaps the input")
+    one_line_error(
+        runner.invoke(app, ["merge", "--lora", lora, "--to-lora", str(link), "--overwrite"]), "overlaps the input"
+    )
 
 
 # ------------------------------------------------------------------ 4. one live run per folder
@@ -110,8 +116,9 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
         print("locked", flush=True)
         time.sleep(120)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": SRC})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC}
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -125,8 +132,10 @@ def test_a_live_run_folder_is_refused_and_a_killed_holder_does_not_block(tmp_pat
     try:
         before = snapshot(folder)
         for flags in ([], ["--overwrite"], ["--resume"]):
-            output = one_line_error(runner.invoke(app, ["train", str(cfg_path), "-q", *flags]),
-                                    f"is in use by another `zturbo train` (pid {holder.pid} on host")
+            output = one_line_error(
+                runner.invoke(app, ["train", str(cfg_path), "-q", *flags]),
+                f"is in use by another `zturbo train` (pid {holder.pid} on host",
+            )
             assert "wait for it to finish or stop it" in output
         assert snapshot(folder) == before and not (folder / "config.json").exists()
     finally:
@@ -164,8 +173,13 @@ def test_resume_falls_back_past_a_torn_or_empty_state_and_removes_temp_files(tmp
     assert "step-000003 is damaged (state.json is unreadable" in out
     assert "resuming from" in out and "step-000002 (step 2), the newest intact state" in out
     assert resumed.steps_done == 5
-    assert [r["step"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())] \
-        == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     names = sorted(p.name for p in states.iterdir())
     assert "damaged-step-000004" in names and "damaged-step-000003" in names, "damaged states are kept aside"
     assert ".tmp-step-000005" not in names and not (result.run_dir / ".t.safetensors.x1y2.tmp").exists()
@@ -179,8 +193,10 @@ def test_resume_with_no_intact_state_is_one_clear_error(tmp_path, example_data):
     key = next(k for k in nan if k.startswith("lora."))
     nan[key][0, 0] = float("nan")
     save_file(nan, str(state / "state.safetensors"))
-    output = one_line_error(runner.invoke(app, ["train", str(cfg_path), "-q", "--resume", "--set", "train.steps=2"]),
-                            "no intact training state")
+    output = one_line_error(
+        runner.invoke(app, ["train", str(cfg_path), "-q", "--resume", "--set", "train.steps=2"]),
+        "no intact training state",
+    )
     assert f"tensor {key} holds 1 NaN/inf values" in output and "--overwrite" in output
 
 
@@ -201,11 +217,28 @@ def test_a_lora_with_nan_or_inf_is_refused_by_name_everywhere(tmp_path, nan_lora
     """Mutation checked: with require_finite's call removed from read_lora_file, sample exits 0 (black image)."""
     path, key = nan_lora
     message = f"tensor {key} holds 1 NaN/inf values"
-    for args in (["sample", "--model", "builtin:tiny", "--lora", str(path), "-p", "x", "--width", "64",
-                  "--height", "64", "--steps", "1", "--out", str(tmp_path / "s")],
-                 ["merge", "--model", "builtin:tiny", "--lora", str(path), "--out", str(tmp_path / "m")],
-                 ["merge", "--lora", str(path), "--to-lora", str(tmp_path / "c.safetensors")],
-                 ["merge", "--model", "builtin:tiny", "--adapter", str(path), "--out", str(tmp_path / "m")]):
+    for args in (
+        [
+            "sample",
+            "--model",
+            "builtin:tiny",
+            "--lora",
+            str(path),
+            "-p",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        ["merge", "--model", "builtin:tiny", "--lora", str(path), "--out", str(tmp_path / "m")],
+        ["merge", "--lora", str(path), "--to-lora", str(tmp_path / "c.safetensors")],
+        ["merge", "--model", "builtin:tiny", "--adapter", str(path), "--out", str(tmp_path / "m")],
+    ):
         one_line_error(runner.invoke(app, args), message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"], "nothing written"
     from zturbo_train.lora.adapter import read_adapter
@@ -213,8 +246,10 @@ def test_a_lora_with_nan_or_inf_is_refused_by_name_everywhere(tmp_path, nan_lora
     with pytest.raises(AdapterError, match=f"training adapter: .*{message}"):
         read_adapter(path)
     with pytest.raises(AdapterError, match=message):
-        run(load_config(make_config(tmp_path / "t", example_data, steps=1), [f"model.adapter={json.dumps(str(path))}"]),
-            quiet=True)
+        run(
+            load_config(make_config(tmp_path / "t", example_data, steps=1), [f"model.adapter={json.dumps(str(path))}"]),
+            quiet=True,
+        )
 
 
 # ------------------------------------------------------------------ 12. the umask
@@ -235,8 +270,9 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, mask):
         print(fileio.umask(), *(stat.S_IMODE(p.stat().st_mode) for p in
                                  (root / "a.json", root / "b.safetensors", folder, root / "sub")))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": SRC}, check=True
+    )
     read, json_mode, tensors_mode, temp_mode, parent_mode = map(int, done.stdout.split())
     assert read == mask
     assert json_mode == tensors_mode == 0o666 & ~mask
@@ -253,4 +289,3 @@ def test_umask_is_read_without_changing_it():
     finally:
         os.umask(mask)
         umask.cache_clear()
-

@@ -31,16 +31,39 @@ TARGET_CHOICES = set(TARGET_PATHS)
 BLOCK_CHOICES = set(BLOCK_STACKS)
 # Names other trainers use for our keys, so "did you mean" points at the right one.
 KEY_SYNONYMS = {
-    "learning_rate": "lr", "max_train_steps": "steps", "num_steps": "steps", "max_steps": "steps",
-    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "gradient_accumulation": "grad_accum", "network_dim": "rank", "network_alpha": "alpha", "r": "rank",
-    "lora_alpha": "alpha", "output_path": "output_dir", "save_every_n_steps": "save_every",
-    "sample_every_n_steps": "sample_every", "guidance_scale": "guidance", "num_inference_steps": "steps",
-    "image_dir": "dir", "path": "dir", "train_data_dir": "dir", "caption_extension": "caption_ext",
-    "model_path": "path", "pretrained_model_name_or_path": "path", "grad_clip": "max_grad_norm",
-    "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps", "scheduler": "lr_scheduler",
-    "loraplus_lr_ratio": "loraplus_ratio", "loraplus": "loraplus_ratio", "validation_dir": "val_dir",
-    "validation_every": "val_every", "use_ema": "ema", "ema_beta": "ema_decay", "validation_split": "val_fraction",
+    "learning_rate": "lr",
+    "max_train_steps": "steps",
+    "num_steps": "steps",
+    "max_steps": "steps",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "network_dim": "rank",
+    "network_alpha": "alpha",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "output_path": "output_dir",
+    "save_every_n_steps": "save_every",
+    "sample_every_n_steps": "sample_every",
+    "guidance_scale": "guidance",
+    "num_inference_steps": "steps",
+    "image_dir": "dir",
+    "path": "dir",
+    "train_data_dir": "dir",
+    "caption_extension": "caption_ext",
+    "model_path": "path",
+    "pretrained_model_name_or_path": "path",
+    "grad_clip": "max_grad_norm",
+    "optimizer_type": "optimizer",
+    "lr_warmup_steps": "warmup_steps",
+    "scheduler": "lr_scheduler",
+    "loraplus_lr_ratio": "loraplus_ratio",
+    "loraplus": "loraplus_ratio",
+    "validation_dir": "val_dir",
+    "validation_every": "val_every",
+    "use_ema": "ema",
+    "ema_beta": "ema_decay",
+    "validation_split": "val_fraction",
     "val_split": "val_fraction",
 }
 
@@ -78,14 +101,45 @@ def _base_dir(info: ValidationInfo) -> Path | None:
 
 
 class ModelConfig(_Section):
-    path: str = Field(TURBO_REPO, description="Z-Image Turbo: a diffusers folder, a Hub id fetched by `zturbo download`, or builtin:tiny.")
-    adapter: str = Field("v2", description="Training adapter: v1, v2, none, builtin:tiny-adapter, a .safetensors file, or owner/repo/file.safetensors.")
-    adapter_mode: Literal["merge", "live"] = Field("merge", description="merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, works on quantized bases).")
-    adapter_weight: float = Field(1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training.")
+    path: str = Field(
+        TURBO_REPO,
+        description="Z-Image Turbo: a diffusers folder, a Hub id fetched by `zturbo download`, or builtin:tiny.",
+    )
+    adapter: str = Field(
+        "v2",
+        description=(
+            "Training adapter: v1, v2, none, builtin:tiny-adapter, a .safetensors file, or owner/repo/file.safetensors."
+        ),
+    )
+    adapter_mode: Literal["merge", "live"] = Field(
+        "merge",
+        description=(
+            "merge: fold the adapter into the weights (fastest). live: keep it as a frozen branch (exact, "
+            "works on quantized bases)."
+        ),
+    )
+    adapter_weight: float = Field(
+        1.0, ge=0.0, le=4.0, description="Strength the adapter is applied with during training."
+    )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Dtype of the frozen base weights. Training takes bf16 or fp32 (fp16 has no gradient scaler).")
-    quantize: Literal["auto", "none", "fp8", "nf4", "int8"] = Field("auto", description="Storage of the block linears: none (dtype), fp8 (stored float8, cast per layer for compute), nf4 or int8 (bitsandbytes); modulation, norms, embedders and the final layer stay in dtype. auto: from train.memory.")
-    offload: Literal["auto", "none", "blocks"] = Field("auto", description="blocks: keep the transformer blocks in pinned host memory and stream each to the GPU ahead of use (small cards; needs full checkpointing, no compile). auto: from train.memory.")
+        "bf16",
+        description="Dtype of the frozen base weights. Training takes bf16 or fp32 (fp16 has no gradient scaler).",
+    )
+    quantize: Literal["auto", "none", "fp8", "nf4", "int8"] = Field(
+        "auto",
+        description=(
+            "Storage of the block linears: none (dtype), fp8 (stored float8, cast per layer for compute), "
+            "nf4 or int8 (bitsandbytes); modulation, norms, embedders and the final layer stay in dtype. auto: from "
+            "train.memory."
+        ),
+    )
+    offload: Literal["auto", "none", "blocks"] = Field(
+        "auto",
+        description=(
+            "blocks: keep the transformer blocks in pinned host memory and stream each to the GPU ahead of "
+            "use (small cards; needs full checkpointing, no compile). auto: from train.memory."
+        ),
+    )
 
     @field_validator("path", "adapter")
     @classmethod
@@ -96,10 +150,16 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dir: Path = Field(..., description="Folder of images (searched recursively) with same-stem caption files.")
     caption_ext: str = Field("txt", description="Extension of caption files, without the dot.")
-    default_caption: str | None = Field(None, description="Caption for images without a caption file; unset makes a missing caption an error.")
+    default_caption: str | None = Field(
+        None, description="Caption for images without a caption file; unset makes a missing caption an error."
+    )
     trigger_word: str = Field("", description="Replaces [trigger] in captions, or is prepended where there is none.")
-    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Rate at which a caption is replaced by the empty caption.")
-    resolution: list[int] = Field([1024], description="Training side length(s) in pixels; one size or a list such as [512, 768, 1024].")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="Rate at which a caption is replaced by the empty caption."
+    )
+    resolution: list[int] = Field(
+        [1024], description="Training side length(s) in pixels; one size or a list such as [512, 768, 1024]."
+    )
     repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
     flip: bool = Field(False, description="Also train on horizontally flipped images.")
     strict: bool = Field(False, description="Turn dataset warnings (small images, default captions) into errors.")
@@ -132,7 +192,9 @@ class DataConfig(_Section):
 
 class LoraConfig(_Section):
     rank: int = Field(32, ge=1, le=1024, description="LoRA rank.")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     targets: list[str] = Field(DEFAULT_TARGETS, description=f"Linear layers to adapt, from {sorted(TARGET_CHOICES)}.")
     blocks: list[str] = Field(["layers"], description=f"Block stacks to adapt, from {sorted(BLOCK_CHOICES)}.")
@@ -171,31 +233,139 @@ class TrainConfig(_Section):
     name: str = Field("lora", pattern=r"^[\w.-]+$", description="File name stem of the saved LoRA.")
     save_every: int = Field(250, ge=0, description="Save a LoRA and training state every N steps (0: only at the end).")
     keep_last: int = Field(3, ge=1, description="How many intermediate LoRAs and states to keep.")
-    log_every: int = Field(10, ge=1, description="Read the loss back from the device every N steps (one host sync); metrics.jsonl still gets one line per step.")
-    sample_every: int = Field(250, ge=0, description="Draw preview images every N steps (0: only at step 0 and the end).")
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"] = Field("adamw", description="adamw (torch, fused on GPU), adamw8bit (bitsandbytes), adafactor (transformers), or from the `optimizers` extra: prodigy (sets its own step size; lr 1), lion (lr 3-10x below AdamW's), adamw_schedulefree (no decaying schedule; previews and saved LoRAs use its averaged weights).")
+    log_every: int = Field(
+        10,
+        ge=1,
+        description=(
+            "Read the loss back from the device every N steps (one host sync); metrics.jsonl still gets one "
+            "line per step."
+        ),
+    )
+    sample_every: int = Field(
+        250, ge=0, description="Draw preview images every N steps (0: only at step 0 and the end)."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree"] = Field(
+        "adamw",
+        description=(
+            "adamw (torch, fused on GPU), adamw8bit (bitsandbytes), adafactor (transformers), or from the "
+            "`optimizers` extra: prodigy (sets its own step size; lr 1), lion (lr 3-10x below AdamW's), "
+            "adamw_schedulefree (no decaying schedule; previews and saved LoRAs use its averaged weights)."
+        ),
+    )
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay (decoupled, as AdamW's).")
-    optimizer_args: dict[str, bool | int | float | str | list[float]] = Field(default_factory=dict, description="Extra keyword arguments of the optimizer, e.g. {betas = [0.9, 0.99]} or Prodigy's {d0 = 1e-4, d_coef = 0.5}; checked against the optimizer before any work.")
-    loraplus_ratio: float = Field(1.0, ge=1.0, le=256.0, description="LoRA+: the up (B) matrices train at lr x this ratio (the paper suggests 16); 1: off.")
+    optimizer_args: dict[str, bool | int | float | str | list[float]] = Field(
+        default_factory=dict,
+        description=(
+            "Extra keyword arguments of the optimizer, e.g. {betas = [0.9, 0.99]} or Prodigy's "
+            "{d0 = 1e-4, d_coef = 0.5}; checked against the optimizer before any work."
+        ),
+    )
+    loraplus_ratio: float = Field(
+        1.0,
+        ge=1.0,
+        le=256.0,
+        description="LoRA+: the up (B) matrices train at lr x this ratio (the paper suggests 16); 1: off.",
+    )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0: off).")
-    memory: Literal["auto", "high", "24gb", "16gb", "12gb", "8gb"] = Field("auto", description="Memory preset that sets every speed/memory lever left on auto (table in BENCHMARKS.md); auto picks the fastest whose estimated peak fits the free GPU memory.")
-    gradient_checkpointing: Literal["auto", "full", "none", "selective"] = Field("auto", description="Recompute activations in backward to save memory: full, none, or selective (checkpoint_fraction of the main blocks); true/false mean full/none. auto: from memory.")
-    checkpoint_fraction: float | None = Field(None, ge=0.0, le=1.0, description="Share of the 30 main blocks recomputed under selective checkpointing, spread evenly; unset: the fewest that fit the memory preset's budget.")
-    compile: bool | Literal["auto"] = Field("auto", description="Compile the repeated transformer blocks (torch.compile, one graph for all blocks; first steps slower). auto: from memory.")
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field("default", description="torch.compile mode for compile = true (reduce-overhead adds CUDA graphs).")
-    attention_backend: Literal["auto", "native", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn", "flash-attn-3", "sage"] = Field("auto", description="Attention kernel; auto measures the exact ones on the GPU and keeps the fastest (PyTorch SDPA on the CPU). sage is approximate and never picked for you.")
-    timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field("weighted", description="How sigmas are drawn: uniform, logit_normal (mean, std), or weighted (the default: uniform sigmas, the loss weighted toward mid sigmas, as ai-toolkit trains Z-Image Turbo; why in flow.py).")
+    memory: Literal["auto", "high", "24gb", "16gb", "12gb", "8gb"] = Field(
+        "auto",
+        description=(
+            "Memory preset that sets every speed/memory lever left on auto (table in BENCHMARKS.md); auto "
+            "picks the fastest whose estimated peak fits the free GPU memory."
+        ),
+    )
+    gradient_checkpointing: Literal["auto", "full", "none", "selective"] = Field(
+        "auto",
+        description=(
+            "Recompute activations in backward to save memory: full, none, or selective (checkpoint_fraction "
+            "of the main blocks); true/false mean full/none. auto: from memory."
+        ),
+    )
+    checkpoint_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of the 30 main blocks recomputed under selective checkpointing, spread evenly; unset: the "
+            "fewest that fit the memory preset's budget."
+        ),
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Compile the repeated transformer blocks (torch.compile, one graph for all blocks; first steps "
+            "slower). auto: from memory."
+        ),
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode for compile = true (reduce-overhead adds CUDA graphs)."
+    )
+    attention_backend: Literal[
+        "auto",
+        "native",
+        "sdpa-cudnn",
+        "sdpa-flash",
+        "sdpa-efficient",
+        "sdpa-math",
+        "flash-attn",
+        "flash-attn-3",
+        "sage",
+    ] = Field(
+        "auto",
+        description=(
+            "Attention kernel; auto measures the exact ones on the GPU and keeps the fastest (PyTorch SDPA "
+            "on the CPU). sage is approximate and never picked for you."
+        ),
+    )
+    timestep_sampling: Literal["uniform", "logit_normal", "weighted"] = Field(
+        "weighted",
+        description=(
+            "How sigmas are drawn: uniform, logit_normal (mean, std), or weighted (the default: uniform "
+            "sigmas, the loss weighted toward mid sigmas, as ai-toolkit trains Z-Image Turbo; why in flow.py)."
+        ),
+    )
     logit_mean: float = Field(0.0, description="Mean of logit_normal timestep sampling.")
     logit_std: float = Field(1.0, gt=0, description="Std of logit_normal timestep sampling.")
-    timestep_shift: float = Field(1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas).")
-    ema: bool = Field(False, description="Keep an EMA of the LoRA weights (on the LoRA's device); the saved <name>.safetensors and the previews use it, <name>-raw.safetensors holds the trained weights.")
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step (0.999: an average over about the last 1000 steps).")
-    ema_start: int = Field(0, ge=0, description="Steps before the EMA starts averaging (until then it follows the weights).")
-    val_dir: Path | None = Field(None, description="Folder of held-out images with captions (read as the first [data] table's settings), never trained on; their validation loss is logged as val_loss.")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the [data] images held out of training for validation (picked by seed, at least one); 0: none.")
-    val_every: int = Field(100, ge=1, description="Compute val_loss every N steps (and at the end) when val_dir or val_fraction gives a held-out set.")
+    timestep_shift: float = Field(
+        1.0, gt=0, description="Static shift applied to sampled sigmas (1: none; >1 favours noisier sigmas)."
+    )
+    ema: bool = Field(
+        False,
+        description=(
+            "Keep an EMA of the LoRA weights (on the LoRA's device); the saved <name>.safetensors and the "
+            "previews use it, <name>-raw.safetensors holds the trained weights."
+        ),
+    )
+    ema_decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="EMA decay per step (0.999: an average over about the last 1000 steps)."
+    )
+    ema_start: int = Field(
+        0, ge=0, description="Steps before the EMA starts averaging (until then it follows the weights)."
+    )
+    val_dir: Path | None = Field(
+        None,
+        description=(
+            "Folder of held-out images with captions (read as the first [data] table's settings), never "
+            "trained on; their validation loss is logged as val_loss."
+        ),
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Share of the [data] images held out of training for validation (picked by seed, at least one); 0: none."
+        ),
+    )
+    val_every: int = Field(
+        100,
+        ge=1,
+        description=(
+            "Compute val_loss every N steps (and at the end) when val_dir or val_fraction gives a held-out set."
+        ),
+    )
 
     @field_validator("output_dir", "val_dir")
     @classmethod
@@ -220,21 +390,31 @@ class TrainConfig(_Section):
     def _optimizer_fits(self) -> "TrainConfig":
         own = sorted({"lr", "weight_decay", "params"} & set(self.optimizer_args))
         if own:
-            raise ValueError(f"`train.optimizer_args` sets {', '.join(own)}; remove it: train.lr and "
-                             f"train.weight_decay are their own keys, and the parameters are the LoRA's")
+            raise ValueError(
+                f"`train.optimizer_args` sets {', '.join(own)}; remove it: train.lr and "
+                f"train.weight_decay are their own keys, and the parameters are the LoRA's"
+            )
         if self.optimizer == "prodigy" and self.lr < 0.1:
-            raise ValueError(f"`train.lr` = {self.lr:g} with optimizer prodigy: Prodigy estimates the step size "
-                             f"itself and lr multiplies it; set train.lr = 1.0 (or leave it unset)")
+            raise ValueError(
+                f"`train.lr` = {self.lr:g} with optimizer prodigy: Prodigy estimates the step size "
+                f"itself and lr multiplies it; set train.lr = 1.0 (or leave it unset)"
+            )
         if self.optimizer == "prodigy" and self.loraplus_ratio != 1.0:
-            raise ValueError("`train.loraplus_ratio` needs one lr per parameter group, which Prodigy does not "
-                             "take; set train.loraplus_ratio = 1 or another train.optimizer")
+            raise ValueError(
+                "`train.loraplus_ratio` needs one lr per parameter group, which Prodigy does not "
+                "take; set train.loraplus_ratio = 1 or another train.optimizer"
+            )
         if self.optimizer == "adamw_schedulefree" and self.ema:
-            raise ValueError("`train.ema` = true with optimizer adamw_schedulefree, which already returns an average "
-                             "of its weights; set train.ema = false or another train.optimizer")
+            raise ValueError(
+                "`train.ema` = true with optimizer adamw_schedulefree, which already returns an average "
+                "of its weights; set train.ema = false or another train.optimizer"
+            )
         if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
-            raise ValueError(f'`train.lr_scheduler` = "{self.lr_scheduler}" with optimizer adamw_schedulefree: it '
-                             f'averages the weights instead of decaying the lr; set train.lr_scheduler = "constant" '
-                             f"(train.warmup_steps still applies)")
+            raise ValueError(
+                f'`train.lr_scheduler` = "{self.lr_scheduler}" with optimizer adamw_schedulefree: it '
+                f'averages the weights instead of decaying the lr; set train.lr_scheduler = "constant" '
+                f"(train.warmup_steps still applies)"
+            )
         return self
 
 
@@ -249,16 +429,23 @@ class SampleConfig(_Section):
 
 
 class LogConfig(_Section):
-    tensorboard: bool = Field(False, description="Log metrics, previews and the config to TensorBoard in "
-                              "<output_dir>/tensorboard (pip install \"zturbo-train[tensorboard]\").")
-    wandb: bool = Field(False, description="Log metrics, previews and the config to Weights & Biases (pip install "
-                        "\"zturbo-train[wandb]\"; log in with `wandb login`, or set WANDB_MODE=offline).")
+    tensorboard: bool = Field(
+        False,
+        description="Log metrics, previews and the config to TensorBoard in "
+        '<output_dir>/tensorboard (pip install "zturbo-train[tensorboard]").',
+    )
+    wandb: bool = Field(
+        False,
+        description="Log metrics, previews and the config to Weights & Biases (pip install "
+        '"zturbo-train[wandb]"; log in with `wandb login`, or set WANDB_MODE=offline).',
+    )
     project: str = Field("zturbo", min_length=1, description="W&B project.")
     entity: str | None = Field(None, description="W&B entity (team or user); unset: your default.")
     run_name: str | None = Field(None, description="Run name shown in W&B; unset: train.name.")
     images: bool = Field(True, description="Send the preview images to the loggers too.")
-    report: bool = Field(True, description="Write loss.png, samples/timeline-<n>.png and report.html at every "
-                         "save and at the end.")
+    report: bool = Field(
+        True, description="Write loss.png, samples/timeline-<n>.png and report.html at every save and at the end."
+    )
 
     @field_validator("tensorboard", "wandb")
     @classmethod
@@ -266,8 +453,10 @@ class LogConfig(_Section):
         """A logger that is on needs its package: said at config time, before anything is loaded."""
         package = info.field_name  # the extra, the package and the key share the name
         if value and importlib.util.find_spec(package) is None:
-            raise ValueError(f"needs the {package} package, which is not installed; "
-                             f"pip install \"zturbo-train[{package}]\" or set log.{package} = false")
+            raise ValueError(
+                f"needs the {package} package, which is not installed; "
+                f'pip install "zturbo-train[{package}]" or set log.{package} = false'
+            )
         return value
 
 
@@ -295,8 +484,9 @@ class Config(_Section):
         """train.val_dir read as a dataset with the first [data] table's settings (no repeats, flips or dropout)."""
         if self.train.val_dir is None:
             return None
-        return self.data[0].model_copy(update={"dir": self.train.val_dir, "repeats": 1, "flip": False,
-                                               "caption_dropout": 0.0})
+        return self.data[0].model_copy(
+            update={"dir": self.train.val_dir, "repeats": 1, "flip": False, "caption_dropout": 0.0}
+        )
 
 
 # ---------------------------------------------------------------- loading and errors
@@ -307,11 +497,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.toml"))
-        hint = (f"pass one of its .toml files: {', '.join(found)}" if found
-                else "it holds no .toml files; pass the path of a .toml file such as configs/quickstart.toml")
+        hint = (
+            f"pass one of its .toml files: {', '.join(found)}"
+            if found
+            else "it holds no .toml files; pass the path of a .toml file such as configs/quickstart.toml"
+        )
         raise ConfigError(f"config {path} is a folder, not a file; {hint}")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass the path of a .toml file such as configs/quickstart.toml")
+        raise ConfigError(
+            f"config file {path} does not exist; pass the path of a .toml file such as configs/quickstart.toml"
+        )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -328,13 +523,19 @@ def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config
         return Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         lines = [_describe(err, single_data) for err in exc.errors()]
-        raise ConfigError("invalid config: " + lines[0] if len(lines) == 1
-                          else "invalid config:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(
+            "invalid config: " + lines[0] if len(lines) == 1 else "invalid config:\n  " + "\n  ".join(lines)
+        ) from None
 
 
 # Keys that hold paths: relative values given with --set resolve against `base_dir` (the current folder).
-PATH_KEYS = {("data", "dir"): resolve_path, ("train", "output_dir"): resolve_path, ("train", "val_dir"): resolve_path,
-             ("model", "path"): resolve_model_ref, ("model", "adapter"): resolve_model_ref}
+PATH_KEYS = {
+    ("data", "dir"): resolve_path,
+    ("train", "output_dir"): resolve_path,
+    ("train", "val_dir"): resolve_path,
+    ("model", "path"): resolve_model_ref,
+    ("model", "adapter"): resolve_model_ref,
+}
 
 
 def apply_override(raw: dict[str, Any], item: str, base_dir: Path | None = None) -> None:
@@ -357,7 +558,7 @@ def apply_override(raw: dict[str, Any], item: str, base_dir: Path | None = None)
     for depth, part in enumerate(rest[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(_not_a_table(item, [parts[0], *rest[:depth + 1]]))
+            raise ConfigError(_not_a_table(item, [parts[0], *rest[: depth + 1]]))
     node[rest[-1]] = value
 
 
@@ -380,8 +581,10 @@ def _override_table(raw: dict[str, Any], parts: list[str], item: str) -> tuple[d
                 raise ConfigError(f"--set {item!r} names a whole table; set one key, e.g. {section}.{index}.dir=...")
             return table[index], rest
         if len(table) > 1:
-            raise ConfigError(f"--set {item!r} is ambiguous: the config has {len(table)} [[{section}]] tables; "
-                              f"pick one by index, e.g. --set {section}.0.{'.'.join(rest)}=...")
+            raise ConfigError(
+                f"--set {item!r} is ambiguous: the config has {len(table)} [[{section}]] tables; "
+                f"pick one by index, e.g. --set {section}.0.{'.'.join(rest)}=..."
+            )
         if len(table) == 1:
             return table[0], rest
         table = raw[section] = {}
@@ -422,8 +625,11 @@ def _describe(err: dict[str, Any], single_data: bool) -> str:
         hint = ""
         if parent is not None:
             synonym = KEY_SYNONYMS.get(str(loc[-1]))
-            match = [synonym] if synonym in parent.model_fields else difflib.get_close_matches(
-                str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.6)
+            match = (
+                [synonym]
+                if synonym in parent.model_fields
+                else difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1, cutoff=0.6)
+            )
             if match:
                 hint = f"; did you mean `{_loc_text(loc[:-1] + (match[0],), single_data)}`?"
             else:

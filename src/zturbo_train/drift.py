@@ -33,8 +33,10 @@ from torch import Tensor
 # Ratio to the step-0 value above which the run is warned: a judgement (no lab run passed 1.4x; TURBO.md).
 WARN_RATIO = 2.0
 DRIFT_LABEL = "turbo_drift (last preview)"  # the end-of-run summary's row, beside "loss (smoothed)"
-ADVICE = ("few-step quality is likely breaking: use an earlier checkpoint, lower train.lr, or train fewer steps "
-          "(over the training adapter if you are not)")
+ADVICE = (
+    "few-step quality is likely breaking: use an earlier checkpoint, lower train.lr, or train fewer steps "
+    "(over the training adapter if you are not)"
+)
 
 
 class DriftProbe:
@@ -79,8 +81,9 @@ class DriftMonitor:
         self.last = fields
         warning = None
         if step > 0 and ratio > self.warn_ratio:
-            warning = (f"turbo_drift {drift:.3f} at step {step} is {ratio:.1f}x its step-0 value {self.start:.3f}; "
-                       f"{ADVICE}")
+            warning = (
+                f"turbo_drift {drift:.3f} at step {step} is {ratio:.1f}x its step-0 value {self.start:.3f}; {ADVICE}"
+            )
         return fields, warning
 
     def line(self, step: int, fields: dict[str, float]) -> str:
@@ -91,4 +94,3 @@ class DriftMonitor:
 def summary(fields: dict[str, float]) -> str:
     """`0.312 (1.10x step 0)`: a preview's value and its ratio to the run's start."""
     return f"{fields['turbo_drift']:.3f} ({fields['turbo_drift_ratio']:.2f}x step 0)"
-

@@ -70,8 +70,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"disk full while writing {path}; free space on {path.parent} and run again "
-                                f"(the previous {path.name}, if any, is intact)") from None
+            raise DiskFullError(
+                f"disk full while writing {path}; free space on {path.parent} and run again "
+                f"(the previous {path.name}, if any, is intact)"
+            ) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -155,7 +157,9 @@ def check_writable(path: Path, what: str) -> None:
         handle, probe = tempfile.mkstemp(prefix=".zturbo-write-test-", dir=existing)
     except OSError as exc:
         where = "" if existing == path else f" (it would be created in {existing})"
-        raise OutputError(f"{what} {path} is not writable{where}: {exc.strerror or exc}; choose a folder you can "
-                          f"write to, or fix its permissions") from None
+        raise OutputError(
+            f"{what} {path} is not writable{where}: {exc.strerror or exc}; choose a folder you can "
+            f"write to, or fix its permissions"
+        ) from None
     os.close(handle)
     os.unlink(probe)

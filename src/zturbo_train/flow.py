@@ -49,13 +49,15 @@ _BELL_SCALE = 1.0 / (math.sqrt(math.pi / 2) * math.erf(math.sqrt(0.5)) - _BELL_F
 Draw = Callable[..., Tensor]  # (batch, generator, device, mean, std) -> (batch,) in [0, 1]
 
 
-def _uniform(batch: int, generator: torch.Generator | None, device: torch.device | str,
-             mean: float, std: float) -> Tensor:
+def _uniform(
+    batch: int, generator: torch.Generator | None, device: torch.device | str, mean: float, std: float
+) -> Tensor:
     return torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
 
 
-def _logit_normal(batch: int, generator: torch.Generator | None, device: torch.device | str,
-                  mean: float, std: float) -> Tensor:
+def _logit_normal(
+    batch: int, generator: torch.Generator | None, device: torch.device | str, mean: float, std: float
+) -> Tensor:
     normal = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
     return torch.sigmoid(normal * std + mean)
 
@@ -63,9 +65,15 @@ def _logit_normal(batch: int, generator: torch.Generator | None, device: torch.d
 _DRAWS: dict[str, Draw] = {"uniform": _uniform, "logit_normal": _logit_normal, "weighted": _uniform}
 
 
-def sample_sigmas(batch: int, generator: torch.Generator | None, device: torch.device | str,
-                  method: str = "weighted", mean: float = 0.0, std: float = 1.0,
-                  shift: float = 1.0) -> Tensor:
+def sample_sigmas(
+    batch: int,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    method: str = "weighted",
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+) -> Tensor:
     """Draw one sigma per sample, shape (batch,), fp32, strictly inside (0, 1).
 
     `method`: uniform; logit_normal (sigmoid of N(mean, std), SD3-style, favours mid
@@ -136,8 +144,10 @@ def flow_loss(pred: Tensor, target: Tensor, weights: Tensor | None = None) -> Te
     would cancel them. They average 1 over the sigma distribution instead (see `bell_weights`).
     """
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}; "
-                         "both must be (B, 16, H, W)")
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}; "
+            "both must be (B, 16, H, W)"
+        )
     per_sample = (pred.float() - target.float()).square().flatten(1).mean(1)
     if weights is None:
         return per_sample.mean()

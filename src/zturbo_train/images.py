@@ -20,9 +20,11 @@ NAME_PATTERN = re.compile(r"^(\d{5,})-")
 def png_text(info: dict[str, object]) -> dict[str, str]:
     """PNG text chunks: `zturbo` (JSON of every setting) and `parameters` (the line other tools show)."""
     loras = ", ".join(f"{l['name']}:{l['strength']:g} ({str(l['sha256'])[:12]})" for l in info.get("loras", []))
-    line = (f"{info['prompt']}\nNegative prompt: {info.get('negative', '')}\nSteps: {info['steps']}, "
-            f"Sampler: flow-match Euler, CFG scale: {info['guidance']}, Seed: {info['seed']}, "
-            f"Size: {info['width']}x{info['height']}, Model: {info['model']}" + (f", LoRAs: {loras}" if loras else ""))
+    line = (
+        f"{info['prompt']}\nNegative prompt: {info.get('negative', '')}\nSteps: {info['steps']}, "
+        f"Sampler: flow-match Euler, CFG scale: {info['guidance']}, Seed: {info['seed']}, "
+        f"Size: {info['width']}x{info['height']}, Model: {info['model']}" + (f", LoRAs: {loras}" if loras else "")
+    )
     return {"parameters": line, "zturbo": json.dumps(info, sort_keys=True)}
 
 
@@ -39,7 +41,6 @@ def _slug(text: str, limit: int = 40) -> str:
 def save_png(image: "Image", out_dir: Path, label: str, text: dict[str, str] | None = None) -> Path:
     """Write `NNNNN-label.png` atomically and never over an existing file (a hard link claims the name)."""
     from PIL.PngImagePlugin import PngInfo
-
 
     out_dir.mkdir(parents=True, exist_ok=True)
     info = PngInfo()

@@ -97,8 +97,9 @@ def transformer_files(model_dir: Path) -> list[Path]:
         return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / WEIGHTS_NAME).is_file():
         return [folder / WEIGHTS_NAME]
-    raise ModelError(f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; the download is incomplete, "
-                     "run `zturbo download` again")
+    raise ModelError(
+        f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME}; the download is incomplete, run `zturbo download` again"
+    )
 
 
 def resolve_model_dir(ref: str | Path) -> Path:
@@ -113,8 +114,10 @@ def resolve_model_dir(ref: str | Path) -> Path:
         return check_model_dir(local)
     if is_repo_id(ref):
         return check_model_dir(_find_downloaded(ref))
-    raise ModelError(f"model folder {local} does not exist; set [model] path to a Z-Image Turbo folder, "
-                     f"a Hub id fetched with `zturbo download`, or builtin:tiny")
+    raise ModelError(
+        f"model folder {local} does not exist; set [model] path to a Z-Image Turbo folder, "
+        f"a Hub id fetched with `zturbo download`, or builtin:tiny"
+    )
 
 
 def _find_downloaded(repo_id: str) -> Path:
@@ -126,8 +129,9 @@ def _find_downloaded(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
-        raise ModelNotDownloadedError(f"model {repo_id} is not downloaded yet; run `zturbo download --model "
-                                      f"{repo_id}` (it goes to {ours})") from None
+        raise ModelNotDownloadedError(
+            f"model {repo_id} is not downloaded yet; run `zturbo download --model {repo_id}` (it goes to {ours})"
+        ) from None
 
 
 def check_model_dir(path: Path) -> Path:
@@ -136,20 +140,29 @@ def check_model_dir(path: Path) -> Path:
         raise ModelError(f"{path} is not a folder; [model] path must be a diffusers folder of Z-Image Turbo")
     index = path / "model_index.json"
     if not index.is_file():
-        raise ModelError(f"{path} has no model_index.json, so it is not a diffusers model folder; "
-                         f"point [model] path at the folder that `zturbo download` wrote")
+        raise ModelError(
+            f"{path} has no model_index.json, so it is not a diffusers model folder; "
+            f"point [model] path at the folder that `zturbo download` wrote"
+        )
     try:
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (ValueError, UnicodeDecodeError):
         raise ModelError(f"{index} is not valid JSON; download the model again with `zturbo download`") from None
     if name not in PIPELINE_CLASSES:
-        raise ModelError(f"{path} holds a {name} model, not Z-Image ({', '.join(PIPELINE_CLASSES)}); "
-                         f"set [model] path to a Z-Image Turbo folder")
+        raise ModelError(
+            f"{path} holds a {name} model, not Z-Image ({', '.join(PIPELINE_CLASSES)}); "
+            f"set [model] path to a Z-Image Turbo folder"
+        )
     return path
 
 
-def load_parts(ref: str | Path, parts: Iterable[str] = PARTS, dtype: str = "bf16", device: str = "cpu",
-               vae_dtype: str | None = None) -> ZImageParts:
+def load_parts(
+    ref: str | Path,
+    parts: Iterable[str] = PARTS,
+    dtype: str = "bf16",
+    device: str = "cpu",
+    vae_dtype: str | None = None,
+) -> ZImageParts:
     """Load the named parts of the model at `ref` with a dtype and device."""
     path = resolve_model_dir(ref)
     out = ZImageParts(path=path)

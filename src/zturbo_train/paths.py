@@ -1,8 +1,8 @@
 """Where zturbo keeps things: `$ZTURBO_HOME` (default ~/.cache/zturbo) and the folders under it.
 
-    <home>/models/<owner>--<name>/   what `zturbo download` writes (and model references look in first)
-    <home>/builtin/                  builtin:tiny and its adapter, built on first use
-    <home>/cache/                    latent and caption caches shared by runs
+<home>/models/<owner>--<name>/   what `zturbo download` writes (and model references look in first)
+<home>/builtin/                  builtin:tiny and its adapter, built on first use
+<home>/cache/                    latent and caption caches shared by runs
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import Config
 
 
-
 # ------------------------------------------------------------------ LoRA arguments
 
 
@@ -43,8 +42,9 @@ def parse_lora_spec(text: str) -> LoraSpec:
     try:
         value = float(strength)
     except ValueError:
-        raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a number; "
-                          f"write PATH:STRENGTH, e.g. {path}:0.8") from None
+        raise ConfigError(
+            f"--lora {text!r}: strength {strength!r} is not a number; write PATH:STRENGTH, e.g. {path}:0.8"
+        ) from None
     if not math.isfinite(value):
         raise ConfigError(f"--lora {text!r}: strength {strength!r} is not a finite number; use e.g. 0.8")
     return LoraSpec(Path(path).expanduser(), value)
@@ -109,8 +109,10 @@ def check_size(width: int, height: int) -> None:
     """Z-Image needs sides that are multiples of 16 (VAE factor 8 times patch 2)."""
     for name, side in (("width", width), ("height", height)):
         if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE:
-            raise ConfigError(f"{name} {side} is not a multiple of {SIZE_MULTIPLE}; use e.g. "
-                              f"{max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
+            raise ConfigError(
+                f"{name} {side} is not a multiple of {SIZE_MULTIPLE}; use e.g. "
+                f"{max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)}"
+            )
 
 
 def check_sample(s: SampleSettings) -> None:
@@ -135,12 +137,19 @@ def check_sample(s: SampleSettings) -> None:
 # ------------------------------------------------------------------ zturbo merge
 
 
-def check_merge(specs: Sequence[LoraSpec], out: Path | None, to_lora: Path | None, adapter: str | None,
-                style: str | None, dtype: str | None) -> None:
+def check_merge(
+    specs: Sequence[LoraSpec],
+    out: Path | None,
+    to_lora: Path | None,
+    adapter: str | None,
+    style: str | None,
+    dtype: str | None,
+) -> None:
     """The option combinations, the LoRA files and the output's folder of `zturbo merge`."""
     if (out is None) == (to_lora is None):
-        raise ConfigError("pass exactly one of --out DIR (merge into the model) and --to-lora FILE "
-                          "(merge into one LoRA)")
+        raise ConfigError(
+            "pass exactly one of --out DIR (merge into the model) and --to-lora FILE (merge into one LoRA)"
+        )
     if to_lora is not None:
         if adapter is not None:
             raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
@@ -180,8 +189,9 @@ def check_train(cfg: "Config", resume: bool, overwrite: bool, writes_run: bool =
     from .paths import default_cache_dir
 
     if resume and overwrite:
-        raise TrainingError("--resume continues the run in train.output_dir and --overwrite replaces it; "
-                            "pass one of them")
+        raise TrainingError(
+            "--resume continues the run in train.output_dir and --overwrite replaces it; pass one of them"
+        )
     check_optimizer(cfg)
     if writes_run:
         check_writable(cfg.train.output_dir, "train.output_dir")

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
 
-
 def sampling_sigmas(steps: int) -> list[float]:
     """ZImagePipeline's default schedule before the scheduler's shift: linspace(1, 1/steps, steps)."""
     return torch.linspace(1.0, 1 / steps, steps).tolist()
@@ -35,26 +34,39 @@ def set_schedule(scheduler, steps: int, latent_height: int, latent_width: int, d
     from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
     config = scheduler.config
-    mu = calculate_shift((latent_height // 2) * (latent_width // 2), config.get("base_image_seq_len", 256),
-                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                         config.get("max_shift", 1.15))
+    mu = calculate_shift(
+        (latent_height // 2) * (latent_width // 2),
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
     scheduler.set_timesteps(sigmas=sampling_sigmas(steps), device=device, mu=mu)
     scheduler.set_begin_index(0)
     return scheduler.timesteps
 
 
-def initial_latents(seeds: Sequence[int], height: int, width: int, device: torch.device,
-                    channels: int = LATENT_CHANNELS) -> Tensor:
+def initial_latents(
+    seeds: Sequence[int], height: int, width: int, device: torch.device, channels: int = LATENT_CHANNELS
+) -> Tensor:
     """Noise drawn per seed on a CPU generator, fp32, as the pipeline's `randn_tensor` does for
     `generator=torch.Generator().manual_seed(seed)` (one per image), then moved to `device`."""
     shape = (1, channels, 2 * (height // SIZE_MULTIPLE), 2 * (width // SIZE_MULTIPLE))
-    draws = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
-             for s in seeds]
+    draws = [
+        torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds
+    ]
     return torch.cat(draws).to(device)
 
 
-def _velocity(transformer, latents: Tensor, t: Tensor, cond: list[Tensor], uncond: list[Tensor] | None,
-              scale: float, dtype: torch.dtype) -> Tensor:
+def _velocity(
+    transformer,
+    latents: Tensor,
+    t: Tensor,
+    cond: list[Tensor],
+    uncond: list[Tensor] | None,
+    scale: float,
+    dtype: torch.dtype,
+) -> Tensor:
     """The pipeline's step input: the network output (CFG-combined when `uncond`), negated, in fp32."""
     batch = latents.shape[0]
     timestep = (1000 - t.expand(batch)) / 1000
@@ -69,11 +81,22 @@ def _velocity(transformer, latents: Tensor, t: Tensor, cond: list[Tensor], uncon
 
 
 @torch.no_grad()
-def generate_latents(transformer, scheduler, prompt_embeds: Sequence[Tensor], *, width: int, height: int,
-                     seeds: Sequence[int], steps: int = 8, guidance: float = 0.0,
-                     negative_embeds: Sequence[Tensor] | None = None, device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None, cfg_truncation: float = 1.0,
-                     observe: Callable[[int, Tensor], None] | None = None) -> Tensor:
+def generate_latents(
+    transformer,
+    scheduler,
+    prompt_embeds: Sequence[Tensor],
+    *,
+    width: int,
+    height: int,
+    seeds: Sequence[int],
+    steps: int = 8,
+    guidance: float = 0.0,
+    negative_embeds: Sequence[Tensor] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    cfg_truncation: float = 1.0,
+    observe: Callable[[int, Tensor], None] | None = None,
+) -> Tensor:
     """Denoise one image per (embedding, seed) as ZImagePipeline does; returns fp32 latents (B, 16, H/8, W/8).
 
     `prompt_embeds`: one unpadded (L_i, cap_dim) tensor per image (the text encoder's
@@ -91,8 +114,10 @@ def generate_latents(transformer, scheduler, prompt_embeds: Sequence[Tensor], *,
         raise ValueError(f"{len(prompt_embeds)} prompt embeddings but {len(seeds)} seeds; give one seed per image")
     use_cfg = guidance > 0
     if use_cfg and (negative_embeds is None or len(negative_embeds) != len(prompt_embeds)):
-        raise ConfigError(f"guidance {guidance} needs one negative embedding per image (encode \"\" for none), "
-                          "or set guidance to 0 (Turbo's default)")
+        raise ConfigError(
+            f'guidance {guidance} needs one negative embedding per image (encode "" for none), '
+            "or set guidance to 0 (Turbo's default)"
+        )
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     dtype = dtype or transformer.dtype
     schedule = type(scheduler).from_config(scheduler.config)
@@ -121,22 +146,45 @@ def decode_latents(vae, latents: Tensor) -> list["Image"]:
     return processor.postprocess(pixels, output_type="pil")
 
 
-def generate_images(transformer, scheduler, vae, prompt_embeds: Sequence[Tensor], *, width: int, height: int,
-                    seeds: Sequence[int], steps: int = 8, guidance: float = 0.0,
-                    negative_embeds: Sequence[Tensor] | None = None, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None,
-                    observe: Callable[[int, Tensor], None] | None = None) -> list["Image"]:
+def generate_images(
+    transformer,
+    scheduler,
+    vae,
+    prompt_embeds: Sequence[Tensor],
+    *,
+    width: int,
+    height: int,
+    seeds: Sequence[int],
+    steps: int = 8,
+    guidance: float = 0.0,
+    negative_embeds: Sequence[Tensor] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    observe: Callable[[int, Tensor], None] | None = None,
+) -> list["Image"]:
     """`generate_latents` then `decode_latents`: what a training preview calls."""
-    latents = generate_latents(transformer, scheduler, prompt_embeds, width=width, height=height, seeds=seeds,
-                               steps=steps, guidance=guidance, negative_embeds=negative_embeds, device=device,
-                               dtype=dtype, observe=observe)
+    latents = generate_latents(
+        transformer,
+        scheduler,
+        prompt_embeds,
+        width=width,
+        height=height,
+        seeds=seeds,
+        steps=steps,
+        guidance=guidance,
+        negative_embeds=negative_embeds,
+        device=device,
+        dtype=dtype,
+        observe=observe,
+    )
     return decode_latents(vae, latents)
 
 
-def encode_texts(tokenizer, text_encoder, texts: Sequence[str], device: torch.device,
-                 batch_size: int = 8) -> list[Tensor]:
+def encode_texts(
+    tokenizer, text_encoder, texts: Sequence[str], device: torch.device, batch_size: int = 8
+) -> list[Tensor]:
     """Prompt embeddings as `ZImagePipeline.encode_prompt` makes them, a few prompts at a time."""
     out: list[Tensor] = []
     for start in range(0, len(texts), batch_size):
-        out += encode_prompts(tokenizer, text_encoder, list(texts[start:start + batch_size]), device)
+        out += encode_prompts(tokenizer, text_encoder, list(texts[start : start + batch_size]), device)
     return out

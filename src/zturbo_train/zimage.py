@@ -25,9 +25,14 @@ BLOCK_STACKS = (*REFINER_STACKS, "layers")
 # LoRA target name (as configs and other trainers write it) -> linear's path inside a block.
 # adaLN_modulation.0 is missing from context_refiner blocks (they have no modulation).
 TARGET_PATHS = {
-    "to_q": "attention.to_q", "to_k": "attention.to_k", "to_v": "attention.to_v",
-    "to_out.0": "attention.to_out.0", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
-    "w3": "feed_forward.w3", "adaLN_modulation.0": "adaLN_modulation.0",
+    "to_q": "attention.to_q",
+    "to_k": "attention.to_k",
+    "to_v": "attention.to_v",
+    "to_out.0": "attention.to_out.0",
+    "w1": "feed_forward.w1",
+    "w2": "feed_forward.w2",
+    "w3": "feed_forward.w3",
+    "adaLN_modulation.0": "adaLN_modulation.0",
 }
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 

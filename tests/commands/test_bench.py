@@ -11,8 +11,22 @@ from typer.testing import CliRunner
 from zturbo_train.cli import app
 
 runner = CliRunner()
-ROW_KEYS = {"preset", "levers", "resolution", "rank", "batch", "s_per_step", "s_min", "s_max", "first_step_s",
-            "images_per_s", "peak_gib", "reserved_gib", "estimate_gib", "loss_finite"}
+ROW_KEYS = {
+    "preset",
+    "levers",
+    "resolution",
+    "rank",
+    "batch",
+    "s_per_step",
+    "s_min",
+    "s_max",
+    "first_step_s",
+    "images_per_s",
+    "peak_gib",
+    "reserved_gib",
+    "estimate_gib",
+    "loss_finite",
+}
 
 
 def bench(tmp_path, *args: str):
@@ -22,14 +36,35 @@ def bench(tmp_path, *args: str):
 
 
 def test_bench_tiny_writes_its_json(tmp_path):
-    result, out = bench(tmp_path, "--model", "builtin:tiny", "--preset", "auto", "--preset", "8gb", "--rank", "4",
-                        "--rank", "8", "--steps", "2", "--warmup", "1", "--sample-steps", "2")
+    result, out = bench(
+        tmp_path,
+        "--model",
+        "builtin:tiny",
+        "--preset",
+        "auto",
+        "--preset",
+        "8gb",
+        "--rank",
+        "4",
+        "--rank",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--sample-steps",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["model"] == "builtin:tiny" and doc["device"] == "cpu" and doc["steps"] == 2
     rows = doc["rows"]
     assert [(r["preset"], r["rank"], r["resolution"], r["batch"]) for r in rows] == [
-        ("auto", 4, 64, 1), ("auto", 8, 64, 1), ("8gb", 4, 64, 1), ("8gb", 8, 64, 1)]
+        ("auto", 4, 64, 1),
+        ("auto", 8, 64, 1),
+        ("8gb", 4, 64, 1),
+        ("8gb", 8, 64, 1),
+    ]
     for row in rows:
         assert ROW_KEYS <= row.keys() and "error" not in row
         assert row["s_per_step"] > 0 and row["images_per_s"] > 0 and row["loss_finite"]
@@ -43,9 +78,28 @@ def test_bench_tiny_writes_its_json(tmp_path):
 
 
 def test_bench_overrides_and_batches(tmp_path):
-    result, out = bench(tmp_path, "--model", "synthetic:tiny", "--batch-size", "2", "-r", "32", "--steps", "1",
-                        "--warmup", "0", "--sample-steps", "0", "--set", "train.gradient_checkpointing=\"selective\"",
-                        "--set", "train.checkpoint_fraction=0.5", "--set", "model.dtype=\"fp32\"", "--quiet")
+    result, out = bench(
+        tmp_path,
+        "--model",
+        "synthetic:tiny",
+        "--batch-size",
+        "2",
+        "-r",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--sample-steps",
+        "0",
+        "--set",
+        'train.gradient_checkpointing="selective"',
+        "--set",
+        "train.checkpoint_fraction=0.5",
+        "--set",
+        'model.dtype="fp32"',
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     (row,) = doc["rows"]
@@ -72,8 +126,25 @@ def test_bench_help_has_examples():
 
 @pytest.mark.cuda
 def test_cuda_bench_reports_memory_and_offload(tmp_path):
-    result, out = bench(tmp_path, "--model", "synthetic:tiny", "-p", "16gb", "-p", "8gb", "-r", "256", "--steps", "3",
-                        "--warmup", "2", "--sample-steps", "2", "--set", "train.compile=false")
+    result, out = bench(
+        tmp_path,
+        "--model",
+        "synthetic:tiny",
+        "-p",
+        "16gb",
+        "-p",
+        "8gb",
+        "-r",
+        "256",
+        "--steps",
+        "3",
+        "--warmup",
+        "2",
+        "--sample-steps",
+        "2",
+        "--set",
+        "train.compile=false",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["device"] != "cpu" and len(doc["rows"]) == 2

@@ -43,7 +43,9 @@ def two_loras(tmp_path_factory, tiny_dir):
     folder = tmp_path_factory.mktemp("loras")
     a = random_lora(transformer, rank=4, alpha=2.0, seed=1, blocks=("layers", "noise_refiner"), scale=0.3)
     b = random_lora(transformer, rank=2, alpha=None, seed=2, blocks=("layers",), scale=0.3)
-    return write_lora_file(folder / "a.safetensors", a, "comfyui"), write_lora_file(folder / "b.safetensors", b, "kohya")
+    return write_lora_file(folder / "a.safetensors", a, "comfyui"), write_lora_file(
+        folder / "b.safetensors", b, "kohya"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,9 @@ def test_merged_folder_loads_in_diffusers_and_equals_base_plus_loras(tmp_path, t
     from diffusers import ZImagePipeline
 
     a, b = two_loras
-    out = merge_into_model([LoraSpec(a, 0.8), LoraSpec(b, -0.5)], tmp_path / "merged", model="builtin:tiny",
-                           dtype="fp32")
+    out = merge_into_model(
+        [LoraSpec(a, 0.8), LoraSpec(b, -0.5)], tmp_path / "merged", model="builtin:tiny", dtype="fp32"
+    )
     merged = image(ZImagePipeline.from_pretrained(out, dtype=torch.float32))
 
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -90,8 +93,11 @@ def test_sharded_source_is_merged_shard_by_shard(tmp_path, sharded_model, two_lo
     from zturbo_train.commands import merge as fileio
 
     written, save = [], fileio.save_safetensors
-    monkeypatch.setattr(fileio, "save_safetensors", lambda path, tensors, meta=None: (
-        written.append(sorted(tensors)), save(path, tensors, meta))[1])
+    monkeypatch.setattr(
+        fileio,
+        "save_safetensors",
+        lambda path, tensors, meta=None: (written.append(sorted(tensors)), save(path, tensors, meta))[1],
+    )
     a, _ = two_loras
     out = merge_into_model([LoraSpec(a, 0.6)], tmp_path / "merged", model=str(sharded_model), dtype="fp32")
     sources, results = transformer_files(sharded_model), transformer_files(out)
@@ -120,16 +126,28 @@ def test_bf16_merge_halves_the_weights_and_samples_through_the_cli(tmp_path, two
     tensors = load_file(transformer_files(out)[0])
     assert tensors["layers.0.attention.to_q.weight"].dtype == torch.bfloat16
     assert (out / "text_encoder" / "model.safetensors").is_file() and (out / "model_index.json").is_file()
-    samples = sample(SampleSettings(prompts=["x"], model=str(out), steps=2, seed=1, width=64, height=64,
-                                    out_dir=tmp_path / "img", device="cpu", dtype="bf16"))
+    samples = sample(
+        SampleSettings(
+            prompts=["x"],
+            model=str(out),
+            steps=2,
+            seed=1,
+            width=64,
+            height=64,
+            out_dir=tmp_path / "img",
+            device="cpu",
+            dtype="bf16",
+        )
+    )
     assert Image.open(samples[0]).size == (64, 64)
 
 
 def test_adapter_folds_in(tmp_path, tiny_adapter):
     from zturbo_train.models import load_parts
 
-    out = merge_into_model([], tmp_path / "dedistilled", model="builtin:tiny", adapter="builtin:tiny-adapter",
-                           dtype="fp32")
+    out = merge_into_model(
+        [], tmp_path / "dedistilled", model="builtin:tiny", adapter="builtin:tiny-adapter", dtype="fp32"
+    )
     expected = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
     merge_into_weights(expected, read_lora_file(tiny_adapter)[0])
     got = load_parts(str(out), parts=["transformer"], dtype="fp32").transformer.state_dict()
@@ -169,8 +187,13 @@ def test_bad_lora_inputs_to_merge(tmp_path):
     with pytest.raises(LoraError, match="not a safetensors file"):
         merge_into_model([LoraSpec(pickle)], tmp_path / "m", model="builtin:tiny")
     flux = tmp_path / "flux.safetensors"
-    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 3072),
-               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(9216, 4)}, str(flux))
+    save_file(
+        {
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 3072),
+            "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(9216, 4),
+        },
+        str(flux),
+    )
     with pytest.raises(LoraError, match="modules this model lacks .*double_blocks.0.img_attn.qkv.*another model"):
         merge_into_model([LoraSpec(flux)], tmp_path / "m", model="builtin:tiny")
     with pytest.raises(AdapterError, match="another model"):
@@ -197,8 +220,10 @@ def test_to_lora_equals_applying_both(tmp_path, tiny_transformer, two_loras):
     assert merged["noise_refiner.0.attention.to_q"].rank == 4  # only in a: kept as it was
     assert [m["strength"] for m in json.loads(meta["zturbo.merged_from"])] == [0.8, -0.5]
 
-    networks = [load_lora(tiny_transformer, read_lora_file(a)[0], 0.8), load_lora(tiny_transformer,
-                                                                                  read_lora_file(b)[0], -0.5)]
+    networks = [
+        load_lora(tiny_transformer, read_lora_file(a)[0], 0.8),
+        load_lora(tiny_transformer, read_lora_file(b)[0], -0.5),
+    ]
     both = _forward(tiny_transformer)
     for network in networks:
         network.detach()
@@ -215,8 +240,10 @@ def test_merged_lora_loads_in_diffusers_with_the_same_image(tmp_path, tiny_dir, 
     a, b = two_loras
     out = merge_to_lora([LoraSpec(a, 0.8), LoraSpec(b, -0.5)], tmp_path / "ab.safetensors", style="diffusers")
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
-    networks = [load_lora(pipe.transformer, read_lora_file(a)[0], 0.8),
-                load_lora(pipe.transformer, read_lora_file(b)[0], -0.5)]
+    networks = [
+        load_lora(pipe.transformer, read_lora_file(a)[0], 0.8),
+        load_lora(pipe.transformer, read_lora_file(b)[0], -0.5),
+    ]
     ours = image(pipe)
     for network in networks:
         network.detach()
@@ -241,11 +268,16 @@ def test_format_round_trip_is_lossless(tmp_path, two_loras):
     a, _ = two_loras
     original, meta = read_lora_file(a)
     path = a
-    for style, written in (("kohya", "musubi"), ("musubi", "musubi"), ("diffusers", "diffusers"),
-                           ("comfyui", "comfyui")):
+    for style, written in (
+        ("kohya", "musubi"),
+        ("musubi", "musubi"),
+        ("diffusers", "diffusers"),
+        ("comfyui", "comfyui"),
+    ):
         target = tmp_path / f"{style}.safetensors"
-        result = runner.invoke(app, ["merge", "--lora", str(path), "--to-lora", str(target), "--format", style,
-                                     "--model", "builtin:tiny"])
+        result = runner.invoke(
+            app, ["merge", "--lora", str(path), "--to-lora", str(target), "--format", style, "--model", "builtin:tiny"]
+        )
         assert result.exit_code == 0, result.output
         _, target_meta = read_lora_file(target)
         assert target_meta["zturbo.style"] == written
@@ -284,14 +316,20 @@ def test_cli_merge_help():
     assert result.exit_code == 0 and "--to-lora" in result.output and "zturbo merge --lora" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lora", "x.safetensors:abc", "--out", "o"], "strength 'abc' is not a number"),
-    (["--lora", "x.safetensors"], "pass exactly one of --out DIR"),
-    (["--lora", "x.safetensors", "--out", "o", "--to-lora", "o.safetensors"], "pass exactly one of --out DIR"),
-    (["--lora", "x.safetensors", "--out", "o", "--format", "kohya"], "--format sets the style of a --to-lora file"),
-    (["--lora", "x.safetensors", "--to-lora", "o.safetensors", "--adapter", "v2"], "--adapter folds into a model"),
-    (["--lora", "missing.safetensors", "--out", "o", "--model", "builtin:tiny"], "missing.safetensors does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora", "x.safetensors:abc", "--out", "o"], "strength 'abc' is not a number"),
+        (["--lora", "x.safetensors"], "pass exactly one of --out DIR"),
+        (["--lora", "x.safetensors", "--out", "o", "--to-lora", "o.safetensors"], "pass exactly one of --out DIR"),
+        (["--lora", "x.safetensors", "--out", "o", "--format", "kohya"], "--format sets the style of a --to-lora file"),
+        (["--lora", "x.safetensors", "--to-lora", "o.safetensors", "--adapter", "v2"], "--adapter folds into a model"),
+        (
+            ["--lora", "missing.safetensors", "--out", "o", "--model", "builtin:tiny"],
+            "missing.safetensors does not exist",
+        ),
+    ],
+)
 def test_cli_merge_errors_are_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["merge", *args])

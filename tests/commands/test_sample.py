@@ -48,8 +48,16 @@ def lora_file(tmp_path_factory, pipe):
 
 
 def settings(tmp_path, **kw) -> SampleSettings:
-    base = dict(prompts=["a red cube"], model="builtin:tiny", steps=STEPS, seed=5, out_dir=tmp_path / "out",
-                device="cpu", dtype="fp32", **SIZE)
+    base = dict(
+        prompts=["a red cube"],
+        model="builtin:tiny",
+        steps=STEPS,
+        seed=5,
+        out_dir=tmp_path / "out",
+        device="cpu",
+        dtype="fp32",
+        **SIZE,
+    )
     base.update(kw)
     return SampleSettings(**base)
 
@@ -61,11 +69,25 @@ def settings(tmp_path, **kw) -> SampleSettings:
 def test_generate_latents_equals_pipeline(tiny_parts, pipe, guidance):
     prompts, seeds = ["a red cube", "a green sphere in the sky"], [3, 11]
     embeds = encode_texts(tiny_parts.tokenizer, tiny_parts.text_encoder, prompts + ["blurry"], torch.device("cpu"))
-    ours = generate_latents(tiny_parts.transformer, tiny_parts.scheduler, embeds[:2], seeds=seeds, steps=STEPS,
-                            guidance=guidance, negative_embeds=[embeds[2]] * 2 if guidance else None, **SIZE)
-    theirs = pipe(prompt=prompts, negative_prompt=["blurry"] * 2 if guidance else None, num_inference_steps=STEPS,
-                  guidance_scale=guidance, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                  output_type="latent", **SIZE).images
+    ours = generate_latents(
+        tiny_parts.transformer,
+        tiny_parts.scheduler,
+        embeds[:2],
+        seeds=seeds,
+        steps=STEPS,
+        guidance=guidance,
+        negative_embeds=[embeds[2]] * 2 if guidance else None,
+        **SIZE,
+    )
+    theirs = pipe(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 2 if guidance else None,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="latent",
+        **SIZE,
+    ).images
     # The same fp32 operations in the same order: equal to float rounding (in practice bit-identical).
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
@@ -99,19 +121,32 @@ def test_cfg_without_negative_embeddings_is_refused(tiny_parts):
 def test_sample_with_loras_equals_diffusers_load_lora_weights(tmp_path, pipe, lora_file, guidance):
     second = random_lora(pipe.transformer, rank=2, seed=9, scale=0.3)
     second_file = write_lora_file(tmp_path / "second.safetensors", second, "diffusers")
-    s = settings(tmp_path, loras=[LoraSpec(lora_file, 0.7), LoraSpec(second_file, -0.4)], guidance=guidance,
-                 negative="blurry")
+    s = settings(
+        tmp_path, loras=[LoraSpec(lora_file, 0.7), LoraSpec(second_file, -0.4)], guidance=guidance, negative="blurry"
+    )
     ours = Image.open(sample(s)[0])
 
     pipe.load_lora_weights(str(lora_file), adapter_name="a")
     pipe.load_lora_weights(str(second_file), adapter_name="b")
     pipe.set_adapters(["a", "b"], [0.7, -0.4])
     try:
-        theirs = pipe(prompt="a red cube", negative_prompt="blurry" if guidance else None, num_inference_steps=STEPS,
-                      guidance_scale=guidance, generator=torch.Generator().manual_seed(5), **SIZE).images[0]
+        theirs = pipe(
+            prompt="a red cube",
+            negative_prompt="blurry" if guidance else None,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(5),
+            **SIZE,
+        ).images[0]
         pipe.disable_lora()
-        base = pipe(prompt="a red cube", negative_prompt="blurry" if guidance else None, num_inference_steps=STEPS,
-                    guidance_scale=guidance, generator=torch.Generator().manual_seed(5), **SIZE).images[0]
+        base = pipe(
+            prompt="a red cube",
+            negative_prompt="blurry" if guidance else None,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(5),
+            **SIZE,
+        ).images[0]
     finally:
         pipe.unload_lora_weights()
     assert max_diff(base, theirs) > 10, "the LoRAs must visibly change the image"
@@ -178,8 +213,9 @@ def test_compare_writes_a_grid_of_the_same_seeds_without_and_with(tmp_path, lora
 def test_batches_and_low_mem_on_cpu_give_the_same_images(tmp_path):
     notes = []
     one = sample(settings(tmp_path / "a", prompts=["a red cube", "a green sphere"]))
-    batched = sample(settings(tmp_path / "b", prompts=["a red cube", "a green sphere"], batch_size=2, low_mem=True),
-                     log=notes.append)
+    batched = sample(
+        settings(tmp_path / "b", prompts=["a red cube", "a green sphere"], batch_size=2, low_mem=True), log=notes.append
+    )
     for a, b in zip(one, batched):
         # A batch pads the shorter caption (masked): the same image up to float noise.
         assert max_diff(Image.open(a), Image.open(b)) <= 1
@@ -200,8 +236,9 @@ def test_text_encoder_is_freed_after_encoding(tmp_path, monkeypatch):
         return parts
 
     monkeypatch.setattr(loader, "load_parts", spy)
-    embeds = encode_prompts_once(settings(tmp_path, prompts=["a", "b", "a"], guidance=1.0, negative="n"),
-                                 torch.device("cpu"), "none")
+    embeds = encode_prompts_once(
+        settings(tmp_path, prompts=["a", "b", "a"], guidance=1.0, negative="n"), torch.device("cpu"), "none"
+    )
     assert list(embeds) == ["a", "b", "n"] and encoders[0]() is None
 
 
@@ -222,8 +259,7 @@ def test_jobs_use_the_same_seeds_for_every_prompt():
 @pytest.mark.parametrize("low_mem", [False, True])
 def test_cuda_sample_runs_and_matches_cpu_closely(tmp_path, lora_file, low_mem):
     cpu = Image.open(sample(settings(tmp_path / "cpu", loras=[LoraSpec(lora_file)]))[0])
-    gpu = Image.open(sample(settings(tmp_path / "gpu", loras=[LoraSpec(lora_file)], device="cuda",
-                                     low_mem=low_mem))[0])
+    gpu = Image.open(sample(settings(tmp_path / "gpu", loras=[LoraSpec(lora_file)], device="cuda", low_mem=low_mem))[0])
     assert max_diff(cpu, gpu) <= 8  # same noise (CPU generator); GPU kernels round differently
 
 
@@ -254,9 +290,16 @@ def test_bad_lora_files_fail_before_the_model_loads(tmp_path):
 
 def test_lora_of_another_model_names_its_keys(tmp_path):
     flux = tmp_path / "flux.safetensors"
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4)}, str(flux))
-    with pytest.raises(LoraError, match="1 of 1 modules this model lacks .*double_blocks_0_img_attn_qkv.*another model"):
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
+        },
+        str(flux),
+    )
+    with pytest.raises(
+        LoraError, match="1 of 1 modules this model lacks .*double_blocks_0_img_attn_qkv.*another model"
+    ):
         sample(settings(tmp_path, loras=[LoraSpec(flux)]))
 
 
@@ -267,14 +310,19 @@ def test_partial_match_is_refused_unless_allowed(tmp_path, pipe):
     loras = random_lora(pipe.transformer, scale=0.01)
     loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(4, 8), torch.zeros(8, 4))
     path = write_lora_file(tmp_path / "partial.safetensors", loras)
-    expected = (rf"1 of {len(loras)} modules this model lacks \(keys it could not place: "
-                r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.\*\); pass --allow-partial")
+    expected = (
+        rf"1 of {len(loras)} modules this model lacks \(keys it could not place: "
+        r"diffusion_model\.double_blocks\.0\.img_attn\.qkv\.\*\); pass --allow-partial"
+    )
     with pytest.raises(LoraError, match=expected):
         sample(settings(tmp_path, loras=[LoraSpec(path)]))
     notes = []
     sample(settings(tmp_path, loras=[LoraSpec(path)], allow_partial=True), log=notes.append)
-    assert any(f"1 of {len(loras)} modules are not in this model and were skipped (--allow-partial): "
-               "diffusion_model.double_blocks.0.img_attn.qkv.*" in n for n in notes)
+    assert any(
+        f"1 of {len(loras)} modules are not in this model and were skipped (--allow-partial): "
+        "diffusion_model.double_blocks.0.img_attn.qkv.*" in n
+        for n in notes
+    )
 
 
 def test_prompts_file_problems(tmp_path):
@@ -316,22 +364,49 @@ def test_cli_sample_help():
 def test_cli_sample_writes_and_prints(tmp_path, lora_file):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\n", encoding="utf-8")
-    result = runner.invoke(app, ["sample", "--model", "builtin:tiny", "--prompts", str(prompts), "--lora",
-                                 f"{lora_file}:0.5", "--width", "64", "--height", "64", "--steps", "2", "--seed",
-                                 "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--dtype", "fp32"])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "--model",
+            "builtin:tiny",
+            "--prompts",
+            str(prompts),
+            "--lora",
+            f"{lora_file}:0.5",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     written = sorted((tmp_path / "o").glob("*.png"))
     assert len(written) == 1 and f"wrote {written[0]}" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lora", "x.safetensors:abc"], "strength 'abc' is not a number"),
-    (["--lora", "missing.safetensors"], "LoRA file missing.safetensors does not exist"),
-    (["--width", "100"], "width 100 is not a multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora", "x.safetensors:abc"], "strength 'abc' is not a number"),
+        (["--lora", "missing.safetensors"], "LoRA file missing.safetensors does not exist"),
+        (["--width", "100"], "width 100 is not a multiple of 16"),
+    ],
+)
 def test_cli_sample_errors_are_one_line(tmp_path, args, message):
-    result = runner.invoke(app, ["sample", "--model", "builtin:tiny", "--prompt", "x", "--out", str(tmp_path / "o"),
-                                 *args])
+    result = runner.invoke(
+        app, ["sample", "--model", "builtin:tiny", "--prompt", "x", "--out", str(tmp_path / "o"), *args]
+    )
     assert result.exit_code != 0 and "error:" in result.output and message in result.output
     assert "Traceback" not in result.output
 

@@ -14,17 +14,27 @@ from zturbo_train.errors import DataError
 
 
 def build(tiny_dir: Path, cache: Path, data, **train):
-    raw = {"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": data,
-           "train": {"batch_size": 2, "seed": 3, **train}, "sample": {"prompts": ["a cube at dusk"]}}
-    return prepare_dataset(validate_config(raw), "cpu", encoders=Encoders(tiny_dir, "cpu", "fp32", "fp32"),
-                           cache_dir=cache)
+    raw = {
+        "model": {"path": "builtin:tiny", "dtype": "fp32"},
+        "data": data,
+        "train": {"batch_size": 2, "seed": 3, **train},
+        "sample": {"prompts": ["a cube at dusk"]},
+    }
+    return prepare_dataset(
+        validate_config(raw), "cpu", encoders=Encoders(tiny_dir, "cpu", "fp32", "fp32"), cache_dir=cache
+    )
 
 
 @pytest.fixture(scope="module")
 def dataset(tiny_dir, example_data, tmp_path_factory):
     """The example set at two resolutions with flips and dropout: 6 images x 2 x 2 = 24 samples."""
-    data = {"dir": str(example_data), "resolution": [64, 96], "flip": True, "trigger_word": "sks",
-            "caption_dropout": 0.3}
+    data = {
+        "dir": str(example_data),
+        "resolution": [64, 96],
+        "flip": True,
+        "trigger_word": "sks",
+        "caption_dropout": 0.3,
+    }
     return build(tiny_dir, tmp_path_factory.mktemp("cache"), data)
 
 
@@ -33,8 +43,11 @@ def take(loader, n):
 
 
 def same(a, b) -> bool:
-    return (a.epoch, a.position, a.captions, a.bucket) == (b.epoch, b.position, b.captions, b.bucket) \
-        and torch.equal(a.latents, b.latents) and all(torch.equal(x, y) for x, y in zip(a.text, b.text))
+    return (
+        (a.epoch, a.position, a.captions, a.bucket) == (b.epoch, b.position, b.captions, b.bucket)
+        and torch.equal(a.latents, b.latents)
+        and all(torch.equal(x, y) for x, y in zip(a.text, b.text))
+    )
 
 
 # ----------------------------------------------------------------------------- order
@@ -88,8 +101,9 @@ def test_latents_are_fresh_samples_of_the_cached_distribution(dataset):
 
 
 def test_caption_dropout_uses_the_empty_embedding(dataset):
-    captions = [c for e in range(4) for p in range(dataset.batches_per_epoch)
-                for c in dataset.load_batch(e, p).captions]
+    captions = [
+        c for e in range(4) for p in range(dataset.batches_per_epoch) for c in dataset.load_batch(e, p).captions
+    ]
     dropped = captions.count("") / len(captions)
     assert 0.1 < dropped < 0.5 and all(c == "" or c.startswith("sks") for c in captions)
     batch = next(b for b in (dataset.load_batch(0, p) for p in range(12)) if "" in b.captions)
@@ -162,8 +176,10 @@ def test_several_datasets_keep_their_own_settings(tiny_dir, example_data, tmp_pa
     for name in ("img_02", "img_03"):
         (tmp_path / "other" / f"{name}.png").write_bytes((example_data / f"{name}.png").read_bytes())
         (tmp_path / "other" / f"{name}.txt").write_text("a plain caption")
-    data = [{"dir": str(example_data), "resolution": [64], "trigger_word": "sks"},
-            {"dir": str(tmp_path / "other"), "resolution": [96], "repeats": 3, "trigger_word": "zzt"}]
+    data = [
+        {"dir": str(example_data), "resolution": [64], "trigger_word": "sks"},
+        {"dir": str(tmp_path / "other"), "resolution": [96], "repeats": 3, "trigger_word": "zzt"},
+    ]
     dataset = build(tiny_dir, tmp_path / "cache", data, batch_size=1)
     assert len(dataset.samples) == 8
     per_epoch = Counter(c for p in range(dataset.batches_per_epoch) for c in dataset.load_batch(0, p).captions)
@@ -185,10 +201,14 @@ def test_fingerprint_follows_the_order_not_the_pixels(tiny_dir, data_copy, tmp_p
 def test_gpu_caching_frees_the_encoders_and_batches_arrive_on_the_device(tiny_dir, example_data, tmp_path):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    raw = {"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": {"dir": str(example_data), "resolution": [64]},
-           "train": {"batch_size": 2}}
-    dataset = prepare_dataset(validate_config(raw), "cuda", encoders=Encoders(tiny_dir, "cuda", "fp32", "fp32"),
-                              cache_dir=tmp_path)
+    raw = {
+        "model": {"path": "builtin:tiny", "dtype": "fp32"},
+        "data": {"dir": str(example_data), "resolution": [64]},
+        "train": {"batch_size": 2},
+    }
+    dataset = prepare_dataset(
+        validate_config(raw), "cuda", encoders=Encoders(tiny_dir, "cuda", "fp32", "fp32"), cache_dir=tmp_path
+    )
     assert dataset.stats.latents_encoded == 6
     assert torch.cuda.memory_allocated() <= before  # VAE and text encoder left the GPU
     with dataset.loader("cuda") as loader:

@@ -20,8 +20,14 @@ from zturbo_train.models import build_pipeline
 
 def config(data_dir: Path, **data):
     data = {"dir": str(data_dir), "resolution": [64], "trigger_word": "sks", **data}
-    return validate_config({"model": {"path": "builtin:tiny", "dtype": "fp32"}, "data": data,
-                            "train": {"batch_size": 2, "seed": 7}, "sample": {"prompts": ["a cube at dusk"]}})
+    return validate_config(
+        {
+            "model": {"path": "builtin:tiny", "dtype": "fp32"},
+            "data": data,
+            "train": {"batch_size": 2, "seed": 7},
+            "sample": {"prompts": ["a cube at dusk"]},
+        }
+    )
 
 
 class Counting(Encoders):
@@ -113,6 +119,7 @@ def test_cached_latent_is_the_vae_distribution(example_data, tiny_dir, tiny_part
         z_fresh = (fresh.mean[0] + fresh.std[0] * eps - cfg.shift_factor) * cfg.scaling_factor
         z_cache = entry["mean"].float() + entry["std"].float() * eps
         with torch.no_grad():
+
             def decode(z):
                 return vae.decode(z[None] / cfg.scaling_factor + cfg.shift_factor).sample
 
@@ -245,8 +252,10 @@ def test_bad_files_stop_nothing_half_way(data_copy, tiny_dir, tmp_path):
     assert "skipped: " + str(data_copy / "img_01.png") + ": is not an image Pillow can read" in printed
     assert printed.index("zz.png: is truncated or corrupt") < printed.index("caching latents")  # listed up front
     assert "caching latents" in printed and "5/5" in printed and "caching captions" in printed
-    assert ("data: 5 images, 5 samples in 3 buckets, 4 batches per epoch; cache: 5 latents encoded, 0 reused, "
-            "6 captions encoded, 0 reused") in printed
+    assert (
+        "data: 5 images, 5 samples in 3 buckets, 4 batches per epoch; cache: 5 latents encoded, 0 reused, "
+        "6 captions encoded, 0 reused"
+    ) in printed
 
 
 def test_errors_stop_before_any_encoding(data_copy, tiny_dir, tmp_path):

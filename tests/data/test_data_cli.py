@@ -24,8 +24,15 @@ def test_help_shows_examples():
 def test_tables_for_the_example_dataset(example_data):
     result = inspect(example_data, "--resolution", "64", "--resolution", "96", "--trigger", "sks")
     assert result.exit_code == 0, result.output
-    for text in ("Images", "Buckets", "img_02.png", "128x96", "80x48", "sks a red square",
-                 "6 images, 12 samples per epoch, 0 skipped, 0 warnings, 0 errors, 0 captions missing"):
+    for text in (
+        "Images",
+        "Buckets",
+        "img_02.png",
+        "128x96",
+        "80x48",
+        "sks a red square",
+        "6 images, 12 samples per epoch, 0 skipped, 0 warnings, 0 errors, 0 captions missing",
+    ):
         assert text in result.output, text
     assert "Skipped files" not in result.output
 
@@ -40,8 +47,9 @@ def test_skipped_files_and_missing_captions_are_shown_with_reasons(data_copy):
     out = result.output
     assert "is not an image Pillow can read" in out and "smaller than the 64 px minimum" in out
     assert "has no caption file img_04.txt; using data.default_caption" in out
-    assert ("5 images, 5 samples per epoch, 2 skipped, 1 warnings, 0 errors, 1 captions missing, "
-            "1 default captions") in out
+    assert (
+        "5 images, 5 samples per epoch, 2 skipped, 1 warnings, 0 errors, 1 captions missing, 1 default captions"
+    ) in out
 
 
 def test_errors_are_listed_then_exit_non_zero(data_copy):
@@ -50,8 +58,9 @@ def test_errors_are_listed_then_exit_non_zero(data_copy):
     assert result.exit_code == 1
     assert "Images" in result.output  # the tables came first
     assert "error: 1 dataset problem found before training" in result.output
-    assert ("img_04.png: has no caption file img_04.txt; write a caption there or set data.default_caption"
-            in result.output)
+    assert (
+        "img_04.png: has no caption file img_04.txt; write a caption there or set data.default_caption" in result.output
+    )
     assert "Traceback" not in result.output
 
 
@@ -72,8 +81,10 @@ def test_json_output(example_data):
 
 def test_from_a_config(tmp_path, example_data):
     config = tmp_path / "run.toml"
-    config.write_text(f'[[data]]\ndir = "{example_data}"\nresolution = 64\n\n'
-                      f'[[data]]\ndir = "{example_data}"\nresolution = 96\nrepeats = 2\n')
+    config.write_text(
+        f'[[data]]\ndir = "{example_data}"\nresolution = 64\n\n'
+        f'[[data]]\ndir = "{example_data}"\nresolution = 96\nrepeats = 2\n'
+    )
     result = inspect("--config", config, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["samples_per_epoch"] == 6 + 12

@@ -48,14 +48,17 @@ def test_caption_bom_and_whitespace(tmp_path):
     assert scan(tmp_path).items[0].caption == "a red cube on the floor"
 
 
-@pytest.mark.parametrize("caption,trigger,expected", [
-    ("[trigger] a cat", "sks", "sks a cat"),
-    ("a photo of [trigger], [trigger] smiling", "ohwx man", "a photo of ohwx man, ohwx man smiling"),
-    ("a cat", "sks", "sks, a cat"),
-    ("a cat", "", "a cat"),
-    ("", "sks", "sks"),
-    ("[trigger]  a cat", "", "a cat"),
-])
+@pytest.mark.parametrize(
+    "caption,trigger,expected",
+    [
+        ("[trigger] a cat", "sks", "sks a cat"),
+        ("a photo of [trigger], [trigger] smiling", "ohwx man", "a photo of ohwx man, ohwx man smiling"),
+        ("a cat", "sks", "sks, a cat"),
+        ("a cat", "", "a cat"),
+        ("", "sks", "sks"),
+        ("[trigger]  a cat", "", "a cat"),
+    ],
+)
 def test_trigger_rules(caption, trigger, expected):
     assert apply_trigger(normalise(caption), trigger) == expected
 
@@ -196,8 +199,10 @@ def test_non_image_with_image_extension(tmp_path):
     (tmp_path / "fake.jpg").write_text("I am a text file")
     (tmp_path / "fake.txt").write_text("caption")
     problem = only_problem(scan(tmp_path), "skip")
-    assert problem.reason == ("is not an image Pillow can read (wrong extension or not an image), left out; "
-                              "delete it or convert it to PNG/JPEG")
+    assert problem.reason == (
+        "is not an image Pillow can read (wrong extension or not an image), left out; "
+        "delete it or convert it to PNG/JPEG"
+    )
 
 
 def test_tiny_image_is_skipped(tmp_path):
@@ -269,9 +274,14 @@ def test_16_bit_grayscale_is_scaled_not_clipped():
     assert out.getpixel((1, 1)) == (128, 128, 128) and out.getpixel((0, 0)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("mode,color,expected", [
-    ("L", 77, (77, 77, 77)), ("1", 1, (255, 255, 255)), ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "mode,color,expected",
+    [
+        ("L", 77, (77, 77, 77)),
+        ("1", 1, (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ],
+)
 def test_other_modes_become_rgb(mode, color, expected):
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     out = load_rgb(encoded(Image.new(mode, (8, 8), color), fmt, **({"quality": 100} if fmt == "JPEG" else {})))
@@ -300,8 +310,10 @@ def test_image_cropped_by_more_than_half_warns_with_the_share_lost(tmp_path):
     result, _ = scan_and_plan([DataConfig(dir=tmp_path, resolution=[64])])
     problem = only_problem(result, "warn")
     assert problem.path == tmp_path / "wide.png" and problem.kind == "cropped"
-    assert problem.reason == ("is 800x80 px, centre-cropped to the 128x32 bucket of resolution 64, which cuts off "
-                              "60% of the picture; crop it yourself to what matters")
+    assert problem.reason == (
+        "is 800x80 px, centre-cropped to the 128x32 bucket of resolution 64, which cuts off "
+        "60% of the picture; crop it yourself to what matters"
+    )
     with pytest.raises(DataError, match=r"wide\.png: .*cuts off 60%.*an error because data.strict = true"):
         scan_and_plan([DataConfig(dir=tmp_path, resolution=[64], strict=True)])
 
@@ -343,8 +355,9 @@ def test_orphan_captions_are_listed(tmp_path):
     orphans = result.at("warn")
     assert [p.path for p in orphans] == [tmp_path / "gone.txt", tmp_path / "sub" / "x.txt"]
     assert all(p.kind == "orphan_caption" for p in orphans)
-    assert orphans[0].reason == ("caption file with no image of the same name beside it, not used; add its image "
-                                 "or delete it")
+    assert orphans[0].reason == (
+        "caption file with no image of the same name beside it, not used; add its image or delete it"
+    )
     assert [p.path.name for p in scan(tmp_path, caption_ext="caption").at("warn")] == []
 
 
@@ -364,13 +377,17 @@ def test_one_report_names_every_problem_in_the_folder(tmp_path):
     with pytest.raises(DataError) as err:
         scan_and_plan([DataConfig(dir=tmp_path, resolution=[64])])
     message = str(err.value)
-    assert message.startswith("2 dataset problems found before training (nothing was encoded); fix them and run "
-                              "again:\n  ")
+    assert message.startswith(
+        "2 dataset problems found before training (nothing was encoded); fix them and run again:\n  "
+    )
     assert "latin.txt: caption is not UTF-8" in message and "nocaption.png: has no caption file" in message
     assert "\nalso found (4; not errors: skipped files are left out, warnings are worth a look):\n" in message
-    for name, reason in (("fake.jpg", "is not an image Pillow can read"),
-                         ("empty.png", "is not an image Pillow can read"),
-                         ("truncated.png", "is truncated or corrupt"), ("orphan.txt", "caption file with no image")):
+    for name, reason in (
+        ("fake.jpg", "is not an image Pillow can read"),
+        ("empty.png", "is not an image Pillow can read"),
+        ("truncated.png", "is truncated or corrupt"),
+        ("orphan.txt", "caption file with no image"),
+    ):
         label = "warning" if name == "orphan.txt" else "skipped"
         assert f"  {label}: {tmp_path / name}: {reason}" in message, name
 

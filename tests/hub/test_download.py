@@ -49,10 +49,18 @@ from zturbo_train.zimage import ADAPTER_ALIASES, ADAPTER_REPO
 REPO = "test-org/z-image-tiny"
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00003.safetensors"
 SECRET = "hf_zTuRbOsEcReTtOkEn0123456789"
-JUNK = ["README.md", ".gitattributes", "assets/sample.png", "z_image_turbo-Q4_K.gguf",
-        "transformer/diffusion_pytorch_model.bin", "transformer/diffusion_pytorch_model.fp16.safetensors",
-        "transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.onnx", "vae/diffusion_pytorch_model.pth",
-        "transformer/old/config.json"]
+JUNK = [
+    "README.md",
+    ".gitattributes",
+    "assets/sample.png",
+    "z_image_turbo-Q4_K.gguf",
+    "transformer/diffusion_pytorch_model.bin",
+    "transformer/diffusion_pytorch_model.fp16.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.onnx",
+    "vae/diffusion_pytorch_model.pth",
+    "transformer/old/config.json",
+]
 # bf16 keeps 8 significant bits (relative rounding error <= 2**-9 per weight). Through the tiny
 # random model, 2 sampling steps and the VAE this moved pixels (0..1) by at most 0.001 when
 # measured; the bound is 0.01 (2.5 of 255 levels), and the weights themselves are checked exactly.
@@ -87,16 +95,24 @@ class FakeHub:
         # Like the real Hub, LFS files redirect to a CDN on another host (here: another port).
         self.cdn_url = f"http://127.0.0.1:{self.servers[1].server_address[1]}"
 
-    def add_repo(self, repo: str, files: dict[str, bytes], gated: bool = False, private: bool = False,
-                 token: str | None = None) -> str:
-        commit = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()).hexdigest()
+    def add_repo(
+        self, repo: str, files: dict[str, bytes], gated: bool = False, private: bool = False, token: str | None = None
+    ) -> str:
+        commit = hashlib.sha1(
+            repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in files.items())).encode()
+        ).hexdigest()
         self.repos[repo] = {"files": files, "commit": commit, "gated": gated, "private": private, "token": token}
         return commit
 
     def gets(self, suffix: str = "") -> list[dict]:
         """File transfers (GETs on /resolve/ or the CDN), optionally of one path."""
-        return [e for e in self.log if e["method"] == "GET" and ("/resolve/" in e["path"] or e["path"].startswith("/cdn/"))
-                and e["path"].endswith(suffix)]
+        return [
+            e
+            for e in self.log
+            if e["method"] == "GET"
+            and ("/resolve/" in e["path"] or e["path"].startswith("/cdn/"))
+            and e["path"].endswith(suffix)
+        ]
 
     def close(self) -> None:
         for server in self.servers:
@@ -117,8 +133,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, head: bool) -> None:
         hub: FakeHub = self.server.hub  # type: ignore[attr-defined]
         path = unquote(urlsplit(self.path).path)
-        entry = {"method": self.command, "path": path, "range": self.headers.get("Range"),
-                 "auth": self.headers.get("Authorization"), "sent": 0}
+        entry = {
+            "method": self.command,
+            "path": path,
+            "range": self.headers.get("Range"),
+            "auth": self.headers.get("Authorization"),
+            "sent": 0,
+        }
         with hub.lock:
             hub.log.append(entry)
         cdn = re.fullmatch(r"/cdn/([^/]+/[^/]+)/(.+)", path)
@@ -141,8 +162,12 @@ class _Handler(BaseHTTPRequestHandler):
         if api:
             return self._json(self._info(match.group(1), repo))
         if repo["gated"] and not authorised:
-            return self._error(401, "GatedRepo", f"Access to model {match.group(1)} is restricted. You must have "
-                                                 "access to it and be authenticated to access it. Please log in.")
+            return self._error(
+                401,
+                "GatedRepo",
+                f"Access to model {match.group(1)} is restricted. You must have "
+                "access to it and be authenticated to access it. Please log in.",
+            )
         self._file(hub, match.group(1), repo, match.group(3), head, entry)
 
     def _info(self, name: str, repo: dict) -> dict:
@@ -152,12 +177,22 @@ class _Handler(BaseHTTPRequestHandler):
             if rel.endswith((".safetensors", ".bin", ".gguf", ".onnx", ".pth", ".png")):
                 sibling["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
             siblings.append(sibling)
-        return {"_id": "0", "id": name, "modelId": name, "sha": repo["commit"], "private": repo["private"],
-                "gated": "manual" if repo["gated"] else False, "disabled": False, "library_name": "diffusers",
-                "tags": [], "siblings": siblings}
+        return {
+            "_id": "0",
+            "id": name,
+            "modelId": name,
+            "sha": repo["commit"],
+            "private": repo["private"],
+            "gated": "manual" if repo["gated"] else False,
+            "disabled": False,
+            "library_name": "diffusers",
+            "tags": [],
+            "siblings": siblings,
+        }
 
-    def _file(self, hub: FakeHub, name: str, repo: dict, rel: str, head: bool, entry: dict,
-              redirect: bool = True) -> None:
+    def _file(
+        self, hub: FakeHub, name: str, repo: dict, rel: str, head: bool, entry: dict, redirect: bool = True
+    ) -> None:
         data = repo["files"].get(rel)
         if data is None:
             return self._error(404, "EntryNotFound", f"{rel} does not exist")
@@ -243,7 +278,8 @@ def model_files(tiny_dir) -> dict[str, bytes]:
         weight_map.update({k: name for k in chunk})
     total = sum(t.numel() * t.element_size() for t in state.values())
     files["transformer/diffusion_pytorch_model.safetensors.index.json"] = json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
+    ).encode()
     for junk in JUNK:
         files.setdefault(junk, b"never fetched " + junk.encode())
     return files
@@ -253,9 +289,11 @@ def model_files(tiny_dir) -> dict[str, bytes]:
 def adapter_files(tiny_adapter) -> dict[str, bytes]:
     from zturbo_train.testing.tiny import build_tiny_adapter
 
-    return {ADAPTER_ALIASES["v1"].split("/")[-1]: tiny_adapter.read_bytes(),
-            ADAPTER_ALIASES["v2"].split("/")[-1]: save(build_tiny_adapter(seed=2)),
-            "README.md": b"# adapter"}
+    return {
+        ADAPTER_ALIASES["v1"].split("/")[-1]: tiny_adapter.read_bytes(),
+        ADAPTER_ALIASES["v2"].split("/")[-1]: save(build_tiny_adapter(seed=2)),
+        "README.md": b"# adapter",
+    }
 
 
 @pytest.fixture
@@ -270,8 +308,16 @@ def hub(monkeypatch, tmp_path, model_files, adapter_files):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 256)  # small chunks: a drop mid-file keeps bytes
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
-                 "http_proxy", "https_proxy", "all_proxy"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("ZTURBO_HOME", str(tmp_path / "home"))
@@ -282,8 +328,15 @@ def hub(monkeypatch, tmp_path, model_files, adapter_files):
 def _sample(parts) -> torch.Tensor:
     pipe = build_pipeline(parts)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a red cube on a blue floor", height=64, width=64, num_inference_steps=2, guidance_scale=0.0,
-               generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe(
+        "a red cube on a blue floor",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
     return out.images[0].float()
 
 
@@ -378,6 +431,8 @@ def test_server_that_ignores_range_still_gives_the_right_file(hub, model_files):
     download_model(REPO)
     assert [g["range"] is not None for g in hub.gets(SHARD)] == [False, True]
     assert (folder / SHARD).read_bytes() == model_files[SHARD]
+
+
 def test_hf_hub_download_starts_over_after_an_interrupted_run(hub, model_files, tmp_path):
     """Why hub/fetch.py has its own loop: huggingface_hub's hf_hub_download drops the bytes of an interrupted
     run and fetches the whole file again in the next. If this fails, the hub resumes now: use hf_hub_download."""
@@ -431,11 +486,25 @@ def test_token_never_printed_logged_or_written(hub, model_files, tmp_path, monke
     assert any(e["auth"] == f"Bearer {SECRET}" for e in hub.log if "/resolve/" in e["path"])  # the token was used...
     cdn = [e for e in hub.log if e["path"].startswith("/cdn/")]
     assert cdn and all(e["auth"] is None for e in cdn)  # ...but never sent to the CDN...
-    bad = runner.invoke(app, ["download", "--model", "gated/z-image", "--adapter", "none", "--token", SECRET[:-1] + "X",
-                              "--dir", str(tmp_path / "other")])
+    bad = runner.invoke(
+        app,
+        [
+            "download",
+            "--model",
+            "gated/z-image",
+            "--adapter",
+            "none",
+            "--token",
+            SECRET[:-1] + "X",
+            "--dir",
+            str(tmp_path / "other"),
+        ],
+    )
     assert bad.exit_code == 1 and "error:" in bad.output
     monkeypatch.setenv("HF_TOKEN", SECRET)  # ...and HF_TOKEN is respected
-    env = runner.invoke(app, ["download", "--model", "gated/z-image", "--adapter", "none", "--dir", str(tmp_path / "env")])
+    env = runner.invoke(
+        app, ["download", "--model", "gated/z-image", "--adapter", "none", "--dir", str(tmp_path / "env")]
+    )
     assert env.exit_code == 0, env.output
     for text in (ok.output, bad.output, env.output, caplog.text):  # ...but never shown
         assert SECRET not in text and SECRET[:-1] not in text
@@ -547,7 +616,9 @@ def test_adapter_download_and_resolve(hub, adapter_files, tiny_adapter, tmp_path
         resolve_adapter_file("v1")
     download_adapter("v1")
     assert resolve_adapter_file("v1").read_bytes() == adapter_files[ADAPTER_ALIASES["v1"].split("/")[-1]]
-    assert sorted(read_manifest(adapter_dir())["files"]) == sorted(n for n in adapter_files if n.endswith(".safetensors"))
+    assert sorted(read_manifest(adapter_dir())["files"]) == sorted(
+        n for n in adapter_files if n.endswith(".safetensors")
+    )
     hub.log.clear()
     assert not download_adapter("v2").changed and hub.gets() == []
     assert resolve_adapter_file("builtin:tiny-adapter").read_bytes() == tiny_adapter.read_bytes()
@@ -590,25 +661,51 @@ def test_cli_help_has_examples():
 
 
 def test_only_needed_files_are_selected():
-    real = ["model_index.json", "README.md", ".gitattributes", "assets/showcase.jpg",
-            "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/generation_config.json",
-            "text_encoder/model-00001-of-00003.safetensors", "text_encoder/model.safetensors.index.json",
-            "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.bin.index.json",
-            "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-            "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-            "transformer/diffusion_pytorch_model.safetensors.index.json",
-            "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
-            "transformer/diffusion_pytorch_model.safetensors.index.fp16.json", "transformer/model.gguf",
-            "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
-            "vae/diffusion_flax_model.msgpack", "text_encoder/model.onnx", "unet/config.json"]
+    real = [
+        "model_index.json",
+        "README.md",
+        ".gitattributes",
+        "assets/showcase.jpg",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/generation_config.json",
+        "text_encoder/model-00001-of-00003.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "text_encoder/pytorch_model.bin",
+        "text_encoder/pytorch_model.bin.index.json",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.fp16.json",
+        "transformer/model.gguf",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.bin",
+        "vae/diffusion_flax_model.msgpack",
+        "text_encoder/model.onnx",
+        "unet/config.json",
+    ]
     parts = {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"}
     assert [p for p in real if wanted(p, parts)] == [
-        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-        "text_encoder/generation_config.json", "text_encoder/model-00001-of-00003.safetensors",
-        "text_encoder/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/vocab.json",
-        "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "transformer/config.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/generation_config.json",
+        "text_encoder/model-00001-of-00003.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "transformer/config.json",
         "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-        "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "vae/config.json",
         "vae/diffusion_pytorch_model.safetensors",
     ]
 
@@ -636,8 +733,7 @@ def test_a_new_commit_fetches_only_what_changed(hub, model_files):
     assert read_manifest(download_dir(REPO))["commit"] == hub.repos[REPO]["commit"]
 
 
-def test_files_in_the_hugging_face_cache_are_linked_not_fetched(hub, model_files, adapter_files, tmp_path,
-                                                                 monkeypatch):
+def test_files_in_the_hugging_face_cache_are_linked_not_fetched(hub, model_files, adapter_files, tmp_path, monkeypatch):
     from huggingface_hub import constants, hf_hub_download
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))

@@ -34,8 +34,16 @@ def test_metric_scores_hand_placed_samples():
 # iterations each. It checks the machinery (files, formats, the real trainer, drift rows, the report), not the
 # claim: the lab TURBO.md measured takes ~25 min to build on a shared 2-core CPU and does not show the effect
 # (TURBO.md, "Verdict"), so no test asserts it.
-SMOKE = dict(vae_steps=2, teacher_steps=4, pairs_per_concept=2, student_steps=4, adapter_steps=4,
-             adapter_samples_per_concept=2, batch=8, eval_samples=2)
+SMOKE = dict(
+    vae_steps=2,
+    teacher_steps=4,
+    pairs_per_concept=2,
+    student_steps=4,
+    adapter_steps=4,
+    adapter_samples_per_concept=2,
+    batch=8,
+    eval_samples=2,
+)
 
 
 @pytest.fixture(scope="session")
@@ -80,20 +88,24 @@ def test_mode_latents_are_what_the_training_cache_encodes(smoke_lab):
 
 
 def test_lab_runs_train_measure_and_log_drift(smoke_lab):
-    """Direct and over-the-adapter runs through train.loop.run: checkpoints measured, turbo_drift in the preview rows."""
+    """Direct and over-the-adapter runs through train.loop.run: checkpoints measured, turbo_drift in the
+    preview rows."""
     from zturbo_train.lab.experiment import RunSettings, run_lab
     from zturbo_train.lab.report import report
 
-    settings = RunSettings(strategies=("direct", "merge"), seeds=(1,), steps=4, checkpoints=1, eval_samples=2,
-                           preview_seeds=1)
+    settings = RunSettings(
+        strategies=("direct", "merge"), seeds=(1,), steps=4, checkpoints=1, eval_samples=2, preview_seeds=1
+    )
     runs = run_lab(smoke_lab.root, settings, log=lambda _: None)["runs"]
     for strategy in ("direct", "merge"):
         result = runs[strategy]["1"]
         assert [p["step"] for p in result["curve"]] == [2, 4]
         assert set(result["final"]["new"]) == {"1", "2", "4", "8", "30"}
         assert [row["step"] for row in result["logged_drift"]] == [2, 4]
-        rows = [json.loads(line) for line in
-                (smoke_lab.root / "runs" / f"{strategy}-seed1" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (smoke_lab.root / "runs" / f"{strategy}-seed1" / "metrics.jsonl").read_text().splitlines()
+        ]
         assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("loss" in r for r in rows)
         assert rows[1]["turbo_drift_start"] > 0 and rows[1]["turbo_drift"] > 0
     config = (smoke_lab.root / "runs" / "merge-seed1" / "config.toml").read_text()
@@ -111,9 +123,23 @@ def test_sample_drift_reports_with_and_without_the_lora(smoke_lab, tmp_path):
     from zturbo_train.preflight import LoraSpec, SampleSettings
 
     lines: list[str] = []
-    paths = sample(SampleSettings(prompts=[smoke_lab.new_caption], loras=[LoraSpec(smoke_lab.adapter)],
-                                  model=str(smoke_lab.student), steps=4, seed=1, count=2, width=64, height=64,
-                                  out_dir=tmp_path, device="cpu", dtype="fp32", drift=True), log=lines.append)
+    paths = sample(
+        SampleSettings(
+            prompts=[smoke_lab.new_caption],
+            loras=[LoraSpec(smoke_lab.adapter)],
+            model=str(smoke_lab.student),
+            steps=4,
+            seed=1,
+            count=2,
+            width=64,
+            height=64,
+            out_dir=tmp_path,
+            device="cpu",
+            dtype="fp32",
+            drift=True,
+        ),
+        log=lines.append,
+    )
     drift_lines = [line for line in lines if line.startswith("turbo_drift")]
     assert len(drift_lines) == 2 and all("without LoRAs" in line for line in drift_lines)
     info = json.loads(Image.open(paths[0]).text["zturbo"])

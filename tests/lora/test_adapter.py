@@ -130,8 +130,9 @@ def test_hub_references_go_through_the_download_cache(monkeypatch, tiny_adapter)
 
         monkeypatch.setattr(download, "resolve_adapter_file", fake_resolve)
     except ImportError:  # the download module is being written; the contract is its function
-        monkeypatch.setitem(sys.modules, "zturbo_train.hub.download",
-                            types.SimpleNamespace(resolve_adapter_file=fake_resolve))
+        monkeypatch.setitem(
+            sys.modules, "zturbo_train.hub.download", types.SimpleNamespace(resolve_adapter_file=fake_resolve)
+        )
     assert resolve_adapter("v2") == tiny_adapter
     assert resolve_adapter("ostris/zimage_turbo_training_adapter/x.safetensors") == tiny_adapter
     with pytest.raises(DownloadError, match=r"zturbo download --adapter v1"):
@@ -144,29 +145,46 @@ def test_hub_references_go_through_the_download_cache(monkeypatch, tiny_adapter)
 
 
 def write_adapter(path, shapes: dict[str, tuple[int, int]], rank: int = 4):
-    save_file({t: torch.zeros(*(rank, in_f) if t.endswith("lora_A.weight") else (out_f, rank))
-               for m, (out_f, in_f) in shapes.items()
-               for t in (f"diffusion_model.{m}.lora_A.weight", f"diffusion_model.{m}.lora_B.weight")}, str(path))
+    save_file(
+        {
+            t: torch.zeros(*(rank, in_f) if t.endswith("lora_A.weight") else (out_f, rank))
+            for m, (out_f, in_f) in shapes.items()
+            for t in (f"diffusion_model.{m}.lora_A.weight", f"diffusion_model.{m}.lora_B.weight")
+        },
+        str(path),
+    )
     return path
 
 
 def test_adapter_of_another_shape_is_refused(tmp_path, tiny_transformer):
-    path = write_adapter(tmp_path / "big.safetensors", {"layers.0.attention.to_q": (3840, 3840),
-                                                         "layers.0.attention.to_k": (64, 64)})
-    with pytest.raises(AdapterError, match=r"training adapter .*big.safetensors does not fit this model "
-                                           r"\(1 shape mismatches, e.g. layers.0.attention.to_q: LoRA \(3840, 3840\) "
-                                           r"vs model \(64, 64\)\); it was made for another model; set \[model\] adapter"):
+    path = write_adapter(
+        tmp_path / "big.safetensors", {"layers.0.attention.to_q": (3840, 3840), "layers.0.attention.to_k": (64, 64)}
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"training adapter .*big.safetensors does not fit this model "
+        r"\(1 shape mismatches, e.g. layers.0.attention.to_q: LoRA \(3840, 3840\) "
+        r"vs model \(64, 64\)\); it was made for another model; set \[model\] adapter",
+    ):
         TrainingAdapter.load(str(path), tiny_transformer)
 
 
 def test_adapter_with_foreign_keys_is_refused_not_skipped(tmp_path, tiny_transformer):
-    path = write_adapter(tmp_path / "flux.safetensors", {"layers.0.attention.to_q": (64, 64),
-                                                          "double_blocks.0.img_attn.qkv": (64, 64),
-                                                          "double_blocks.1.img_attn.qkv": (64, 64)})
-    with pytest.raises(AdapterError, match=r"has 2 of 3 modules this model lacks \(keys it could not place: "
-                                           r"diffusion_model.double_blocks.0.img_attn.qkv.\*, "
-                                           r"diffusion_model.double_blocks.1.img_attn.qkv.\*\); "
-                                           r"it was made for another model"):
+    path = write_adapter(
+        tmp_path / "flux.safetensors",
+        {
+            "layers.0.attention.to_q": (64, 64),
+            "double_blocks.0.img_attn.qkv": (64, 64),
+            "double_blocks.1.img_attn.qkv": (64, 64),
+        },
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"has 2 of 3 modules this model lacks \(keys it could not place: "
+        r"diffusion_model.double_blocks.0.img_attn.qkv.\*, "
+        r"diffusion_model.double_blocks.1.img_attn.qkv.\*\); "
+        r"it was made for another model",
+    ):
         TrainingAdapter.load(str(path), tiny_transformer)
     save_file({"model.diffusion.conv.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(AdapterError, match="training adapter: key 'model.diffusion.conv.weight' is not a LoRA"):
@@ -176,11 +194,17 @@ def test_adapter_with_foreign_keys_is_refused_not_skipped(tmp_path, tiny_transfo
 def test_non_safetensors_missing_and_unknown_adapters_are_refused(tmp_path, tiny_transformer):
     pickle = tmp_path / "adapter.pt"
     pickle.write_bytes(b"PK\x03\x04 a torch zip")
-    with pytest.raises(AdapterError, match=r"adapter.pt is not a safetensors file \(it looks like a PyTorch "
-                                           r"zip/pickle checkpoint\).*convert it to safetensors"):
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter.pt is not a safetensors file \(it looks like a PyTorch "
+        r"zip/pickle checkpoint\).*convert it to safetensors",
+    ):
         TrainingAdapter.load(str(pickle), tiny_transformer)
-    with pytest.raises(AdapterError, match=r"adapter file .*missing.safetensors does not exist; check the path or "
-                                           r"set \[model\] adapter to v2"):
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter file .*missing.safetensors does not exist; check the path or "
+        r"set \[model\] adapter to v2",
+    ):
         TrainingAdapter.load(str(tmp_path / "missing.safetensors"), tiny_transformer)
     with pytest.raises(AdapterError, match="is a folder"):
         TrainingAdapter.load(str(tmp_path), tiny_transformer)
@@ -193,8 +217,11 @@ def test_non_safetensors_missing_and_unknown_adapters_are_refused(tmp_path, tiny
 def test_merge_refuses_a_quantized_base_and_points_at_live(tiny_transformer):
     linear = tiny_transformer.layers[0].attention.to_q
     linear.weight = torch.nn.Parameter(torch.zeros(linear.weight.shape, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(AdapterError, match=r"layers.0.attention.to_q holds Tensor weights of dtype torch.int8 "
-                                           r"\(a quantized base\?\).*adapter_mode = \"live\""):
+    with pytest.raises(
+        AdapterError,
+        match=r"layers.0.attention.to_q holds Tensor weights of dtype torch.int8 "
+        r"\(a quantized base\?\).*adapter_mode = \"live\"",
+    ):
         TrainingAdapter.load(TINY_ADAPTER, tiny_transformer, mode="merge")
     TrainingAdapter.load(TINY_ADAPTER, tiny_transformer, mode="live").apply()  # live never writes the weights
 

@@ -53,8 +53,12 @@ def comfy_fused(loras: dict, prefix: str = "diffusion_model.", alpha_keys: bool 
         block, _, leaf = module.rpartition(".attention.")
         if leaf in ("to_q", "to_k", "to_v") and block not in done:
             parts = [loras[f"{block}.attention.{x}"] for x in ("to_q", "to_k", "to_v")]
-            put(f"{block}.attention.qkv", torch.cat([p.down for p in parts]), torch.block_diag(*[p.up for p in parts]),
-                3 * float(parts[0].alpha if parts[0].alpha is not None else parts[0].rank))
+            put(
+                f"{block}.attention.qkv",
+                torch.cat([p.down for p in parts]),
+                torch.block_diag(*[p.up for p in parts]),
+                3 * float(parts[0].alpha if parts[0].alpha is not None else parts[0].rank),
+            )
             done.add(block)
         elif leaf == "to_out.0":
             put(f"{block}.attention.out", lora.down, lora.up, float(lora.alpha or lora.rank))
@@ -138,13 +142,21 @@ def test_lokr_and_loha_files_apply_the_library_delta(tmp_path, tiny_transformer)
     state["diffusion_model.layers.0.attention.qkv.alpha"] = torch.tensor(4.0)
     save_file(state, str(tmp_path / "lyco.safetensors"))
     loras, _ = read_lora_file(tmp_path / "lyco.safetensors")
-    assert sorted(loras) == ["layers.0.attention.to_k", "layers.0.attention.to_q", "layers.0.attention.to_v",
-                             "layers.1.feed_forward.w1"]
+    assert sorted(loras) == [
+        "layers.0.attention.to_k",
+        "layers.0.attention.to_q",
+        "layers.0.attention.to_v",
+        "layers.1.feed_forward.w1",
+    ]
     fused = lokr.diff_weight(qkv["lokr_w1"], None, None, None, qkv["lokr_w2_a"], qkv["lokr_w2_b"], None, gamma=4.0)
-    expected = {"layers.0.attention.to_q": fused[:64], "layers.0.attention.to_k": fused[64:128],
-                "layers.0.attention.to_v": fused[128:],
-                "layers.1.feed_forward.w1": loha.diff_weight(ff["hada_w1_b"], ff["hada_w1_a"], ff["hada_w2_b"],
-                                                             ff["hada_w2_a"], None, None, gamma=1.0)}
+    expected = {
+        "layers.0.attention.to_q": fused[:64],
+        "layers.0.attention.to_k": fused[64:128],
+        "layers.0.attention.to_v": fused[128:],
+        "layers.1.feed_forward.w1": loha.diff_weight(
+            ff["hada_w1_b"], ff["hada_w1_a"], ff["hada_w2_b"], ff["hada_w2_a"], None, None, gamma=1.0
+        ),
+    }
     network = load_lora(tiny_transformer, loras, multiplier=0.5)
     hooked = _forward(tiny_transformer)
     network.detach()
@@ -164,21 +176,25 @@ def test_fused_qkv_splits_exactly(tiny_transformer):
     """ComfyUI's extract node: one rank-r pair on the fused qkv; q, k, v get up rows 0:d, d:2d, 2d:3d, shared down."""
     gen = torch.Generator().manual_seed(4)
     down, up = torch.randn(5, 64, generator=gen), torch.randn(192, 5, generator=gen)
-    state = {"diffusion_model.layers.1.attention.qkv.lora_down.weight": down,
-             "diffusion_model.layers.1.attention.qkv.lora_up.weight": up,
-             "diffusion_model.layers.1.attention.qkv.alpha": torch.tensor(2.5),
-             "lora_unet_noise_refiner_0_attention_out.lora_down.weight": down,  # ComfyUI's own names under lora_unet_
-             "lora_unet_noise_refiner_0_attention_out.lora_up.weight": up[:64]}
+    state = {
+        "diffusion_model.layers.1.attention.qkv.lora_down.weight": down,
+        "diffusion_model.layers.1.attention.qkv.lora_up.weight": up,
+        "diffusion_model.layers.1.attention.qkv.alpha": torch.tensor(2.5),
+        "lora_unet_noise_refiner_0_attention_out.lora_down.weight": down,  # ComfyUI's own names under lora_unet_
+        "lora_unet_noise_refiner_0_attention_out.lora_up.weight": up[:64],
+    }
     loras = keys.parse_state_dict(state)
     for index, leaf in enumerate(("to_q", "to_k", "to_v")):
         part = loras[f"layers.1.attention.{leaf}"]
-        assert part.down is down and torch.equal(part.up, up[64 * index:64 * (index + 1)]) and part.alpha == 2.5
+        assert part.down is down and torch.equal(part.up, up[64 * index : 64 * (index + 1)]) and part.alpha == 2.5
     assert loras["noise_refiner.0.attention.to_out.0"].scale == 1.0  # no .alpha key: scale 1, as ComfyUI
-    names = {"model.diffusion_model.final_layer.linear": "all_final_layer.2-1.linear",
-             "lora_unet_x_embedder": "all_x_embedder.2-1",
-             "lycoris_layers_0_feed_forward_w2": "layers.0.feed_forward.w2",
-             "transformer.context_refiner.0.attention.to_out.0": "context_refiner.0.attention.to_out.0",
-             "lora_unet_final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1"}
+    names = {
+        "model.diffusion_model.final_layer.linear": "all_final_layer.2-1.linear",
+        "lora_unet_x_embedder": "all_x_embedder.2-1",
+        "lycoris_layers_0_feed_forward_w2": "layers.0.feed_forward.w2",
+        "transformer.context_refiner.0.attention.to_out.0": "context_refiner.0.attention.to_out.0",
+        "lora_unet_final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
+    }
     assert {raw: keys.module_name(raw) for raw in names} == names
     assert set(names.values()) <= set(keys.linear_shapes(tiny_transformer))
     keys.require_fit(loras, keys.linear_shapes(tiny_transformer), "fused")
@@ -207,8 +223,17 @@ def fused_pair(tmp_path_factory, tiny_dir):
 
 
 def _sample(tmp_path, name, **kw):
-    options = dict(prompts=["a red cube"], model="builtin:tiny", steps=3, seed=5, out_dir=tmp_path / name,
-                   device="cpu", dtype="fp32", width=64, height=64)
+    options = dict(
+        prompts=["a red cube"],
+        model="builtin:tiny",
+        steps=3,
+        seed=5,
+        out_dir=tmp_path / name,
+        device="cpu",
+        dtype="fp32",
+        width=64,
+        height=64,
+    )
     settings = SampleSettings(**{**options, **kw})
     return np.asarray(Image.open(sample(settings)[0]), dtype=np.int16)
 
@@ -242,8 +267,13 @@ def test_diff_patches_hook_merge_and_convert(tmp_path, tiny_transformer, tiny_di
     w_diff = torch.randn(170, 64, generator=gen) * 0.05
     b_diff = torch.randn(256, generator=gen) * 0.05
     path = tmp_path / "diff.safetensors"
-    save_file({"diffusion_model.layers.0.feed_forward.w1.diff": w_diff,
-               "diffusion_model.layers.0.adaLN_modulation.0.diff_b": b_diff}, str(path))
+    save_file(
+        {
+            "diffusion_model.layers.0.feed_forward.w1.diff": w_diff,
+            "diffusion_model.layers.0.adaLN_modulation.0.diff_b": b_diff,
+        },
+        str(path),
+    )
     loras, _ = read_lora_file(path)
     network = load_lora(tiny_transformer, loras, multiplier=0.5)
     hooked = _forward(tiny_transformer)
@@ -261,10 +291,12 @@ def test_diff_patches_hook_merge_and_convert(tmp_path, tiny_transformer, tiny_di
     out = merge_into_model([LoraSpec(path, 0.5)], tmp_path / "m", model="builtin:tiny", dtype="fp32")
     shard = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     source = load_file(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors")
-    torch.testing.assert_close(shard["layers.0.adaLN_modulation.0.bias"],
-                               source["layers.0.adaLN_modulation.0.bias"] + 0.5 * b_diff)
-    torch.testing.assert_close(shard["layers.0.feed_forward.w1.weight"],
-                               source["layers.0.feed_forward.w1.weight"] + 0.5 * w_diff)
+    torch.testing.assert_close(
+        shard["layers.0.adaLN_modulation.0.bias"], source["layers.0.adaLN_modulation.0.bias"] + 0.5 * b_diff
+    )
+    torch.testing.assert_close(
+        shard["layers.0.feed_forward.w1.weight"], source["layers.0.feed_forward.w1.weight"] + 0.5 * w_diff
+    )
     # --to-lora keeps them as .diff / .diff_b (ComfyUI's keys); diffusers cannot hold them
     written = merge_to_lora([LoraSpec(path)], tmp_path / "d.safetensors", model="builtin:tiny")
     back, _ = read_lora_file(written)
@@ -284,8 +316,13 @@ def test_broken_lycoris_and_mixed_modules_are_errors():
     with pytest.raises(LoraError, match="lokr module m lacks lokr_w2"):
         keys.parse_state_dict({"m.lokr_w1": torch.zeros(2, 2)})
     with pytest.raises(LoraError, match="m mixes LoRA and diff weights"):
-        keys.parse_state_dict({"m.lora_down.weight": torch.zeros(1, 2), "m.lora_up.weight": torch.zeros(2, 1),
-                               "m.diff": torch.zeros(2, 2)})
+        keys.parse_state_dict(
+            {
+                "m.lora_down.weight": torch.zeros(1, 2),
+                "m.lora_up.weight": torch.zeros(2, 1),
+                "m.diff": torch.zeros(2, 2),
+            }
+        )
 
 
 # ------------------------------------------------------------------ metadata
@@ -295,19 +332,32 @@ def kohya_hashes(path) -> tuple[str, str]:
     """sd-scripts' definition, computed here from the written file alone."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    model_hash = hashlib.sha256(data[8 + n:]).hexdigest()
+    header = json.loads(data[8 : 8 + n])
+    model_hash = hashlib.sha256(data[8 + n :]).hexdigest()
     ss_only = save(load_file(path), {k: v for k, v in header["__metadata__"].items() if k.startswith("ss_")})
     return model_hash, hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
 
 
 def test_metadata_managers_read_and_kohya_hashes(tmp_path):
     gen = torch.Generator().manual_seed(8)
-    big = {f"layers.{i}.feed_forward.w1": LoraWeights(torch.randn(64, 1024, generator=gen),
-                                                      torch.randn(1024, 64, generator=gen), 32.0) for i in range(3)}
-    path = write_lora_file(tmp_path / "mine.safetensors", big, metadata={
-        "trigger_word": "sks", "steps": 1500, "epochs": 3, "resolution": [512, 768], "started_at": 1764633600,
-        "base_model": "Tongyi-MAI/Z-Image-Turbo"})
+    big = {
+        f"layers.{i}.feed_forward.w1": LoraWeights(
+            torch.randn(64, 1024, generator=gen), torch.randn(1024, 64, generator=gen), 32.0
+        )
+        for i in range(3)
+    }
+    path = write_lora_file(
+        tmp_path / "mine.safetensors",
+        big,
+        metadata={
+            "trigger_word": "sks",
+            "steps": 1500,
+            "epochs": 3,
+            "resolution": [512, 768],
+            "started_at": 1764633600,
+            "base_model": "Tongyi-MAI/Z-Image-Turbo",
+        },
+    )
     assert path.stat().st_size > 0x110000, "big enough for the legacy hash to read real bytes"
     _, meta = read_lora_file(path)
     assert meta["ss_base_model_version"] == "zimage" and meta["ss_network_module"] == "networks.lora"
@@ -346,11 +396,17 @@ def test_loha_tucker_equals_lycoris():
     from lycoris.functional import loha
 
     gen = torch.Generator().manual_seed(11)
-    t = {"hada_t1": torch.randn(3, 3, 1, 1, generator=gen), "hada_t2": torch.randn(3, 3, 1, 1, generator=gen),
-         "hada_w1_a": torch.randn(3, 64, generator=gen), "hada_w1_b": torch.randn(3, 170, generator=gen),
-         "hada_w2_a": torch.randn(3, 64, generator=gen), "hada_w2_b": torch.randn(3, 170, generator=gen)}
-    expected = loha.diff_weight(t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], t["hada_t1"],
-                                t["hada_t2"], gamma=2.0 / 3).reshape(64, 170)
+    t = {
+        "hada_t1": torch.randn(3, 3, 1, 1, generator=gen),
+        "hada_t2": torch.randn(3, 3, 1, 1, generator=gen),
+        "hada_w1_a": torch.randn(3, 64, generator=gen),
+        "hada_w1_b": torch.randn(3, 170, generator=gen),
+        "hada_w2_a": torch.randn(3, 64, generator=gen),
+        "hada_w2_b": torch.randn(3, 170, generator=gen),
+    }
+    expected = loha.diff_weight(
+        t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], t["hada_t1"], t["hada_t2"], gamma=2.0 / 3
+    ).reshape(64, 170)
     update = DeltaWeights("loha", t, 2.0)
     assert update.shape == (64, 170)
     torch.testing.assert_close(update.delta(), expected, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,11 @@ def random_lora(transformer, rank=4, alpha=None, seed=0, blocks=("layers",), sca
     shapes = keys.linear_shapes(transformer)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3", "adaLN_modulation.0"]
     return {
-        name: LoraWeights(down=torch.randn(rank, shapes[name][1], generator=gen) * scale,
-                          up=torch.randn(shapes[name][0], rank, generator=gen) * scale, alpha=alpha)
+        name: LoraWeights(
+            down=torch.randn(rank, shapes[name][1], generator=gen) * scale,
+            up=torch.randn(shapes[name][0], rank, generator=gen) * scale,
+            alpha=alpha,
+        )
         for name in target_modules(transformer, blocks, targets)
     }
 
@@ -93,10 +96,14 @@ def test_lora_of_another_model_is_refused(tiny_transformer):
 
 def test_partial_match_is_refused_unless_allowed(tiny_transformer):
     loras = random_lora(tiny_transformer)
-    loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(2, 8), torch.zeros(8, 2),
-                                                        source="lora_unet_double_blocks_0_img_attn_qkv")
-    with pytest.raises(LoraError, match=r"1 of \d+ modules this model lacks \(keys it could not place: "
-                                        r"lora_unet_double_blocks_0_img_attn_qkv\.\*\); pass --allow-partial"):
+    loras["double_blocks.0.img_attn.qkv"] = LoraWeights(
+        torch.zeros(2, 8), torch.zeros(8, 2), source="lora_unet_double_blocks_0_img_attn_qkv"
+    )
+    with pytest.raises(
+        LoraError,
+        match=r"1 of \d+ modules this model lacks \(keys it could not place: "
+        r"lora_unet_double_blocks_0_img_attn_qkv\.\*\); pass --allow-partial",
+    ):
         load_lora(tiny_transformer, loras)
     network = load_lora(tiny_transformer, loras, partial_ok=True)
     assert network.unmatched == ["double_blocks.0.img_attn.qkv"] and len(network.names) == len(loras) - 1
@@ -124,7 +131,9 @@ def test_new_lora_starts_as_identity_and_detaches_cleanly(tiny_transformer):
     network.enabled = True
     network.detach()
     assert torch.equal(_forward(tiny_transformer), base)
-    assert sorted(tiny_transformer.state_dict()) == sorted(type(tiny_transformer)(**tiny_transformer.config).state_dict())
+    assert sorted(tiny_transformer.state_dict()) == sorted(
+        type(tiny_transformer)(**tiny_transformer.config).state_dict()
+    )
 
 
 def test_hooked_lora_equals_merged_weights(tiny_transformer):
@@ -145,8 +154,7 @@ def test_written_lora_loads_in_diffusers_with_identical_image(tmp_path, tiny_dir
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     loras = random_lora(pipe.transformer, alpha=alpha, blocks=("layers", "noise_refiner"), scale=0.3)
     path = write_lora_file(tmp_path / f"{style}.safetensors", loras, style)
-    args = dict(prompt="a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=0.0,
-                output_type="np")
+    args = dict(prompt="a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=0.0, output_type="np")
     base = pipe(**args, generator=torch.Generator().manual_seed(3)).images[0]
 
     network = load_lora(pipe.transformer, read_lora_file(path)[0])
@@ -164,7 +172,9 @@ def test_diffusers_metadata_carries_per_module_rank_with_alpha_baked(tiny_transf
     """alpha/rank lives in the lora_B tensors, so the header says alpha = rank per module (scale 1 everywhere)."""
     loras = random_lora(tiny_transformer, alpha=2.0)
     first = sorted(loras)[0]
-    loras[first] = LoraWeights(torch.randn(8, loras[first].down.shape[1]), torch.randn(loras[first].up.shape[0], 8), 5.0)
+    loras[first] = LoraWeights(
+        torch.randn(8, loras[first].down.shape[1]), torch.randn(loras[first].up.shape[0], 8), 5.0
+    )
     meta = json.loads(keys.diffusers_metadata(loras)[keys.DIFFUSERS_METADATA_KEY])
     assert meta["transformer.r"] == 4 and meta["transformer.rank_pattern"] == {first: 8}
     assert meta["transformer.lora_alpha"] == 4 and meta["transformer.alpha_pattern"] == {first: 8.0}

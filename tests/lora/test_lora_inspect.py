@@ -29,23 +29,37 @@ def files(tmp_path_factory, tiny_dir):
     transformer = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
     folder = tmp_path_factory.mktemp("styles")
     loras = random_lora(transformer, rank=4, alpha=2.0, blocks=("layers", "noise_refiner"))
-    out = {style: write_lora_file(folder / f"{style}.safetensors", loras, style,
-                                  {"trigger_word": "sks", "steps": 20, "resolution": [512]})
-           for style in ("comfyui", "diffusers", "musubi")}
+    out = {
+        style: write_lora_file(
+            folder / f"{style}.safetensors", loras, style, {"trigger_word": "sks", "steps": 20, "resolution": [512]}
+        )
+        for style in ("comfyui", "diffusers", "musubi")
+    }
     save_file(comfy_fused(loras), str(folder / "native.safetensors"))
     gen = torch.Generator().manual_seed(0)
     state = {f"diffusion_model.layers.0.feed_forward.w1.{k}": v for k, v in loha_factors(170, 64, gen).items()}
-    state.update({f"diffusion_model.layers.0.attention.to_q.{k}": v
-                  for k, v in lokr_factors(64, 64, "w2_factored", gen).items()})
+    state.update(
+        {f"diffusion_model.layers.0.attention.to_q.{k}": v for k, v in lokr_factors(64, 64, "w2_factored", gen).items()}
+    )
     save_file(state, str(folder / "lycoris.safetensors"))
     save_file({"diffusion_model.layers.0.feed_forward.w1.diff": torch.zeros(170, 64)}, str(folder / "diff.safetensors"))
-    out.update(native=folder / "native.safetensors", lycoris=folder / "lycoris.safetensors",
-               diff=folder / "diff.safetensors")
+    out.update(
+        native=folder / "native.safetensors", lycoris=folder / "lycoris.safetensors", diff=folder / "diff.safetensors"
+    )
     return out
 
 
-@pytest.mark.parametrize("name, style", [("comfyui", "comfyui"), ("diffusers", "diffusers"), ("musubi", "musubi"),
-                                         ("native", "comfyui-native"), ("lycoris", "lycoris"), ("diff", "diff")])
+@pytest.mark.parametrize(
+    "name, style",
+    [
+        ("comfyui", "comfyui"),
+        ("diffusers", "diffusers"),
+        ("musubi", "musubi"),
+        ("native", "comfyui-native"),
+        ("lycoris", "lycoris"),
+        ("diff", "diff"),
+    ],
+)
 def test_each_style_is_recognised(files, name, style):
     report = inspect_file(files[name])
     assert report["style"]["name"] == style and report["tools"] == SUPPORT[style]
@@ -71,7 +85,11 @@ def test_metadata_and_kinds(files):
 
 def test_fit_against_a_model(tmp_path, files, tiny_transformer):
     assert inspect_file(files["musubi"], model="builtin:tiny")["fit"] == {
-        "model": "builtin:tiny", "fits": True, "skipped_keys": [], "misfit": []}
+        "model": "builtin:tiny",
+        "fits": True,
+        "skipped_keys": [],
+        "misfit": [],
+    }
     loras = random_lora(tiny_transformer, rank=2)
     loras["double_blocks.0.img_attn.qkv"] = LoraWeights(torch.zeros(2, 8), torch.zeros(8, 2))
     partial = write_lora_file(tmp_path / "partial.safetensors", loras)
@@ -101,11 +119,14 @@ def test_bad_files_are_one_line_errors(tmp_path, files):
     save_file({"model.diffusion.conv.weight": torch.zeros(2, 2)}, str(foreign))
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty))
-    for path, message in ((pickle, "is not a safetensors file (it looks like a pickle)"),
-                          (truncated, "is not a safetensors file (it is truncated"),
-                          (foreign, "is not a LoRA weight"), (empty, "holds no tensors; it is not a LoRA"),
-                          (tmp_path / "none.safetensors", "does not exist"),
-                          (nan, "tensor diffusion_model.layers.0.feed_forward.w1.diff holds 10880 NaN/inf values")):
+    for path, message in (
+        (pickle, "is not a safetensors file (it looks like a pickle)"),
+        (truncated, "is not a safetensors file (it is truncated"),
+        (foreign, "is not a LoRA weight"),
+        (empty, "holds no tensors; it is not a LoRA"),
+        (tmp_path / "none.safetensors", "does not exist"),
+        (nan, "tensor diffusion_model.layers.0.feed_forward.w1.diff holds 10880 NaN/inf values"),
+    ):
         with pytest.raises(LoraError, match=re.escape(message)):
             inspect_file(path)
         result = runner.invoke(app, ["inspect", str(path)])

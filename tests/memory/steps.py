@@ -20,8 +20,9 @@ CUDA = torch.device("cuda")
 def make_step(levers: Levers, dtype: str = "fp32", device: torch.device = CPU, lora_scale: float = 0.05):
     """builtin:tiny with the levers applied and a seeded LoRA (non-zero up, so every gradient flows)."""
     on_host = levers.loads_on_host and device.type == "cuda"
-    transformer = load_parts("builtin:tiny", parts=["transformer"], dtype=dtype,
-                             device="cpu" if on_host else str(device)).transformer
+    transformer = load_parts(
+        "builtin:tiny", parts=["transformer"], dtype=dtype, device="cpu" if on_host else str(device)
+    ).transformer
     applied = apply_levers(transformer, levers, device)
     network = create_lora(transformer, 4, 4.0, ["layers"], TARGETS, seed=1)
     with torch.no_grad():

@@ -18,8 +18,16 @@ def test_attention_names_in_config_match_the_backend_table():
 
 
 def test_attention_probe_keeps_the_fastest_exact_backend():
-    results = probe_attention(("native", "sdpa-math", "flash-attn-3"), batch=2, seq=64, heads=2, head_dim=16,
-                              device=CPU, dtype=torch.float32, repeats=2)
+    results = probe_attention(
+        ("native", "sdpa-math", "flash-attn-3"),
+        batch=2,
+        seq=64,
+        heads=2,
+        head_dim=16,
+        device=CPU,
+        dtype=torch.float32,
+        repeats=2,
+    )
     assert results["flash-attn-3"] is None  # not installed here: dropped, not an error
     for name in ("native", "sdpa-math"):
         seconds, error = results[name]

@@ -1,4 +1,5 @@
-"""The memory estimate: it reproduces the measured reference table, moves the right way with every input, and `--dry-run` prints it."""
+"""The memory estimate: it reproduces the measured reference table, moves the right way with every input, and
+`--dry-run` prints it."""
 
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def test_dry_run_prints_the_memory_estimate(tmp_path, example_data):
     from zturbo_train.cli import app
 
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "builtin:tiny"\nadapter = "none"\n[data]\ndir = "{example_data}"\n'
-                   f'resolution = 64\n[train]\nmemory = "8gb"\n', encoding="utf-8")
+    cfg.write_text(
+        f'[model]\npath = "builtin:tiny"\nadapter = "none"\n[data]\ndir = "{example_data}"\n'
+        f'resolution = 64\n[train]\nmemory = "8gb"\n',
+        encoding="utf-8",
+    )
     result = CliRunner().invoke(app, ["train", str(cfg), "--dry-run"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if "memory" in line and "estimated peak" in line)
     assert "8gb" in line and "offload blocks" in line and "pinned host memory" in line
-
 
 
 def test_optimizer_state_and_ema_count_in_the_lora_memory(real_shape):

@@ -61,9 +61,11 @@ def test_selective_checkpointing_recomputes_only_the_chosen_blocks(tiny_transfor
     assert all(p.grad is not None for p in network.parameters())
 
 
-@pytest.mark.parametrize("settings", [["train.memory=8gb"], ["train.memory=12gb"],
-                                      ["train.memory=16gb", "train.compile=false", "model.quantize=nf4"]],
-                         ids=["8gb-offload", "12gb-fp8", "nf4"])
+@pytest.mark.parametrize(
+    "settings",
+    [["train.memory=8gb"], ["train.memory=12gb"], ["train.memory=16gb", "train.compile=false", "model.quantize=nf4"]],
+    ids=["8gb-offload", "12gb-fp8", "nf4"],
+)
 def test_train_end_to_end_under_a_preset(tmp_path, example_data, settings):
     """`zturbo train` with the adapter merged, previews (adapter inverted) and saving, over a
     streamed, fp8 or nf4 base; the run must say which levers it used."""
@@ -74,11 +76,14 @@ def test_train_end_to_end_under_a_preset(tmp_path, example_data, settings):
     from zturbo_train.cli import app
 
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[model]\npath = "builtin:tiny"\nadapter = "builtin:tiny-adapter"\ndtype = "bf16"\n'
-                   f'[data]\ndir = {json.dumps(str(example_data))}\nresolution = 64\n[lora]\nrank = 4\n'
-                   f'[train]\nsteps = 3\nbatch_size = 2\nlr = 1e-3\nsample_every = 0\nsave_every = 0\n'
-                   f'output_dir = {json.dumps(str(tmp_path / "run"))}\nname = "t"\n'
-                   f'[sample]\nprompts = ["a red square"]\nwidth = 64\nheight = 64\n', encoding="utf-8")
+    cfg.write_text(
+        f'[model]\npath = "builtin:tiny"\nadapter = "builtin:tiny-adapter"\ndtype = "bf16"\n'
+        f"[data]\ndir = {json.dumps(str(example_data))}\nresolution = 64\n[lora]\nrank = 4\n"
+        f"[train]\nsteps = 3\nbatch_size = 2\nlr = 1e-3\nsample_every = 0\nsave_every = 0\n"
+        f'output_dir = {json.dumps(str(tmp_path / "run"))}\nname = "t"\n'
+        f'[sample]\nprompts = ["a red square"]\nwidth = 64\nheight = 64\n',
+        encoding="utf-8",
+    )
     args = ["train", str(cfg)] + [a for item in settings for a in ("--set", item)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -151,8 +156,10 @@ def test_synthetic_model_has_the_real_class_shapes_and_a_seeded_init(tiny_transf
 def test_cuda_step_has_no_host_sync_and_no_new_device_allocations():
     step, _, _ = make_step(Levers("t", checkpointing="full"), dtype="bf16", device=CUDA)
     latents, caps = batch(CUDA, torch.bfloat16)
-    noise, sigmas = (t.pin_memory().to(CUDA, non_blocking=True)  # as the loader hands them over
-                     for t in draw_noise([1, 2], tuple(latents.shape[1:]), step.settings))
+    noise, sigmas = (
+        t.pin_memory().to(CUDA, non_blocking=True)  # as the loader hands them over
+        for t in draw_noise([1, 2], tuple(latents.shape[1:]), step.settings)
+    )
     for _ in range(3):
         step.backward(latents, caps)
         step.backward(latents, caps, weights=[1.0, 0.5], noise=noise, sigmas=sigmas)
@@ -174,8 +181,9 @@ def test_cuda_step_has_no_host_sync_and_no_new_device_allocations():
 @pytest.mark.cuda
 def test_cuda_compiled_step_equals_eager():
     eager, weights, _ = run_steps(Levers("t", checkpointing="full"), steps=2, dtype="bf16", device=CUDA)
-    compiled, compiled_weights, _ = run_steps(Levers("t", checkpointing="full", compile=True), steps=2,
-                                              dtype="bf16", device=CUDA)
+    compiled, compiled_weights, _ = run_steps(
+        Levers("t", checkpointing="full", compile=True), steps=2, dtype="bf16", device=CUDA
+    )
     torch._dynamo.reset()
     assert compiled == pytest.approx(eager, rel=2e-2) and max_diff(compiled_weights, weights) < 2e-2
 

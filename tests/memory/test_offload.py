@@ -30,8 +30,7 @@ def test_offload_gives_the_same_loss_and_lora_as_no_offload():
 
 def test_offload_with_fp8_storage_equals_fp8_layerwise_casting():
     layerwise, weights, _ = run_steps(Levers("t", checkpointing="full", quantize="fp8"))
-    streamed, streamed_weights, applied = run_steps(Levers("t", checkpointing="full", quantize="fp8",
-                                                           offload="blocks"))
+    streamed, streamed_weights, applied = run_steps(Levers("t", checkpointing="full", quantize="fp8", offload="blocks"))
     assert streamed == layerwise and max_diff(streamed_weights, weights) == 0.0
     homes = applied.streamer.blocks[-1].homes
     assert torch.float8_e4m3fn in {h.dtype for h in homes} and torch.float32 in {h.dtype for h in homes}
@@ -58,8 +57,15 @@ def test_offload_prefetch_follows_forward_backward_and_sampling():
     from zturbo_train.zimage import SCHEDULER
 
     with torch.no_grad():
-        generate_latents(step.transformer, FlowMatchEulerDiscreteScheduler(**SCHEDULER), caps[:1], width=64,
-                         height=64, seeds=[0], steps=3)
+        generate_latents(
+            step.transformer,
+            FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+            caps[:1],
+            width=64,
+            height=64,
+            seeds=[0],
+            steps=3,
+        )
     assert streamer.stats.misses - misses <= 1
 
 
@@ -67,8 +73,9 @@ def test_offload_prefetch_follows_forward_backward_and_sampling():
 def test_cuda_offload_matches_and_holds_few_blocks():
     plain, weights, _ = run_steps(Levers("t", checkpointing="full"), dtype="bf16", device=CUDA)
     torch.cuda.reset_peak_memory_stats()
-    streamed, streamed_weights, applied = run_steps(Levers("t", checkpointing="full", offload="blocks"),
-                                                    dtype="bf16", device=CUDA)
+    streamed, streamed_weights, applied = run_steps(
+        Levers("t", checkpointing="full", offload="blocks"), dtype="bf16", device=CUDA
+    )
     assert streamed == pytest.approx(plain, rel=1e-3) and max_diff(streamed_weights, weights) < 1e-3
     assert applied.streamer.stats.misses == 1
     assert all(h.is_pinned() for entry in applied.streamer.blocks for h in entry.homes)
@@ -83,9 +90,13 @@ def test_cuda_full_size_offload_streams_within_the_estimate():
     applied = apply_levers(model, levers, CUDA)
     network = create_lora(model, 32, 32.0, ["layers"], TARGETS)
     params = network.trainable_parameters()
-    step = TrainStep(model, params, build_optimizer(params, TrainConfig(), CUDA),
-                     StepSettings.from_config(TrainConfig(), torch.bfloat16, CUDA),
-                     torch.Generator(device=CUDA).manual_seed(0))
+    step = TrainStep(
+        model,
+        params,
+        build_optimizer(params, TrainConfig(), CUDA),
+        StepSettings.from_config(TrainConfig(), torch.bfloat16, CUDA),
+        torch.Generator(device=CUDA).manual_seed(0),
+    )
     latents = torch.randn(1, 16, 128, 128, device=CUDA, dtype=torch.bfloat16)
     caps = [torch.randn(128, 2560, device=CUDA, dtype=torch.bfloat16)]
     torch.cuda.reset_peak_memory_stats()

@@ -1,4 +1,5 @@
-"""The memory presets: each resolves to the levers BENCHMARKS.md documents, auto picks the fastest that fits, explicit keys win."""
+"""The memory presets: each resolves to the levers BENCHMARKS.md documents, auto picks the fastest that fits,
+explicit keys win."""
 
 from __future__ import annotations
 
@@ -51,13 +52,16 @@ def test_selective_preset_checkpoints_the_fewest_blocks_that_fit(real_shape):
     assert levers.checkpointing == "selective" and levers.checkpoint_fraction == pytest.approx(0.8)
     fewer = Levers("24gb", checkpointing="selective", checkpoint_fraction=0.8 - 1 / 30)
     assert estimate_for(levers, real_shape, work).total <= 22.0 < estimate_for(fewer, real_shape, work).total
-    explicit = choose("24gb", {"checkpoint_fraction": 0.5}, cuda=True, free_gib=139.0, shape=lambda: real_shape,
-                      work=work)
+    explicit = choose(
+        "24gb", {"checkpoint_fraction": 0.5}, cuda=True, free_gib=139.0, shape=lambda: real_shape, work=work
+    )
     assert explicit.checkpoint_fraction == 0.5
 
 
-@pytest.mark.parametrize("free, preset", [(139.0, "high"), (60.0, "high"), (40.0, "24gb"), (23.5, "24gb"),
-                                          (15.8, "16gb"), (12.0, "12gb"), (7.5, "8gb")])
+@pytest.mark.parametrize(
+    "free, preset",
+    [(139.0, "high"), (60.0, "high"), (40.0, "24gb"), (23.5, "24gb"), (15.8, "16gb"), (12.0, "12gb"), (7.5, "8gb")],
+)
 def test_auto_picks_the_fastest_preset_that_fits_free_memory(real_shape, free, preset):
     work = Workload(1024)
     levers = choose("auto", {}, cuda=True, free_gib=free, shape=lambda: real_shape, work=work)
@@ -79,12 +83,15 @@ def test_explicit_keys_win_and_conflicts_name_key_value_and_source(real_shape):
     kw = dict(cuda=True, free_gib=139.0, shape=lambda: real_shape, work=work)
     assert choose("16gb", {"quantize": "nf4"}, **kw).quantize == "nf4"
     assert choose("high", {"checkpointing": "full"}, **kw).checkpointing == "full"
-    with pytest.raises(ConfigError, match=r'`train.compile` = true \(set by you\).*train.compile = false'):
+    with pytest.raises(ConfigError, match=r"`train.compile` = true \(set by you\).*train.compile = false"):
         choose("8gb", {"compile": True}, **kw)
     with pytest.raises(ConfigError, match=r'`train.gradient_checkpointing` = "none" \(set by you\)'):
         choose("8gb", {"checkpointing": "none"}, **kw)
-    with pytest.raises(ConfigError, match=r'`model.quantize` = "fp8" \(set by you\).*`train.compile` = true '
-                                          r'\(from the 16gb preset\)'):
+    with pytest.raises(
+        ConfigError,
+        match=r'`model.quantize` = "fp8" \(set by you\).*`train.compile` = true '
+        r"\(from the 16gb preset\)",
+    ):
         choose("16gb", {"quantize": "fp8"}, **kw)
     with pytest.raises(ConfigError, match="not nf4|streams bf16 or fp8"):
         choose("8gb", {"quantize": "nf4"}, **kw)
@@ -93,9 +100,18 @@ def test_explicit_keys_win_and_conflicts_name_key_value_and_source(real_shape):
 
 
 def test_resolve_levers_reads_the_config():
-    cfg = validate_config({"data": {"dir": "x", "resolution": 64}, "model": {"path": "builtin:tiny"},
-                           "train": {"memory": "12gb", "attention_backend": "sdpa-math"}})
+    cfg = validate_config(
+        {
+            "data": {"dir": "x", "resolution": 64},
+            "model": {"path": "builtin:tiny"},
+            "train": {"memory": "12gb", "attention_backend": "sdpa-math"},
+        }
+    )
     levers = resolve_levers(cfg.model, cfg.train, Workload(64), CPU)
     assert (levers.memory, levers.quantize, levers.checkpointing, levers.attention_backend) == (
-        "12gb", "fp8", "full", "sdpa-math")
+        "12gb",
+        "fp8",
+        "full",
+        "sdpa-math",
+    )
     assert levers.loads_on_host

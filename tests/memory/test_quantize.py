@@ -1,4 +1,5 @@
-"""Compact base weights: fp8 storage, nf4 and int8 train and stay close to bf16 (tolerances below); adapters over them."""
+"""Compact base weights: fp8 storage, nf4 and int8 train and stay close to bf16 (tolerances below); adapters
+over them."""
 
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ def test_fp8_storage_keeps_sensitive_layers_in_the_model_dtype():
     model = step.transformer
     assert model.layers[0].attention.to_q.weight.dtype == torch.float8_e4m3fn
     assert model.layers[0].feed_forward.w2.weight.dtype == torch.float8_e4m3fn
-    for kept in (model.layers[0].adaLN_modulation[0].weight, model.layers[0].attention_norm1.weight,
-                 model.all_x_embedder["2-1"].weight, model.all_final_layer["2-1"].linear.weight,
-                 model.cap_embedder[1].weight, model.t_embedder.mlp[0].weight):
+    for kept in (
+        model.layers[0].adaLN_modulation[0].weight,
+        model.layers[0].attention_norm1.weight,
+        model.all_x_embedder["2-1"].weight,
+        model.all_final_layer["2-1"].linear.weight,
+        model.cap_embedder[1].weight,
+        model.t_embedder.mlp[0].weight,
+    ):
         assert kept.dtype == torch.bfloat16
 
 

@@ -36,8 +36,18 @@ LOGGED = {"loss", "loss_smooth", "lr", "grad_norm", "sec_per_step", "epoch"}  # 
 
 
 def make_config(tmp_path: Path, example_data: Path, log: dict | None = None, **train) -> Path:
-    settings = {"steps": 6, "lr": 2e-3, "batch_size": 2, "seed": 3, "save_every": 3, "sample_every": 3,
-                "log_every": 2, "gradient_checkpointing": False, "output_dir": str(tmp_path / "run"), "name": "t"}
+    settings = {
+        "steps": 6,
+        "lr": 2e-3,
+        "batch_size": 2,
+        "seed": 3,
+        "save_every": 3,
+        "sample_every": 3,
+        "log_every": 2,
+        "gradient_checkpointing": False,
+        "output_dir": str(tmp_path / "run"),
+        "name": "t",
+    }
     settings.update(train)
     table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**settings}.items())
     logs = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (log or {}).items())
@@ -48,7 +58,8 @@ def make_config(tmp_path: Path, example_data: Path, log: dict | None = None, **t
         f'[data]\ndir = {json.dumps(str(example_data))}\nresolution = 64\ntrigger_word = "sks"\n'
         f"[lora]\nrank = 4\n[train]\n{table}\n[log]\n{logs}\n"
         f'[sample]\nprompts = ["sks a red square", "a blue circle"]\nwidth = 64\nheight = 64\nsteps = 2\n',
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     return path
 
 
@@ -80,10 +91,10 @@ def wandb_records(path: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         if kind == 0:
             break
-        pending += raw[pos + 7:pos + 7 + length]
+        pending += raw[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -155,8 +166,10 @@ def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, w
     for key, points in logged.items():
         assert points == [(r["step"], float(np.float32(r[key]))) for r in rows if key in r], key
     acc = tensorboard_log(run_dir)
-    assert {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]} == \
-        {"preview/0": [0, 3, 6], "preview/1": [0, 3, 6]}
+    assert {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]} == {
+        "preview/0": [0, 3, 6],
+        "preview/1": [0, 3, 6],
+    }
     assert "config/text_summary" in acc.Tags()["tensors"]
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -206,9 +219,12 @@ def resumed(tmp_path_factory, example_data):
         mp.setenv("WANDB_DIR", str(tmp))
         mp.setenv("WANDB_CONFIG_DIR", str(tmp / "config"))
         run_dir = tmp / "run"
-        first = {"tb": tb_scalars(run_dir), "loss_png": (run_dir / "loss.png").read_bytes(),
-                 "timeline": Image.open(run_dir / "samples" / "timeline-0.png").size,
-                 "report": (run_dir / "report.html").read_text()}
+        first = {
+            "tb": tb_scalars(run_dir),
+            "loss_png": (run_dir / "loss.png").read_bytes(),
+            "timeline": Image.open(run_dir / "samples" / "timeline-0.png").size,
+            "report": (run_dir / "report.html").read_text(),
+        }
         result = runner.invoke(app, ["train", str(run_dir / "run.toml"), "--resume", "-q"])
         assert result.exit_code == 0, result.output
         wandb.teardown()
@@ -286,22 +302,34 @@ def test_report_links_only_existing_files_and_shows_every_preview_step(resumed):
     _, run_dir, _, first = resumed
     assert "stopped: the loss became nan at step 5" in first["report"]
     page = _parse_report(run_dir)
-    assert page.links and all(link.startswith("data:image/") or (run_dir / unquote(link)).is_file()
-                              for link in page.links)
+    assert page.links and all(
+        link.startswith("data:image/") or (run_dir / unquote(link)).is_file() for link in page.links
+    )
     assert not any(link.startswith(("http:", "https:", "//")) for link in page.links)  # opens offline
     assert [h for h in page.headers if h.startswith("step ")] == ["step 0", "step 3", "step 6", "step 8"]
     assert page.images == 2 * 4  # prompts x steps thumbnails, embedded
     text = " ".join(page.text)
     assert f"zturbo train {run_dir / 'run.toml'} --resume</pre>" in first["report"]  # the command the fixture ran
-    for expected in ("finished: 8 steps", "builtin:tiny-adapter (merge", "rank 4", "sks a red square", "t.safetensors",
-                     f"zturbo train {run_dir / 'run.toml'} --resume --set train.steps=16", "zturbo merge --model"):
+    for expected in (
+        "finished: 8 steps",
+        "builtin:tiny-adapter (merge",
+        "rank 4",
+        "sks a red square",
+        "t.safetensors",
+        f"zturbo train {run_dir / 'run.toml'} --resume --set train.steps=16",
+        "zturbo merge --model",
+    ):
         assert expected in text, expected
     # `zturbo report` rewrites it from the folder alone
     (run_dir / "report.html").unlink()
     result = runner.invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0 and "report.html" in result.output
-    assert [h for h in _parse_report(run_dir).headers if h.startswith("step ")] == ["step 0", "step 3", "step 6",
-                                                                                     "step 8"]
+    assert [h for h in _parse_report(run_dir).headers if h.startswith("step ")] == [
+        "step 0",
+        "step 3",
+        "step 6",
+        "step 8",
+    ]
 
 
 def test_run_toml_is_the_config_of_the_run(resumed):
@@ -387,8 +415,18 @@ def test_metric_rows_are_read_whole_and_only_numbers_are_logged(tmp_path):
     with open(path, "a") as handle:
         handle.write('ss": 0.25}\n')
     assert tail.new_rows() == [{"step": 2, "loss": 0.25}]
-    assert scalars({"step": 3, "time": 1e9, "loss": 1, "peak_mem_gib": None, "nan": float("nan"), "ok": True,
-                    "name": "x", "val_loss": 0.5}) == {"loss": 1.0, "val_loss": 0.5}
+    assert scalars(
+        {
+            "step": 3,
+            "time": 1e9,
+            "loss": 1,
+            "peak_mem_gib": None,
+            "nan": float("nan"),
+            "ok": True,
+            "name": "x",
+            "val_loss": 0.5,
+        }
+    ) == {"loss": 1.0, "val_loss": 0.5}
 
 
 def test_report_help_shows_a_runnable_example():
@@ -422,8 +460,11 @@ def test_report_shows_what_a_resume_changed_and_labels_losses_as_the_summary_doe
     Checked to fail: without the history rows in _settings; with the report's own 'loss' label."""
     cfg = make_config(tmp_path, example_data, steps=2, save_every=2, sample_every=2, log_every=1)
     assert runner.invoke(app, ["train", str(cfg), "-q"]).exit_code == 0
-    result = runner.invoke(app, ["train", str(cfg), "--resume", "--set", "train.steps=3", "--set", "train.lr=0.001"],
-                           env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app,
+        ["train", str(cfg), "--resume", "--set", "train.steps=3", "--set", "train.lr=0.001"],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "run"
     page = (run_dir / "report.html").read_text(encoding="utf-8")

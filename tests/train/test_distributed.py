@@ -43,10 +43,22 @@ pytestmark = pytest.mark.slow
 
 def torchrun(args: list[str], env: dict[str, str], logs: Path, timeout: float = 150) -> subprocess.CompletedProcess:
     """2 processes on this machine through torchrun, each rank's stdout/stderr in its own file under `logs`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--log-dir", str(logs), "--redirects", "3", *args]
-    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        *args,
+    ]
+    return subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def rank_log(logs: Path, rank: int) -> str:
@@ -62,8 +74,9 @@ def writes(root: Path, rank: int) -> set[Path]:
 def lora_difference(a: Path, b: Path) -> tuple[float, float]:
     """(largest |a - b| over all LoRA entries, fraction of entries further apart than 1e-6)."""
     la, lb = read_lora_file(a)[0], read_lora_file(b)[0]
-    diffs = torch.cat([(la[k].down - lb[k].down).abs().flatten() for k in la] +
-                      [(la[k].up - lb[k].up).abs().flatten() for k in la])
+    diffs = torch.cat(
+        [(la[k].down - lb[k].down).abs().flatten() for k in la] + [(la[k].up - lb[k].up).abs().flatten() for k in la]
+    )
     return float(diffs.max()), float((diffs > 1e-6).float().mean())
 
 
@@ -76,11 +89,18 @@ def two_ranks(tmp_path_factory, example_data, tiny_dir):
     (home / "builtin").symlink_to(tiny_dir.parent)  # the session's builtin:tiny, not rebuilt
     cfg = make_config(root / "two", example_data, **SETTINGS)
     started = time.perf_counter()
-    done = torchrun([str(ENTRY), "train", str(cfg)], {"ZTURBO_HOME": str(home), "ZTURBO_TEST_WRITES": str(root)},
-                    root / "logs")
+    done = torchrun(
+        [str(ENTRY), "train", str(cfg)], {"ZTURBO_HOME": str(home), "ZTURBO_TEST_WRITES": str(root)}, root / "logs"
+    )
     assert done.returncode == 0, done.stderr[-3000:] + rank_log(root / "logs", 0)[-3000:]
-    return {"root": root, "home": home, "cfg": cfg, "run": root / "two" / "run", "logs": root / "logs",
-            "seconds": time.perf_counter() - started}
+    return {
+        "root": root,
+        "home": home,
+        "cfg": cfg,
+        "run": root / "two" / "run",
+        "logs": root / "logs",
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(two_ranks, tmp_path, example_data):
@@ -93,8 +113,9 @@ def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(two_ranks, tmp_path, 
     ours, theirs = metrics(two), metrics(one.run_dir)
     assert [r["step"] for r in ours] == [1, 2, 3, 4]
     assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=LOSS_RTOL)
-    assert "data parallel: 2 ranks (gloo, cpu) x batch_size 1 x grad_accum 2 = 4 samples per step" in \
-        rank_log(two_ranks["logs"], 0)
+    assert "data parallel: 2 ranks (gloo, cpu) x batch_size 1 x grad_accum 2 = 4 samples per step" in rank_log(
+        two_ranks["logs"], 0
+    )
 
 
 def test_only_rank_0_writes_the_run_and_the_ranks_share_the_caching(two_ranks):
@@ -102,8 +123,13 @@ def test_only_rank_0_writes_the_run_and_the_ranks_share_the_caching(two_ranks):
     rank0, rank1 = writes(two_ranks["root"], 0), writes(two_ranks["root"], 1)
     assert not [p for p in rank1 if p.is_relative_to(run_dir)]
     written = {p.relative_to(run_dir).as_posix() for p in rank0 if p.is_relative_to(run_dir)}
-    assert {"metrics.jsonl", "config.json", "t.safetensors", "checkpoints/t-step000002.safetensors",
-            "samples/step-000004/00.png"} <= written
+    assert {
+        "metrics.jsonl",
+        "config.json",
+        "t.safetensors",
+        "checkpoints/t-step000002.safetensors",
+        "samples/step-000004/00.png",
+    } <= written
     assert any(name.startswith("state/") for name in written)
     entries = {p for p in cache.rglob("*.safetensors")}
     share0, share1 = rank0 & entries, rank1 & entries
@@ -138,12 +164,15 @@ def test_a_failing_rank_stops_the_other_with_its_message(two_ranks, tmp_path, ex
     """Rank 1 fails in its 3rd forward while rank 0 waits in the gradient all-reduce: both end, quickly."""
     cfg = make_config(tmp_path, example_data, **{**SETTINGS, "steps": 50})
     started = time.perf_counter()
-    done = torchrun([str(ENTRY), "train", str(cfg)], {"ZTURBO_HOME": str(two_ranks["home"]),
-                                                      "ZTURBO_TEST_FAIL": "1:3"}, tmp_path / "logs")
+    done = torchrun(
+        [str(ENTRY), "train", str(cfg)],
+        {"ZTURBO_HOME": str(two_ranks["home"]), "ZTURBO_TEST_FAIL": "1:3"},
+        tmp_path / "logs",
+    )
     assert done.returncode != 0
     # a rank left waiting would hang until gloo's 30-minute timeout; 120 s leaves room for a loaded 2-core CI
     assert time.perf_counter() - started < 120
-    root_cause = done.stderr[done.stderr.index("Root Cause"):]  # torchrun's summary ends with it
+    root_cause = done.stderr[done.stderr.index("Root Cause") :]  # torchrun's summary ends with it
     assert "rank      : 1 (local_rank: 1)" in root_cause
     assert "RuntimeError: injected failure on rank 1 at call 3" in root_cause
     assert "injected failure on rank 1 at call 3" in rank_log(tmp_path / "logs", 1)
@@ -154,8 +183,9 @@ def test_a_setup_failure_on_rank_0_stops_rank_1_with_its_message(two_ranks):
     """The 2-rank run's folder holds a run: rank 0 refuses it, and rank 1 (started with `-m zturbo_train`,
     as users do) says why instead of waiting for rank 0."""
     logs = two_ranks["root"] / "logs-refused"
-    done = torchrun(["-m", "zturbo_train", "train", str(two_ranks["cfg"])], {"ZTURBO_HOME": str(two_ranks["home"])},
-                    logs)
+    done = torchrun(
+        ["-m", "zturbo_train", "train", str(two_ranks["cfg"])], {"ZTURBO_HOME": str(two_ranks["home"])}, logs
+    )
     assert done.returncode != 0
     assert "error: rank 0: output folder" in rank_log(logs, 0)
     assert "holds another run; pass --resume" in rank_log(logs, 0)
@@ -205,7 +235,8 @@ def test_micro_batches_before_the_last_skip_the_all_reduce(tiny_transformer, tmp
         model = distributed.LoraModel(tiny_transformer, network, _predict)
         assert model.frozen_names() and not [n for n in model.frozen_names() if n.startswith("network.")]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, model.frozen_names())
+            model, model.frozen_names()
+        )
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         assert {id(p) for p in ddp.parameters() if p.requires_grad} == {id(p) for p in network.parameters()}
         reduced = []
@@ -234,8 +265,7 @@ def _predict(transformer, latents, t, embeds):
 def _inputs(transformer, seed: int) -> tuple:
     gen = torch.Generator().manual_seed(seed)
     dim = transformer.config.cap_feat_dim
-    return (torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen),
-            [torch.randn(7, dim, generator=gen)])
+    return (torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen), [torch.randn(7, dim, generator=gen)])
 
 
 def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir):
@@ -244,18 +274,28 @@ def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir
     home = tmp_path / "home"
     home.mkdir()
     (home / "builtin").symlink_to(tiny_dir.parent)
-    extra = ["train.val_fraction=0.34", "train.val_every=2", "train.log_every=3", "train.ema=true",
-             "train.ema_decay=0.5"]
+    extra = [
+        "train.val_fraction=0.34",
+        "train.val_every=2",
+        "train.log_every=3",
+        "train.ema=true",
+        "train.ema_decay=0.5",
+    ]
     cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
-    done = torchrun([str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
-                    {"ZTURBO_HOME": str(home)}, tmp_path / "logs")
+    done = torchrun(
+        [str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
+        {"ZTURBO_HOME": str(home)},
+        tmp_path / "logs",
+    )
     assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
-    one = run(load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra),
-              quiet=True)
+    one = run(
+        load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra), quiet=True
+    )
     ours, theirs = metrics(tmp_path / "two" / "run"), metrics(one.run_dir)
     assert [r["step"] for r in ours if "val_loss" in r] == [2, 4] == [r["step"] for r in theirs if "val_loss" in r]
-    assert [r["val_loss"] for r in ours if "val_loss" in r] == \
-        pytest.approx([r["val_loss"] for r in theirs if "val_loss" in r], rel=1e-4)
+    assert [r["val_loss"] for r in ours if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in theirs if "val_loss" in r], rel=1e-4
+    )
     largest, _ = lora_difference(tmp_path / "two" / "run" / "t.safetensors", one.lora_path)
     assert largest <= LORA_ATOL
     assert (tmp_path / "two" / "run" / "t-raw.safetensors").is_file()

@@ -29,14 +29,14 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
 
     monkeypatch.setattr(TrainStep, "update", update)
     labels = []
-    monkeypatch.setattr(loop_module, "make_grid",
-                        lambda rows, names: labels.append(list(names)) or make_grid(rows, names))
+    monkeypatch.setattr(
+        loop_module, "make_grid", lambda rows, names: labels.append(list(names)) or make_grid(rows, names)
+    )
     cfg = load_config(make_config(tmp_path, example_data, steps=6, save_every=0, sample_every=6, lr=5e-3), EMA)
     result = run(cfg, quiet=True)
     average = None
     for step, weights in enumerate(recorded, start=1):
-        average = [w.clone() for w in weights] if step <= 2 else \
-            [0.6 * a + 0.4 * w for a, w in zip(average, weights)]
+        average = [w.clone() for w in weights] if step <= 2 else [0.6 * a + 0.4 * w for a, w in zip(average, weights)]
     ema, meta = read_lora_file(result.lora_path)
     raw, raw_meta = read_lora_file(result.run_dir / "t-raw.safetensors")
     flat_ema = [t for name in ema for t in (ema[name].down, ema[name].up)]

@@ -28,8 +28,18 @@ runner = CliRunner()
 
 def make_config(tmp_path: Path, example_data: Path, **train) -> Path:
     """The quick-start settings, pointed at a temp output folder, with overrides."""
-    settings = {"steps": 8, "lr": 2e-3, "batch_size": 2, "seed": 3, "save_every": 4, "sample_every": 4,
-                "log_every": 2, "gradient_checkpointing": False, "output_dir": str(tmp_path / "run"), "name": "t"}
+    settings = {
+        "steps": 8,
+        "lr": 2e-3,
+        "batch_size": 2,
+        "seed": 3,
+        "save_every": 4,
+        "sample_every": 4,
+        "log_every": 2,
+        "gradient_checkpointing": False,
+        "output_dir": str(tmp_path / "run"),
+        "name": "t",
+    }
     settings.update(train)
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -38,7 +48,9 @@ def make_config(tmp_path: Path, example_data: Path, **train) -> Path:
         f'[model]\npath = "builtin:tiny"\nadapter = "builtin:tiny-adapter"\ndtype = "fp32"\n'
         f'[data]\ndir = {json.dumps(str(example_data))}\nresolution = 64\ntrigger_word = "sks"\n'
         f"[lora]\nrank = 8\n[train]\n{body}\n"
-        f'[sample]\nprompts = ["sks a red square with a yellow dot"]\nwidth = 64\nheight = 64\n', encoding="utf-8")
+        f'[sample]\nprompts = ["sks a red square with a yellow dot"]\nwidth = 64\nheight = 64\n',
+        encoding="utf-8",
+    )
     return path
 
 
@@ -112,8 +124,9 @@ def _fixed_noise_loss(cfg_path: Path, lora: Path | None) -> float:
             for _ in range(8):
                 noise = torch.randn(batch.latents.shape, generator=gen)
                 sigmas = torch.rand(batch.latents.shape[0], generator=gen) * 0.98 + 0.01
-                pred = flow.predict(transformer, flow.noisy_latents(batch.latents, noise, sigmas),
-                                    flow.model_time(sigmas), batch.text)
+                pred = flow.predict(
+                    transformer, flow.noisy_latents(batch.latents, noise, sigmas), flow.model_time(sigmas), batch.text
+                )
                 total += float(flow.flow_loss(pred, flow.flow_target(batch.latents, noise)))
                 count += 1
     return total / count
@@ -127,9 +140,15 @@ def _sample_latents(lora: Path | None, prompts: list[str]) -> torch.Tensor:
     parts = load_parts("builtin:tiny", dtype="fp32")
     if lora is not None:
         load_lora(parts.transformer, read_lora_file(lora)[0])
-    return build_pipeline(parts)(prompts, height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
-                                 output_type="latent",
-                                 generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    return build_pipeline(parts)(
+        prompts,
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
 
 
 def test_lora_moves_samples_toward_the_data(trained):
@@ -166,8 +185,15 @@ def test_saved_lora_in_diffusers_equals_training_preview(trained):
 
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     pipe.load_lora_weights(str(run_dir / "t.safetensors"))
-    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
-                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    image = pipe(
+        cfg.sample.prompts[0],
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(cfg.sample.seed),
+        output_type="np",
+    ).images[0]
     preview = np.asarray(Image.open(run_dir / "samples" / "step-000060" / "00.png"), dtype=np.float32) / 255
     # The preview is an 8-bit PNG: one quantisation step (1/255) plus fp32 summation order.
     assert np.abs(image - preview).max() <= 1.5 / 255
@@ -183,8 +209,10 @@ def test_adapter_is_active_in_training_and_inverted_in_previews(tmp_path, exampl
     save_file(build_tiny_adapter(seed=5, scale=0.3), str(big))
     losses, previews = {}, {}
     for name, adapter in (("none", "none"), ("big", str(big))):
-        cfg = load_config(make_config(tmp_path / name, example_data, steps=2, save_every=0, sample_every=0,
-                                      log_every=1), [f'model.adapter="{adapter}"'])
+        cfg = load_config(
+            make_config(tmp_path / name, example_data, steps=2, save_every=0, sample_every=0, log_every=1),
+            [f'model.adapter="{adapter}"'],
+        )
         result = run(cfg, quiet=True)
         losses[name] = metrics(result.run_dir)[0]["loss"]
         previews[name] = np.asarray(Image.open(result.run_dir / "samples" / "step-000000" / "00.png"))
@@ -289,9 +317,20 @@ def test_preview_does_not_change_the_next_loss(tmp_path, example_data):
 
 
 def test_real_config_dry_run_against_tiny(example_data):
-    result = runner.invoke(app, ["train", str(ROOT / "configs" / "zimage-turbo-lora.toml"), "--dry-run",
-                                 "--set", "model.path=builtin:tiny", "--set", "model.adapter=builtin:tiny-adapter",
-                                 "--set", f"data.dir={json.dumps(str(example_data))}"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "configs" / "zimage-turbo-lora.toml"),
+            "--dry-run",
+            "--set",
+            "model.path=builtin:tiny",
+            "--set",
+            "model.adapter=builtin:tiny-adapter",
+            "--set",
+            f"data.dir={json.dumps(str(example_data))}",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "training plan" in result.output and "rank 32" in result.output
 
@@ -311,8 +350,9 @@ def test_adamw8bit_and_schedules_run(tmp_path, example_data):
     from zturbo_train.config import TrainConfig
     from zturbo_train.train.step import lr_at
 
-    cfg = load_config(make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0,
-                                  optimizer="adamw8bit", log_every=1))
+    cfg = load_config(
+        make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0, optimizer="adamw8bit", log_every=1)
+    )
     result = run(cfg, quiet=True)
     assert result.steps_done == 3 and all(math.isfinite(r["loss"]) for r in metrics(result.run_dir))
 
@@ -326,15 +366,17 @@ def test_adamw8bit_and_schedules_run(tmp_path, example_data):
 def test_same_seed_is_bit_for_bit_repeatable(tmp_path, example_data):
     paths = []
     for name in ("a", "b"):
-        cfg = load_config(make_config(tmp_path / name, example_data, steps=3, save_every=0, sample_every=0,
-                                      log_every=1))
+        cfg = load_config(
+            make_config(tmp_path / name, example_data, steps=3, save_every=0, sample_every=0, log_every=1)
+        )
         paths.append(run(cfg, quiet=True).lora_path)
     a, b = read_lora_file(paths[0])[0], read_lora_file(paths[1])[0]
     assert all(torch.equal(a[k].up, b[k].up) for k in a)
 
 
 def test_resume_with_adamw8bit_equals_uninterrupted_run(tmp_path, example_data, monkeypatch):
-    """bitsandbytes nests its moments in a dict inside each parameter's optimizer state; they must be saved as tensors."""
+    """bitsandbytes nests its moments in a dict inside each parameter's optimizer state; they must be saved as
+    tensors."""
     settings = dict(steps=4, save_every=0, sample_every=0, optimizer="adamw8bit", log_every=1)
     full = run(load_config(make_config(tmp_path / "a", example_data, **settings)), quiet=True)
     cfg = load_config(make_config(tmp_path / "b", example_data, **settings))
@@ -400,8 +442,10 @@ def test_resume_says_where_it_continues_lists_and_records_what_changed(tmp_path,
     result = runner.invoke(app, ["train", str(cfg_path), "--resume", *changed], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "resuming at step 2 of 4 from state/step-000002" in result.output
-    assert "changed since the saved run (recorded in config-history.jsonl): train.steps 2 -> 4, " \
-           "train.lr 0.002 -> 0.001" in result.output
+    assert (
+        "changed since the saved run (recorded in config-history.jsonl): train.steps 2 -> 4, "
+        "train.lr 0.002 -> 0.001" in result.output
+    )
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["train"]["lr"] == 1e-3 and saved["train"]["steps"] == 4
     history = [json.loads(line) for line in (run_dir / "config-history.jsonl").read_text().splitlines()]
@@ -412,8 +456,7 @@ def test_resume_says_where_it_continues_lists_and_records_what_changed(tmp_path,
     assert again.exit_code == 0 and len((run_dir / "config-history.jsonl").read_text().splitlines()) == 1
 
 
-def test_resume_refuses_fewer_steps_and_settings_that_cannot_change_before_caching(tmp_path, example_data,
-                                                                                    monkeypatch):
+def test_resume_refuses_fewer_steps_and_settings_that_cannot_change_before_caching(tmp_path, example_data, monkeypatch):
     import zturbo_train.train.distributed as distributed
 
     cfg_path = make_config(tmp_path, example_data, steps=3, save_every=0, sample_every=0)
@@ -425,8 +468,11 @@ def test_resume_refuses_fewer_steps_and_settings_that_cannot_change_before_cachi
     monkeypatch.setattr(distributed, "prepare_dataset", no_caching)
     with pytest.raises(TrainingError, match=r"is already at step 3, past train.steps = 2; set train.steps above 3"):
         run(load_config(cfg_path, ["train.steps=2"]), resume=True, quiet=True)
-    with pytest.raises(TrainingError, match=r"trained with train.optimizer \"adamw\"; this config says "
-                                            r"train.optimizer = \"adamw8bit\", which cannot change on resume"):
+    with pytest.raises(
+        TrainingError,
+        match=r"trained with train.optimizer \"adamw\"; this config says "
+        r"train.optimizer = \"adamw8bit\", which cannot change on resume",
+    ):
         run(load_config(cfg_path, ["train.optimizer=adamw8bit", "train.steps=4"]), resume=True, quiet=True)
     from zturbo_train.errors import LoraError
 
@@ -443,8 +489,9 @@ def test_a_changed_dataset_on_resume_is_one_warning_line_not_a_python_warning(tm
         (data_copy / f"img_04.{suffix}").unlink()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = runner.invoke(app, ["train", str(cfg_path), "--resume", "--set", "train.steps=3"],
-                               env={"COLUMNS": "300"})
+        result = runner.invoke(
+            app, ["train", str(cfg_path), "--resume", "--set", "train.steps=3"], env={"COLUMNS": "300"}
+        )
     assert result.exit_code == 0, result.output
     assert "warning: the dataset changed since this state was saved; continuing at the start of epoch" in result.output
     assert "UserWarning" not in result.output and not [w for w in caught if "dataset changed" in str(w.message)]
@@ -452,8 +499,10 @@ def test_a_changed_dataset_on_resume_is_one_warning_line_not_a_python_warning(tm
 
 def test_bad_model_or_data_is_reported_before_the_output_folder_is_touched(tmp_path, example_data):
     cfg_path = make_config(tmp_path, example_data, steps=1)
-    for override, message in (("model.path=\"builtin:nothing\"", "unknown builtin model"),
-                              (f"data.dir={json.dumps(str(tmp_path / 'nope'))}", "does not exist")):
+    for override, message in (
+        ('model.path="builtin:nothing"', "unknown builtin model"),
+        (f"data.dir={json.dumps(str(tmp_path / 'nope'))}", "does not exist"),
+    ):
         result = runner.invoke(app, ["train", str(cfg_path), "-q", "--set", override])
         assert result.exit_code == 1 and message in result.output, result.output
         assert not (tmp_path / "run").exists()
@@ -506,15 +555,23 @@ def test_lora_alpha_other_than_rank_trains_what_diffusers_loads(tmp_path, exampl
 
     from zturbo_train.testing.tiny import tiny_model_dir
 
-    cfg = load_config(make_config(tmp_path, example_data, steps=6, lr=2e-2, save_every=0, sample_every=0),
-                      ["lora.alpha=2"])
+    cfg = load_config(
+        make_config(tmp_path, example_data, steps=6, lr=2e-2, save_every=0, sample_every=0), ["lora.alpha=2"]
+    )
     result = run(cfg, quiet=True)
     lora, meta = read_lora_file(result.lora_path)
     assert {w.alpha for w in lora.values()} == {2.0} and meta["zturbo.alpha"] == "2.0"
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     pipe.load_lora_weights(str(result.lora_path))
-    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
-                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    image = pipe(
+        cfg.sample.prompts[0],
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(cfg.sample.seed),
+        output_type="np",
+    ).images[0]
     samples = result.run_dir / "samples"
     preview = np.asarray(Image.open(samples / "step-000006" / "00.png"), dtype=np.float32) / 255
     before = np.asarray(Image.open(samples / "step-000000" / "00.png"), dtype=np.float32) / 255
@@ -529,8 +586,9 @@ def test_fp16_training_is_refused_before_anything_is_done(tmp_path, example_data
     from zturbo_train.errors import ConfigError
     from zturbo_train.train.step import StepSettings
 
-    result = runner.invoke(app, ["train", str(make_config(tmp_path, example_data, steps=1)), "-q",
-                                 "--set", 'model.dtype="fp16"'])
+    result = runner.invoke(
+        app, ["train", str(make_config(tmp_path, example_data, steps=1)), "-q", "--set", 'model.dtype="fp16"']
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output  # a configuration error
     assert 'model.dtype = "fp16" cannot train' in result.output and 'set model.dtype = "bf16"' in result.output
     assert not (tmp_path / "run").exists()
@@ -563,8 +621,15 @@ def test_lora_dropout_resumes_bit_exactly_and_is_off_in_previews(tmp_path, examp
 
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
     pipe.load_lora_weights(str(full.lora_path))
-    image = pipe(cfg.sample.prompts[0], height=64, width=64, num_inference_steps=8, guidance_scale=0.0,
-                 generator=torch.Generator().manual_seed(cfg.sample.seed), output_type="np").images[0]
+    image = pipe(
+        cfg.sample.prompts[0],
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(cfg.sample.seed),
+        output_type="np",
+    ).images[0]
     preview = np.asarray(Image.open(full.run_dir / "samples" / "step-000004" / "00.png"), dtype=np.float32) / 255
     assert np.abs(image - preview).max() <= 1.5 / 255
 
@@ -584,7 +649,10 @@ def test_keep_last_prunes_old_loras_and_states_only(tmp_path, example_data):
     (checkpoints / "t-step000008.safetensors").write_bytes(b"newer")
     prune(checkpoints, "t-step*.safetensors", 2)
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "other-step000001.safetensors", "t-step000006.safetensors", "t-step000008.safetensors"]
+        "other-step000001.safetensors",
+        "t-step000006.safetensors",
+        "t-step000008.safetensors",
+    ]
 
 
 def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, example_data, monkeypatch):
@@ -599,8 +667,10 @@ def test_out_of_memory_while_setting_up_is_one_line_and_loses_nothing(tmp_path, 
     monkeypatch.setattr(loop_module, "create_lora", oom)
     result = runner.invoke(app, ["train", str(cfg_path), "-q"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "error: out of GPU memory while setting up (loading the model, adapter and LoRA) for resolution 64, " \
-           "batch 2; lower memory with" in result.output
+    assert (
+        "error: out of GPU memory while setting up (loading the model, adapter and LoRA) for resolution 64, "
+        "batch 2; lower memory with" in result.output
+    )
     assert "nothing was trained or saved; run the same command again" in result.output
     monkeypatch.undo()
     assert runner.invoke(app, ["train", str(cfg_path), "-q"]).exit_code == 0  # the same command again
@@ -646,12 +716,17 @@ def test_turbo_drift_is_in_the_preview_rows_the_progress_lines_and_the_summary(t
     for step in (30, 60):
         row = rows[step]
         assert row["turbo_drift_ratio"] == pytest.approx(row["turbo_drift"] / start)
-        assert f"preview step {step}: turbo_drift {row['turbo_drift']:.3f} ({row['turbo_drift_ratio']:.2f}x step 0)" \
+        assert (
+            f"preview step {step}: turbo_drift {row['turbo_drift']:.3f} ({row['turbo_drift_ratio']:.2f}x step 0)"
             in output
+        )
     assert f"preview step 0: turbo_drift {start:.3f} (1.00x step 0)" in output
     last = rows[60]
-    assert re.search(rf"turbo_drift \(last preview\)\s+│ {last['turbo_drift']:.3f} "
-                     rf"\({last['turbo_drift_ratio']:.2f}x step 0\)", output), output
+    assert re.search(
+        rf"turbo_drift \(last preview\)\s+│ {last['turbo_drift']:.3f} "
+        rf"\({last['turbo_drift_ratio']:.2f}x step 0\)",
+        output,
+    ), output
 
 
 def test_dry_run_plans_the_real_model_before_the_download(example_data):
@@ -687,9 +762,11 @@ def test_dry_run_plans_the_real_model_before_the_download(example_data):
 def test_rank_above_the_layer_width_warns(tmp_path, example_data):
     """builtin:tiny's linears are at least 64 wide: rank 128 cannot be used in full. Warned in the dry
     run (from the model's shapes) and in training (from the LoRA made)."""
-    expected = ("warning: lora.rank 128 is above the width of 7 of the 7 kinds of adapted layer (narrowest: "
-                "layers.*.attention.to_q, 64x64); a LoRA cannot use rank beyond min(in, out), so the extra rank adds "
-                "parameters but no capacity; set lora.rank to 64 or less")
+    expected = (
+        "warning: lora.rank 128 is above the width of 7 of the 7 kinds of adapted layer (narrowest: "
+        "layers.*.attention.to_q, 64x64); a LoRA cannot use rank beyond min(in, out), so the extra rank adds "
+        "parameters but no capacity; set lora.rank to 64 or less"
+    )
     cfg = make_config(tmp_path, example_data, steps=1, save_every=0, sample_every=0)
     dry = runner.invoke(app, ["train", str(cfg), "--dry-run", "--set", "lora.rank=128"], env={"COLUMNS": "300"})
     assert dry.exit_code == 0 and expected in dry.output, dry.output
@@ -716,8 +793,14 @@ def test_train_reports_every_dataset_problem_at_once(tmp_path, example_data):
     result = runner.invoke(app, ["train", str(cfg), "-q"], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "error: 2 dataset problems found before training (nothing was encoded)" in result.output
-    for name in ("img_00.txt: caption is not UTF-8", "img_01.png: has no caption file", "bad1.png: is not an image",
-                 "bad2.jpg: is not an image", "bad3.webp: is not an image", "lost.txt: caption file with no image"):
+    for name in (
+        "img_00.txt: caption is not UTF-8",
+        "img_01.png: has no caption file",
+        "bad1.png: is not an image",
+        "bad2.jpg: is not an image",
+        "bad3.webp: is not an image",
+        "lost.txt: caption file with no image",
+    ):
         assert name in result.output, name
     assert not list((tmp_path / "run").glob("*"))
 
@@ -735,7 +818,8 @@ def test_run_folder_inside_data_dir_is_left_out_of_the_dataset(tmp_path, example
     result = runner.invoke(app, ["train", str(cfg), "--dry-run"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "6 images" in result.output and "is a zturbo run folder inside data.dir" in result.output
-    trained = runner.invoke(app, ["train", str(cfg), "--set", "train.save_every=0", "--set", "train.sample_every=0"],
-                            env={"COLUMNS": "300"})
+    trained = runner.invoke(
+        app, ["train", str(cfg), "--set", "train.save_every=0", "--set", "train.sample_every=0"], env={"COLUMNS": "300"}
+    )
     assert trained.exit_code == 0, trained.output
     assert "data: 6 images" in trained.output and "is a zturbo run folder inside data.dir" in trained.output

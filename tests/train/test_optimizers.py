@@ -55,8 +55,7 @@ def test_optimizer_trains_and_resumes_bit_exactly(case, tmp_path, example_data, 
     the training weights back (schedule-free's resumed LoRA differs)."""
     settings = dict(steps=STEPS, sample_every=0, log_every=1, **CASES[case])
     overrides = PRODIGY_D0 if case == "prodigy" else []
-    full = run(load_config(make_config(tmp_path / "a", example_data, save_every=0, **settings), overrides),
-               quiet=True)
+    full = run(load_config(make_config(tmp_path / "a", example_data, save_every=0, **settings), overrides), quiet=True)
     cfg = load_config(make_config(tmp_path / "b", example_data, save_every=3, **settings), overrides)
     _interrupt_after(monkeypatch, 5)
     assert run(cfg, quiet=True).steps_done == 5
@@ -72,8 +71,9 @@ def test_optimizer_trains_and_resumes_bit_exactly(case, tmp_path, example_data, 
 def test_schedulefree_saves_and_previews_its_averaged_weights(tmp_path, example_data):
     """The saved LoRA is schedule-free's x = y + (1 - 1/beta1)(z - y) of the saved training weights y and z,
     not y itself (computed here by hand from the state, beta1 = 0.9)."""
-    cfg = load_config(make_config(tmp_path, example_data, steps=4, save_every=0, sample_every=0,
-                                  **CASES["adamw_schedulefree"]))
+    cfg = load_config(
+        make_config(tmp_path, example_data, steps=4, save_every=0, sample_every=0, **CASES["adamw_schedulefree"])
+    )
     result = run(cfg, quiet=True)
     state = load_file(str(result.run_dir / "state" / "step-000004" / "state.safetensors"))
     meta = json.loads((result.run_dir / "state" / "step-000004" / "state.json").read_text())
@@ -99,8 +99,17 @@ def test_loraplus_first_step_moves_up_matrices_ratio_times_as_far(tmp_path, exam
     Checked to fail with the lr_scale dropped in TrainStep.update."""
     loras = {}
     for ratio in (1.0, 4.0):
-        cfg = load_config(make_config(tmp_path / str(ratio), example_data, steps=1, save_every=0, sample_every=0,
-                                      lr=1e-3, loraplus_ratio=ratio))
+        cfg = load_config(
+            make_config(
+                tmp_path / str(ratio),
+                example_data,
+                steps=1,
+                save_every=0,
+                sample_every=0,
+                lr=1e-3,
+                loraplus_ratio=ratio,
+            )
+        )
         loras[ratio] = read_lora_file(run(cfg, quiet=True).lora_path)[0]
         assert metrics(cfg.train.output_dir)[0]["lr"] == 1e-3  # the base lr is logged
     plain, plus = loras[1.0], loras[4.0]
@@ -111,8 +120,7 @@ def test_loraplus_first_step_moves_up_matrices_ratio_times_as_far(tmp_path, exam
 
 
 @pytest.mark.parametrize("name", [n for n, kind in OPTIMIZERS.items() if kind.package])
-def test_missing_extra_is_one_line_naming_the_pip_install_before_any_work(name, tmp_path, example_data,
-                                                                          monkeypatch):
+def test_missing_extra_is_one_line_naming_the_pip_install_before_any_work(name, tmp_path, example_data, monkeypatch):
     monkeypatch.setitem(sys.modules, OPTIMIZERS[name].package, None)  # what importing an absent package sees
     cfg = make_config(tmp_path, example_data, optimizer=name, lr=1.0 if name == "prodigy" else 1e-3)
     for extra in ([], ["--dry-run"]):
@@ -144,9 +152,12 @@ def test_optimizer_args_reach_the_optimizer_and_bad_ones_are_one_line(tmp_path, 
     run(cfg, quiet=True)
     saved = json.loads((cfg.train.output_dir / "state" / "step-000001" / "state.json").read_text())
     assert saved["optimizer"]["param_groups"][0]["betas"] == [0.5, 0.75]
-    for bad, message in (("{foo = 1}", "train.optimizer_args {\"foo\": 1} do not fit optimizer lion ("),
-                         ("{lr = 1}", "`train.optimizer_args` sets lr; remove it")):
-        result = runner.invoke(app, ["train", str(cfg_path), "-q", "--overwrite", "--set",
-                                     f"train.optimizer_args={bad}"])
+    for bad, message in (
+        ("{foo = 1}", 'train.optimizer_args {"foo": 1} do not fit optimizer lion ('),
+        ("{lr = 1}", "`train.optimizer_args` sets lr; remove it"),
+    ):
+        result = runner.invoke(
+            app, ["train", str(cfg_path), "-q", "--overwrite", "--set", f"train.optimizer_args={bad}"]
+        )
         assert result.exit_code == 2 and message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output

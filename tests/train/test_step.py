@@ -82,8 +82,15 @@ def test_bf16_step_gives_the_transformer_the_pipelines_fp32_time(tiny_dir):
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     handle = pipe.transformer.register_forward_pre_hook(recorder("pipeline"))
-    pipe("a red cube", height=32, width=32, num_inference_steps=2, guidance_scale=0.0, output_type="latent",
-         generator=torch.Generator().manual_seed(0))
+    pipe(
+        "a red cube",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     handle.remove()
     pipe.transformer.register_forward_pre_hook(recorder("step"))
     x0, noise, caps = inputs(torch.bfloat16)
@@ -125,7 +132,7 @@ def test_batch_two_equals_batch_one_with_grad_accum_two():
     expected = grads(params)
     accumulated, params = lora_step(grad_accum=2, lr=0.1)
     for i in range(2):
-        accumulated.backward(x0[i:i + 1], caps[i:i + 1], noise=noise[i:i + 1], sigmas=sigmas[i:i + 1])
+        accumulated.backward(x0[i : i + 1], caps[i : i + 1], noise=noise[i : i + 1], sigmas=sigmas[i : i + 1])
     assert all(g.abs().max() > 0 for g in expected)
     for got, want in zip(grads(params), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -25,8 +25,9 @@ def test_val_loss_is_logged_at_its_steps_and_equals_the_saved_loras(tmp_path, ex
     assert [r["step"] for r in rows if "val_loss" in r] == [3, 6, 7]
     assert rows[2]["val_loss"] != rows[-1]["val_loss"]  # the LoRA changed between them
 
-    fresh = load_config(cfg_path, ["train.val_fraction=0.34", "train.val_every=3",
-                                   f"train.output_dir={tmp_path / 'fresh'}"])
+    fresh = load_config(
+        cfg_path, ["train.val_fraction=0.34", "train.val_every=3", f"train.output_dir={tmp_path / 'fresh'}"]
+    )
     s = setup(fresh, resume=False, overwrite=False, console=None)
     try:
         lora = read_lora_file(result.lora_path)[0]
@@ -68,8 +69,7 @@ def test_heldout_images_are_never_trained_on(tmp_path, example_data):
     s = setup(cfg, resume=False, overwrite=False, console=None)
     try:
         assert [s.dataset.items[sample.item].path for sample, _ in s.dataset.heldout] == [val_dir / "val_00.png"]
-        assert {s.dataset.items[sample.item].path for sample in s.dataset.samples} == \
-            set(example_data.glob("*.png"))
+        assert {s.dataset.items[sample.item].path for sample in s.dataset.samples} == set(example_data.glob("*.png"))
     finally:
         s.adapter.deactivate()
 

@@ -112,20 +112,34 @@ def preset_configs(settings: BenchSettings, preset: str, rank: int):
     for item in settings.overrides:
         section = item.partition(".")[0]
         if section not in ("model", "train", "lora"):
-            raise ConfigError(f"--set {item!r}: bench takes model.*, train.* and lora.* keys, "
-                              f"e.g. --set train.compile=false")
+            raise ConfigError(
+                f"--set {item!r}: bench takes model.*, train.* and lora.* keys, e.g. --set train.compile=false"
+            )
         apply_override(raw, item)
     cfg = validate_config(raw)
     cfg.lora.rank = rank
     return cfg.model, cfg.train, cfg.lora
 
 
-def workload(settings: BenchSettings, lora, train, dtype_bytes: int, resolution: int | None = None,
-             batch: int | None = None, rank: int | None = None):
-    return Workload(resolution=resolution or max(settings.resolved_resolutions()),
-                    batch=batch or max(settings.batches), rank=rank or lora.rank, targets=tuple(lora.targets),
-                    lora_blocks=tuple(lora.blocks), optimizer=train.optimizer,
-                    caption_tokens=settings.caption_tokens, dtype_bytes=dtype_bytes)
+def workload(
+    settings: BenchSettings,
+    lora,
+    train,
+    dtype_bytes: int,
+    resolution: int | None = None,
+    batch: int | None = None,
+    rank: int | None = None,
+):
+    return Workload(
+        resolution=resolution or max(settings.resolved_resolutions()),
+        batch=batch or max(settings.batches),
+        rank=rank or lora.rank,
+        targets=tuple(lora.targets),
+        lora_blocks=tuple(lora.blocks),
+        optimizer=train.optimizer,
+        caption_tokens=settings.caption_tokens,
+        dtype_bytes=dtype_bytes,
+    )
 
 
 def load_transformer(model: str, dtype_name: str, device: torch.device, on_host: bool):
@@ -161,27 +175,38 @@ def measure_steps(step, latents, embeds, warmup: int, steps: int, device: torch.
         times.append(seconds)
     timed_part = times[warmup:]
     median = statistics.median(timed_part)
-    return {"s_per_step": round(median, 4), "s_min": round(min(timed_part), 4), "s_max": round(max(timed_part), 4),
-            "first_step_s": round(times[0], 2), "images_per_s": round(latents.shape[0] / median, 3),
-            "loss_finite": bool(math.isfinite(float(loss)))}
+    return {
+        "s_per_step": round(median, 4),
+        "s_min": round(min(timed_part), 4),
+        "s_max": round(max(timed_part), 4),
+        "first_step_s": round(times[0], 2),
+        "images_per_s": round(latents.shape[0] / median, 3),
+        "loss_finite": bool(math.isfinite(float(loss))),
+    }
 
 
-def measure_sampling(transformer, scheduler, embeds, size: int, steps: int, device: torch.device,
-                     dtype: torch.dtype, runs: int = 2) -> float:
+def measure_sampling(
+    transformer, scheduler, embeds, size: int, steps: int, device: torch.device, dtype: torch.dtype, runs: int = 2
+) -> float:
     """Median seconds of `steps` transformer steps of the preview loop (one warm-up run first)."""
+
     def once():
         with torch.no_grad(), autocast(device, dtype):
-            return generate_latents(transformer, scheduler, embeds, width=size, height=size, seeds=[0], steps=steps,
-                                    device=device)
+            return generate_latents(
+                transformer, scheduler, embeds, width=size, height=size, seeds=[0], steps=steps, device=device
+            )
 
     timed(once, device)
     return round(statistics.median(timed(once, device)[0] for _ in range(runs)), 3)
 
 
 # kernel name fragment -> what it is, for "where the time goes"
-KERNEL_CLASSES = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-                  ("matmul", ("gemm", "matmul", "sm90_xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
-                  ("fused (compiled)", ("triton",)), ("copy", ("memcpy", "copy_", "aten::to")))
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("matmul", ("gemm", "matmul", "sm90_xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("fused (compiled)", ("triton",)),
+    ("copy", ("memcpy", "copy_", "aten::to")),
+)
 
 
 def kernel_class(name: str) -> str:
@@ -213,10 +238,15 @@ def profile_steps(step, latents, embeds, device: torch.device, steps: int = 2, t
             continue
         by_class[kernel_class(event.key)] = by_class.get(kernel_class(event.key), 0.0) + _self_time(event, cuda)
     events.sort(key=lambda e: _self_time(e, cuda), reverse=True)
-    return {"wall_s": round(wall, 4), "device_busy_s": round(sum(by_class.values()) / steps, 4) if cuda else None,
-            "by_class_s": {k: round(v / steps, 4) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "top": [{"name": e.key[:90], "calls": e.count // steps, "self_s": round(_self_time(e, cuda) / steps, 5)}
-                    for e in events[:top]]}
+    return {
+        "wall_s": round(wall, 4),
+        "device_busy_s": round(sum(by_class.values()) / steps, 4) if cuda else None,
+        "by_class_s": {k: round(v / steps, 4) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        "top": [
+            {"name": e.key[:90], "calls": e.count // steps, "self_s": round(_self_time(e, cuda) / steps, 5)}
+            for e in events[:top]
+        ],
+    }
 
 
 def _self_time(event, cuda: bool) -> float:
@@ -230,12 +260,20 @@ def _self_time(event, cuda: bool) -> float:
     return micros / 1e6
 
 
-def random_inputs(batch: int, resolution: int, caption_tokens: int, cap_dim: int, device: torch.device,
-                  dtype: torch.dtype, seed: int = 0):
+def random_inputs(
+    batch: int,
+    resolution: int,
+    caption_tokens: int,
+    cap_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+):
     generator = torch.Generator(device=device).manual_seed(seed)
     latents = torch.randn(batch, 16, resolution // 8, resolution // 8, generator=generator, device=device, dtype=dtype)
-    embeds = [torch.randn(caption_tokens, cap_dim, generator=generator, device=device, dtype=dtype)
-              for _ in range(batch)]
+    embeds = [
+        torch.randn(caption_tokens, cap_dim, generator=generator, device=device, dtype=dtype) for _ in range(batch)
+    ]
     return latents, embeds
 
 
@@ -254,25 +292,34 @@ class Report:
 
         self.path = settings.out
         self.doc: dict[str, Any] = {
-            "zturbo_version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "zturbo_version": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "model": settings.model, "caption_tokens": settings.caption_tokens, "steps": settings.steps,
-            "warmup": settings.warmup, "rows": [], "sampling": []}
+            "model": settings.model,
+            "caption_tokens": settings.caption_tokens,
+            "steps": settings.steps,
+            "warmup": settings.warmup,
+            "rows": [],
+            "sampling": [],
+        }
 
     def add(self, kind: str, row: dict[str, Any]) -> None:
         self.doc[kind].append(row)
         write_json(self.path, self.doc)
 
 
-def bench_preset(settings: BenchSettings, preset: str, device: torch.device, report: Report,
-                 log: Callable[[str], None]) -> None:
+def bench_preset(
+    settings: BenchSettings, preset: str, device: torch.device, report: Report, log: Callable[[str], None]
+) -> None:
     """Every (rank, resolution, batch) row and the sampling time of one preset, on a fresh model."""
     model_cfg, train_cfg, lora_cfg = preset_configs(settings, preset, settings.ranks[0])
     dtype = torch_dtype(model_cfg.dtype)
     dtype_bytes = torch.finfo(dtype).bits // 8
     shape = model_shape(settings.model if settings.model.startswith("synthetic") else model_cfg.path)
-    levers = resolve_levers(model_cfg, train_cfg, workload(settings, lora_cfg, train_cfg, dtype_bytes), device,
-                            shape=lambda: shape)
+    levers = resolve_levers(
+        model_cfg, train_cfg, workload(settings, lora_cfg, train_cfg, dtype_bytes), device, shape=lambda: shape
+    )
     reset_memory(device)
     transformer = load_transformer(settings.model, model_cfg.dtype, device, levers.loads_on_host)
     applied = apply_levers(transformer, levers, device, work=workload(settings, lora_cfg, train_cfg, dtype_bytes))
@@ -286,10 +333,21 @@ def bench_preset(settings: BenchSettings, preset: str, device: torch.device, rep
         for resolution in settings.resolved_resolutions():
             for batch in settings.batches:
                 work = workload(settings, lora_cfg, train_cfg, dtype_bytes, resolution, batch, rank)
-                est = estimate(shape, work, checkpointing=levers.checkpointing, fraction=levers.checkpoint_fraction,
-                               quantize=levers.quantize, offload=levers.offload)
-                row = {**base, "resolution": resolution, "rank": rank, "batch": batch,
-                       "estimate_gib": round(est.total, 2)}
+                est = estimate(
+                    shape,
+                    work,
+                    checkpointing=levers.checkpointing,
+                    fraction=levers.checkpoint_fraction,
+                    quantize=levers.quantize,
+                    offload=levers.offload,
+                )
+                row = {
+                    **base,
+                    "resolution": resolution,
+                    "rank": rank,
+                    "batch": batch,
+                    "estimate_gib": round(est.total, 2),
+                }
                 row.update(_row(step, levers, resolution, batch, settings, cap_dim, device, dtype))
                 if applied.streamer is not None:
                     row["offload"] = asdict(applied.streamer.stats)
@@ -305,18 +363,26 @@ def bench_preset(settings: BenchSettings, preset: str, device: torch.device, rep
 
 
 def _training_step(transformer, train_cfg, lora_cfg, dtype: torch.dtype, device: torch.device):
-    network = create_lora(transformer, lora_cfg.rank, lora_cfg.scale_alpha, lora_cfg.blocks, lora_cfg.targets,
-                          seed=0)
+    network = create_lora(transformer, lora_cfg.rank, lora_cfg.scale_alpha, lora_cfg.blocks, lora_cfg.targets, seed=0)
     network.train()
     params = network.trainable_parameters()
     optimizer = build_optimizer(params, train_cfg, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    return network, TrainStep(transformer, params, optimizer, StepSettings.from_config(train_cfg, dtype, device),
-                              generator)
+    return network, TrainStep(
+        transformer, params, optimizer, StepSettings.from_config(train_cfg, dtype, device), generator
+    )
 
 
-def _row(step, levers, resolution: int, batch: int, settings: BenchSettings, cap_dim: int, device: torch.device,
-         dtype: torch.dtype) -> dict[str, Any]:
+def _row(
+    step,
+    levers,
+    resolution: int,
+    batch: int,
+    settings: BenchSettings,
+    cap_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
     if levers.compile:
         torch._dynamo.reset()  # each shape compiles fresh and static, as in a one-bucket run
     try:
@@ -334,8 +400,9 @@ def _row(step, levers, resolution: int, batch: int, settings: BenchSettings, cap
         return {"error": "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def _sampling(transformer, network, settings: BenchSettings, preset: str, cap_dim: int, device: torch.device,
-              dtype: torch.dtype) -> dict[str, Any]:
+def _sampling(
+    transformer, network, settings: BenchSettings, preset: str, cap_dim: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     size = settings.sample_size or max(settings.resolved_resolutions())
     row: dict[str, Any] = {"preset": preset, "resolution": size, "steps": settings.sample_steps}
     try:
@@ -346,8 +413,9 @@ def _sampling(transformer, network, settings: BenchSettings, preset: str, cap_di
         row["seconds"] = measure_sampling(transformer, scheduler, embeds, size, settings.sample_steps, device, dtype)
         row["peak_gib"] = peak_gib(device)[0]
         network.detach()
-        row["seconds_no_lora"] = measure_sampling(transformer, scheduler, embeds, size, settings.sample_steps,
-                                                  device, dtype)
+        row["seconds_no_lora"] = measure_sampling(
+            transformer, scheduler, embeds, size, settings.sample_steps, device, dtype
+        )
         network.attach(transformer)
     except Exception as exc:  # noqa: BLE001
         row["error"] = "OOM" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -362,8 +430,10 @@ def _row_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"  {row['resolution']} px rank {row['rank']} batch {row['batch']}: {row['error']}"
     peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
-    return (f"  {row['resolution']} px rank {row['rank']} batch {row['batch']}: {row['s_per_step']:.4f} s/step, "
-            f"{row['images_per_s']:.2f} img/s, peak {peak} (estimate {row['estimate_gib']:.2f})")
+    return (
+        f"  {row['resolution']} px rank {row['rank']} batch {row['batch']}: {row['s_per_step']:.4f} s/step, "
+        f"{row['images_per_s']:.2f} img/s, peak {peak} (estimate {row['estimate_gib']:.2f})"
+    )
 
 
 # ------------------------------------------------------------------------------ the command
@@ -372,12 +442,15 @@ def _row_line(row: dict[str, Any]) -> str:
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Measure every preset; write settings.out as JSON after each row; return the document."""
     if settings.steps < 1 or settings.warmup < 0:
-        raise ConfigError(f"--steps {settings.steps} / --warmup {settings.warmup}: need at least 1 timed step and "
-                          f"no negative warm-up")
+        raise ConfigError(
+            f"--steps {settings.steps} / --warmup {settings.warmup}: need at least 1 timed step and no negative warm-up"
+        )
     device = resolve_device(settings.device)
     if settings.model == "synthetic" and device.type != "cuda":
-        raise ConfigError("--model synthetic builds the full 6 B transformer and needs a CUDA device; on the CPU "
-                          "use --model synthetic:tiny or builtin:tiny")
+        raise ConfigError(
+            "--model synthetic builds the full 6 B transformer and needs a CUDA device; on the CPU "
+            "use --model synthetic:tiny or builtin:tiny"
+        )
     report = Report(settings, device)
     for preset in settings.presets:
         bench_preset(settings, preset, device, report, log)
@@ -400,8 +473,13 @@ def render(doc: dict[str, Any]) -> list:
             cells = [row["error"], "", "", "", ""]
         else:
             peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-            cells = [f"{row['s_per_step']:.4f}", f"{row['images_per_s']:.2f}", peak, f"{row['estimate_gib']:.2f}",
-                     f"{row['first_step_s']:.1f}"]
+            cells = [
+                f"{row['s_per_step']:.4f}",
+                f"{row['images_per_s']:.2f}",
+                peak,
+                f"{row['estimate_gib']:.2f}",
+                f"{row['first_step_s']:.1f}",
+            ]
         table.add_row(name, str(row["resolution"]), str(row["rank"]), str(row["batch"]), *cells)
     table.caption = "; ".join(f"{name}: {text}" for name, text in levers.items())
     sampling = Table(title="sampling (transformer only)")
@@ -412,8 +490,14 @@ def render(doc: dict[str, Any]) -> list:
             sampling.add_row(row["preset"], str(row["resolution"]), str(row["steps"]), row["error"], "", "")
             continue
         peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
-        sampling.add_row(row["preset"], str(row["resolution"]), str(row["steps"]), f"{row['seconds']:.3f}",
-                         f"{row['seconds_no_lora']:.3f}", peak)
+        sampling.add_row(
+            row["preset"],
+            str(row["resolution"]),
+            str(row["steps"]),
+            f"{row['seconds']:.3f}",
+            f"{row['seconds_no_lora']:.3f}",
+            peak,
+        )
     return [table, sampling] if doc["sampling"] else [table]
 
 
@@ -422,8 +506,12 @@ def short_levers(levers: dict[str, Any]) -> str:
     ckpt = levers["checkpointing"]
     if ckpt == "selective":
         ckpt = f"sel {levers['checkpoint_fraction']:.0%}"
-    parts = [f"ckpt {ckpt}", "compiled" if levers["compile"] else "eager", levers["quantize"],
-             levers["attention_backend"]]
+    parts = [
+        f"ckpt {ckpt}",
+        "compiled" if levers["compile"] else "eager",
+        levers["quantize"],
+        levers["attention_backend"],
+    ]
     if levers["offload"] != "none":
         parts.append("offload")
     return ", ".join(parts)

@@ -23,5 +23,9 @@ def fit_report(loras: LoraDict, model: str) -> dict[str, Any]:
     """Whether the LoRA fits a model's transformer (headers only, nothing loaded) and what it would skip."""
     files = transformer_files(resolve_model_dir(model))
     unmatched, misfit = validate(loras, linear_shapes_from_files(files), bias_modules_from_files(files))
-    return {"model": model, "fits": not unmatched and not misfit, "skipped_keys": unplaced_keys(loras, unmatched),
-            "misfit": misfit}
+    return {
+        "model": model,
+        "fits": not unmatched and not misfit,
+        "skipped_keys": unplaced_keys(loras, unmatched),
+        "misfit": misfit,
+    }

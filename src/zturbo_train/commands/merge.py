@@ -52,8 +52,11 @@ def _quiet(message: str) -> None:
 
 def linear_shapes_from_files(files: Iterable[Path]) -> dict[str, tuple[int, int]]:
     """(out, in) of every 2-D `.weight`, by module path: the same table formats.linear_shapes gives a loaded model."""
-    return {key.removesuffix(".weight"): (shape[0], shape[1]) for key, (shape, _) in header_entries(files).items()
-            if key.endswith(".weight") and len(shape) == 2}
+    return {
+        key.removesuffix(".weight"): (shape[0], shape[1])
+        for key, (shape, _) in header_entries(files).items()
+        if key.endswith(".weight") and len(shape) == 2
+    }
 
 
 def bias_modules_from_files(files: Iterable[Path]) -> set[str]:
@@ -72,8 +75,12 @@ def check_output(out: Path, overwrite: bool, sources: Sequence[Path] = (), kind:
     out_real = out.expanduser().resolve()
     for source in sources:
         source_real = source.expanduser().resolve()
-        if out_real == source_real or source_real in out_real.parents or out_real in source_real.parents \
-                or (out.is_file() and source.is_file() and os.path.samefile(out, source)):
+        if (
+            out_real == source_real
+            or source_real in out_real.parents
+            or out_real in source_real.parents
+            or (out.is_file() and source.is_file() and os.path.samefile(out, source))
+        ):
             suffix = "-merged.safetensors" if kind == "file" else "-merged"
             suggestion = source_real.parent / (source_real.stem + suffix)
             raise ConfigError(f"output {out} overlaps the input {source}; write to a new path such as {suggestion}")
@@ -87,11 +94,14 @@ def check_output(out: Path, overwrite: bool, sources: Sequence[Path] = (), kind:
         return
     foreign = _foreign_folder(out) if kind == "folder" else _foreign_file(out)
     if foreign:
-        raise ConfigError(f"{out} {foreign}; merge replaces only its own earlier output, with or without "
-                          f"--overwrite: choose a new path")
+        raise ConfigError(
+            f"{out} {foreign}; merge replaces only its own earlier output, with or without "
+            f"--overwrite: choose a new path"
+        )
     if not overwrite:
-        raise ConfigError(f"{out} already exists; pass --overwrite to replace it (an earlier merge output), "
-                          f"or choose another path")
+        raise ConfigError(
+            f"{out} already exists; pass --overwrite to replace it (an earlier merge output), or choose another path"
+        )
 
 
 def _run_holding(path: Path) -> Path | None:
@@ -178,9 +188,15 @@ def _publish_folder(tmp: Path, out: Path) -> None:
 Plan = dict[str, list[tuple[Update, float]]]
 
 
-def _merge_plan(loras: Sequence[LoadedLora], adapter: LoraDict | None, adapter_weight: float,
-                shapes: dict[str, tuple[int, int]], log: Log, allow_partial: bool = False,
-                biases: set[str] | None = None) -> Plan:
+def _merge_plan(
+    loras: Sequence[LoadedLora],
+    adapter: LoraDict | None,
+    adapter_weight: float,
+    shapes: dict[str, tuple[int, int]],
+    log: Log,
+    allow_partial: bool = False,
+    biases: set[str] | None = None,
+) -> Plan:
     """module -> [(update, weight)] for every update that lands in this model.
 
     The adapter must fit whole (a partial adapter means another model); a LoRA that
@@ -208,8 +224,10 @@ def _shard_update(key: str, plan: Plan) -> list[tuple[torch.Tensor, float]]:
     """The fp32 deltas (weight or bias) that land on one tensor of the base model."""
     for suffix in (".weight", ".bias"):
         if key.endswith(suffix) and key.removesuffix(suffix) in plan:
-            pairs = [(u.delta(torch.float32) if suffix == ".weight" else u.bias, s)
-                     for u, s in plan[key.removesuffix(suffix)]]
+            pairs = [
+                (u.delta(torch.float32) if suffix == ".weight" else u.bias, s)
+                for u, s in plan[key.removesuffix(suffix)]
+            ]
             return [(d.float(), s) for d, s in pairs if d is not None]
     return []
 
@@ -235,8 +253,7 @@ def _merge_shard(source: Path, target: Path, plan: Plan, dtype: torch.dtype, kee
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_transformer(model_dir: Path, out_dir: Path, plan: Plan,
-                       dtype: torch.dtype, log: Log) -> None:
+def _write_transformer(model_dir: Path, out_dir: Path, plan: Plan, dtype: torch.dtype, log: Log) -> None:
     """The transformer folder, shard by shard, with the same layout (and index) as the source."""
     from diffusers import ZImageTransformer2DModel
 
@@ -257,9 +274,17 @@ def _write_transformer(model_dir: Path, out_dir: Path, plan: Plan,
         write_json(target_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_REPO, adapter: str | None = None,
-                     adapter_weight: float = 1.0, dtype: str = "bf16", overwrite: bool = False,
-                     log: Log = _quiet, allow_partial: bool = False) -> Path:
+def merge_into_model(
+    specs: Sequence[LoraSpec],
+    out: Path,
+    model: str = TURBO_REPO,
+    adapter: str | None = None,
+    adapter_weight: float = 1.0,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    log: Log = _quiet,
+    allow_partial: bool = False,
+) -> Path:
     """Write a diffusers Z-Image folder whose transformer is base + adapter + sum of strength * LoRA."""
 
     if not specs and adapter is None:
@@ -270,8 +295,15 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
     loras = read_loras(specs)
     adapter_weights = read_adapter(adapter_path) if adapter_path is not None else None
     files = transformer_files(model_dir)
-    plan = _merge_plan(loras, adapter_weights, adapter_weight, linear_shapes_from_files(files), log,
-                       allow_partial=allow_partial, biases=bias_modules_from_files(files))
+    plan = _merge_plan(
+        loras,
+        adapter_weights,
+        adapter_weight,
+        linear_shapes_from_files(files),
+        log,
+        allow_partial=allow_partial,
+        biases=bias_modules_from_files(files),
+    )
     tmp = temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         for item in sorted(model_dir.iterdir()):
@@ -287,15 +319,22 @@ def merge_into_model(specs: Sequence[LoraSpec], out: Path, model: str = TURBO_RE
     return out
 
 
-def _write_provenance(out_dir: Path, model: str, loras: Sequence[LoadedLora], adapter: Path | None,
-                      adapter_weight: float, dtype: str) -> None:
+def _write_provenance(
+    out_dir: Path, model: str, loras: Sequence[LoadedLora], adapter: Path | None, adapter_weight: float, dtype: str
+) -> None:
     """What went into the folder, so it describes itself."""
-    write_json(out_dir / PROVENANCE_NAME, {
-        "base_model": model, "dtype": dtype, "loras": [l.describe() for l in loras],
-        "adapter": None if adapter is None else {"path": str(adapter), "weight": adapter_weight,
-                                                  "sha256": file_sha256(adapter)},
-        "tool": f"zturbo-train {__version__}",
-    })
+    write_json(
+        out_dir / PROVENANCE_NAME,
+        {
+            "base_model": model,
+            "dtype": dtype,
+            "loras": [l.describe() for l in loras],
+            "adapter": None
+            if adapter is None
+            else {"path": str(adapter), "weight": adapter_weight, "sha256": file_sha256(adapter)},
+            "tool": f"zturbo-train {__version__}",
+        },
+    )
 
 
 # ------------------------------------------------------------------ into one LoRA
@@ -343,13 +382,23 @@ def _combine(module: str, parts: Sequence[tuple[Update, float]]) -> tuple[Update
 def _check_pair_shapes(module: str, parts: Sequence[tuple[Update, float]]) -> None:
     shapes = {tuple(u.shape) for u, _ in parts if u.has_weight}
     if len(shapes) > 1:
-        raise LoraError(f"the LoRAs disagree on the shape of {module} ({sorted(shapes)}); they were made for "
-                        "different models and cannot be merged")
+        raise LoraError(
+            f"the LoRAs disagree on the shape of {module} ({sorted(shapes)}); they were made for "
+            "different models and cannot be merged"
+        )
 
 
-def merge_to_lora(specs: Sequence[LoraSpec], out: Path, style: str = "comfyui", dtype: str | None = None,
-                  model: str | None = None, model_required: bool = True, overwrite: bool = False,
-                  log: Log = _quiet, allow_partial: bool = False) -> Path:
+def merge_to_lora(
+    specs: Sequence[LoraSpec],
+    out: Path,
+    style: str = "comfyui",
+    dtype: str | None = None,
+    model: str | None = None,
+    model_required: bool = True,
+    overwrite: bool = False,
+    log: Log = _quiet,
+    allow_partial: bool = False,
+) -> Path:
     """One LoRA file equal to applying all `specs` at their strengths (or one LoRA in another style).
 
     With `model`, the result is checked against that model's transformer; when the model is
@@ -384,8 +433,13 @@ def _keep_fitting(loras: LoraDict, model: str, required: bool, log: Log, allow_p
         log(f"note: {model} is not downloaded, so the LoRA was not checked against it (pass --model to check)")
         return loras
     files = transformer_files(model_dir)
-    unmatched = require_fit(loras, linear_shapes_from_files(files), "the merged LoRA", partial_ok=allow_partial,
-                            biases=bias_modules_from_files(files))
+    unmatched = require_fit(
+        loras,
+        linear_shapes_from_files(files),
+        "the merged LoRA",
+        partial_ok=allow_partial,
+        biases=bias_modules_from_files(files),
+    )
     if unmatched:
         log(partial_warning("the merged LoRA", loras, unmatched))
     return {m: u for m, u in loras.items() if m not in unmatched}
@@ -404,8 +458,9 @@ def _merged_metadata(loras: Sequence[LoadedLora]) -> dict[str, object]:
     if len(loras) == 1:
         meta.update(loras[0].metadata)  # metadata.build_metadata recomputes the keys that describe the layout
     else:
-        meta["modelspec.merged_from"] = ", ".join(item.metadata.get("modelspec.title", item.spec.path.stem)
-                                                 for item in loras)
+        meta["modelspec.merged_from"] = ", ".join(
+            item.metadata.get("modelspec.title", item.spec.path.stem) for item in loras
+        )
     meta["zturbo.merged_from"] = [item.describe() for item in loras]
     return meta
 

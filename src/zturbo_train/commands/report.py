@@ -19,8 +19,9 @@ def report_run(root: Path, plots: bool = True) -> Path:
     """Redraw loss.png and the timelines (unless `plots` is False) and write <root>/report.html; returns its path."""
     root = Path(root).resolve()  # the page's commands then work from any folder
     if not (root / "metrics.jsonl").is_file() and not (root / "config.json").is_file():
-        raise TrainingError(f"{root} is not a zturbo run folder (no metrics.jsonl or config.json); "
-                            f"pass the train.output_dir of a run")
+        raise TrainingError(
+            f"{root} is not a zturbo run folder (no metrics.jsonl or config.json); pass the train.output_dir of a run"
+        )
     if plots:
         plot_loss(read_metrics(root / "metrics.jsonl"), root / "loss.png")
         timelines(previews(root / "samples"), root / "samples")

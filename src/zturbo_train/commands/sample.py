@@ -64,8 +64,12 @@ def encode_prompts_once(s: SampleSettings, device: torch.device, mode: str) -> d
     the transformer loads, and peak memory is the larger of the two, not their sum.
     """
     texts = list(dict.fromkeys([*s.prompts, *([s.negative] if s.guidance > 0 else [])]))
-    parts = load_parts(s.model, parts=["tokenizer", "text_encoder"], dtype=s.dtype,
-                       device="cpu" if mode == "sequential" else str(device))
+    parts = load_parts(
+        s.model,
+        parts=["tokenizer", "text_encoder"],
+        dtype=s.dtype,
+        device="cpu" if mode == "sequential" else str(device),
+    )
     if mode == "sequential":
         from accelerate import cpu_offload
 
@@ -94,7 +98,7 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
     info = _base_info(s, loras, dtype)
     paths, pairs = [], []
     for start in range(0, len(jobs), s.batch_size):
-        batch = jobs[start:start + s.batch_size]
+        batch = jobs[start : start + s.batch_size]
         drifts = _drift_probes(s, networks)
         images = _render(parts, batch, embeds, s, device, dtype, probe=drifts[0])
         if s.compare or drifts[1] is not None:
@@ -102,8 +106,12 @@ def sample(s: SampleSettings, log: Log = _quiet) -> list[Path]:
             pairs += zip(base, images) if s.compare else []
         extra = _report_drift(drifts, batch, log)
         for job, image, more in zip(batch, images, extra):
-            path = save_png(image, s.out_dir, f"{job.seed}-{job.prompt}", png_text({**info, "prompt": job.prompt,
-                                                                                      "seed": job.seed, **more}))
+            path = save_png(
+                image,
+                s.out_dir,
+                f"{job.seed}-{job.prompt}",
+                png_text({**info, "prompt": job.prompt, "seed": job.seed, **more}),
+            )
             log(f"wrote {path}")
             paths.append(path)
     if s.compare:
@@ -148,31 +156,58 @@ def _report_drift(probes: Probes, batch: Sequence[Job], log: Log) -> list[dict[s
     return out
 
 
-def _render(parts, batch: Sequence[Job], embeds: dict[str, Tensor], s: SampleSettings, device: torch.device,
-            dtype: torch.dtype, disabled: Sequence["LoraNetwork"] = (),
-            probe: DriftProbe | None = None) -> list["Image"]:
+def _render(
+    parts,
+    batch: Sequence[Job],
+    embeds: dict[str, Tensor],
+    s: SampleSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    disabled: Sequence["LoraNetwork"] = (),
+    probe: DriftProbe | None = None,
+) -> list["Image"]:
     """One batch of images; `disabled` LoRAs are switched off for it (the `--compare` base row)."""
     for network in disabled:
         network.enabled = False
     try:
         negative = [embeds[s.negative]] * len(batch) if s.guidance > 0 else None
-        return generate_images(parts.transformer, parts.scheduler, parts.vae, [embeds[j.prompt] for j in batch],
-                               width=s.width, height=s.height, seeds=[j.seed for j in batch], steps=s.steps,
-                               guidance=s.guidance, negative_embeds=negative, device=device, dtype=dtype,
-                               observe=probe.observe if probe is not None else None)
+        return generate_images(
+            parts.transformer,
+            parts.scheduler,
+            parts.vae,
+            [embeds[j.prompt] for j in batch],
+            width=s.width,
+            height=s.height,
+            seeds=[j.seed for j in batch],
+            steps=s.steps,
+            guidance=s.guidance,
+            negative_embeds=negative,
+            device=device,
+            dtype=dtype,
+            observe=probe.observe if probe is not None else None,
+        )
     finally:
         for network in disabled:
             network.enabled = True
 
 
 def _base_info(s: SampleSettings, loras: Sequence[LoadedLora], dtype: torch.dtype) -> dict[str, object]:
-    return {"negative": s.negative if s.guidance > 0 else "", "steps": s.steps, "guidance": s.guidance,
-            "width": s.width, "height": s.height, "model": s.model, "dtype": str(dtype).removeprefix("torch."),
-            "loras": [l.describe() for l in loras], "sampler": f"zturbo-train {__version__}"}
+    return {
+        "negative": s.negative if s.guidance > 0 else "",
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "width": s.width,
+        "height": s.height,
+        "model": s.model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "loras": [l.describe() for l in loras],
+        "sampler": f"zturbo-train {__version__}",
+    }
 
 
-def _write_compare(pairs: list[tuple["Image", "Image"]], jobs: Sequence[Job], s: SampleSettings,
-                   info: dict[str, object], log: Log) -> Path:
+def _write_compare(
+    pairs: list[tuple["Image", "Image"]], jobs: Sequence[Job], s: SampleSettings, info: dict[str, object], log: Log
+) -> Path:
     """Grid: per prompt a row without LoRAs above a row with them, one column per seed."""
     rows, labels = [], []
     lora_names = " + ".join(f"{l.path.name}:{l.strength:g}" for l in s.loras)

@@ -68,9 +68,13 @@ class Batch:
     sigmas: Any = None
 
     def pin(self) -> "Batch":
-        return replace(self, latents=self.latents.pin_memory(), text=[t.pin_memory() for t in self.text],
-                       noise=_maybe(self.noise, lambda t: t.pin_memory()),
-                       sigmas=_maybe(self.sigmas, lambda t: t.pin_memory()))
+        return replace(
+            self,
+            latents=self.latents.pin_memory(),
+            text=[t.pin_memory() for t in self.text],
+            noise=_maybe(self.noise, lambda t: t.pin_memory()),
+            sigmas=_maybe(self.sigmas, lambda t: t.pin_memory()),
+        )
 
     def to(self, device, dtype=None, non_blocking: bool = True) -> "Batch":
         def move(t):
@@ -79,8 +83,13 @@ class Batch:
         def move_fp32(t):
             return t.to(device=device, non_blocking=non_blocking)
 
-        return replace(self, latents=move(self.latents), text=[move(t) for t in self.text],
-                       noise=_maybe(self.noise, move_fp32), sigmas=_maybe(self.sigmas, move_fp32))
+        return replace(
+            self,
+            latents=move(self.latents),
+            text=[move(t) for t in self.text],
+            noise=_maybe(self.noise, move_fp32),
+            sigmas=_maybe(self.sigmas, move_fp32),
+        )
 
 
 def _maybe(value: Any, fn: Callable[[Any], Any]) -> Any:
@@ -92,8 +101,9 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
-def epoch_batches(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int, seed: int,
-                  epoch: int) -> list[list[int]]:
+def epoch_batches(
+    buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Sample indices in batches for one epoch: one bucket per batch, order fixed by (seed, epoch).
 
     A bucket's last batch may be smaller than batch_size: every sample is seen once per
@@ -107,7 +117,7 @@ def epoch_batches(buckets: Sequence[Bucket], repeats: Sequence[int], batch_size:
     for bucket in sorted(groups):
         members = groups[bucket]
         rng.shuffle(members)
-        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -156,8 +166,7 @@ class TrainDataset:
         """The batches of `epoch` (memoised for the few epochs in use; safe to call from two threads)."""
         order = self._order.get(epoch)
         if order is None:
-            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.global_batch, self.seed,
-                                  epoch)
+            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.global_batch, self.seed, epoch)
             if len(self._order) >= 4:
                 self._order.clear()
             self._order[epoch] = order
@@ -189,7 +198,9 @@ class TrainDataset:
     def fingerprint(self) -> str:
         """Changes when what a saved position points at changes (samples, repeats, batch size, seed);
         edited pixels or captions keep it, since the order stays valid."""
-        return hashlib.sha256(repr((self._views(), self.repeats, self.global_batch, self.seed)).encode()).hexdigest()[:16]
+        return hashlib.sha256(repr((self._views(), self.repeats, self.global_batch, self.seed)).encode()).hexdigest()[
+            :16
+        ]
 
     @property
     def data_fingerprint(self) -> str:
@@ -215,10 +226,17 @@ class TrainDataset:
             latents.append(mean + std * torch.randn(mean.shape, generator=noise))
             drops = random.Random(derive_seed("dropout", self.seed, epoch, position, slot))
             captions.append(drop_caption(self.items[self.samples[index].item].caption, self.dropout[index], drops))
-        return Batch(torch.stack(latents), self._embeddings(captions), captions,
-                     [self.items[self.samples[i].item].path for i in indices], self.samples[indices[0]].bucket,
-                     epoch, position, [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
-                     None if weight == 1.0 else [weight] * len(slots))
+        return Batch(
+            torch.stack(latents),
+            self._embeddings(captions),
+            captions,
+            [self.items[self.samples[i].item].path for i in indices],
+            self.samples[indices[0]].bucket,
+            epoch,
+            position,
+            [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
+            None if weight == 1.0 else [weight] * len(slots),
+        )
 
     def heldout_views(self) -> list[tuple[Any, Any, str]]:
         """(latent mean (1, C, H, W), caption embedding, key) of each held-out view: the validation set, read
@@ -226,8 +244,13 @@ class TrainDataset:
         views = []
         for sample, path in self.heldout:
             item = self.items[sample.item]
-            views.append((read_entry(path)["mean"].float().unsqueeze(0), self._embeddings([item.caption])[0],
-                          f"{item.content_hash}|{sample.bucket}|{sample.flip}"))
+            views.append(
+                (
+                    read_entry(path)["mean"].float().unsqueeze(0),
+                    self._embeddings([item.caption])[0],
+                    f"{item.content_hash}|{sample.bucket}|{sample.flip}",
+                )
+            )
         return views
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> list:
@@ -237,14 +260,22 @@ class TrainDataset:
     def _embeddings(self, captions: Sequence[str]) -> list:
         missing = [c for c in captions if c not in self.text_paths]
         if missing:
-            raise DataError(f"prompt {missing[0]!r} has no cached embedding; pass it to "
-                            f"prepare_dataset(extra_prompts=...) or add it to [sample] prompts")
+            raise DataError(
+                f"prompt {missing[0]!r} has no cached embedding; pass it to "
+                f"prepare_dataset(extra_prompts=...) or add it to [sample] prompts"
+            )
         return [read_entry(self.text_paths[c])["embedding"] for c in captions]
 
-    def loader(self, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
-               pin_memory: bool | None = None, dtype: Any = None,
-               draw: Callable[[Batch], Batch] | None = None,
-               warn: Callable[[str], None] | None = None) -> "BatchLoader":
+    def loader(
+        self,
+        device: Any = "cpu",
+        state: dict | None = None,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+        dtype: Any = None,
+        draw: Callable[[Batch], Batch] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> "BatchLoader":
         return BatchLoader(self, device, state, prefetch, pin_memory, dtype, draw, warn)
 
 
@@ -265,9 +296,17 @@ class BatchLoader:
     training state and pass it back as `state` to continue exactly there.
     """
 
-    def __init__(self, dataset: TrainDataset, device: Any = "cpu", state: dict | None = None, prefetch: int = 2,
-                 pin_memory: bool | None = None, dtype: Any = None, draw: Callable[[Batch], Batch] | None = None,
-                 warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        dataset: TrainDataset,
+        device: Any = "cpu",
+        state: dict | None = None,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+        dtype: Any = None,
+        draw: Callable[[Batch], Batch] | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
         import torch
 
         self.dataset, self.device, self.dtype, self.prefetch = dataset, torch.device(device), dtype, prefetch
@@ -298,9 +337,11 @@ class BatchLoader:
         """
         batches = len(self.dataset.epoch_order(epoch))
         moved = position * batches // max(1, saved_batches)
-        self.warn(f"the global batch (batch_size x ranks) is now {self.dataset.global_batch}, not the one this "
-                  f"state was saved with; continuing epoch {epoch} at the same fraction of it (batch {moved} of "
-                  f"{batches}, was {position} of {saved_batches})")
+        self.warn(
+            f"the global batch (batch_size x ranks) is now {self.dataset.global_batch}, not the one this "
+            f"state was saved with; continuing epoch {epoch} at the same fraction of it (batch {moved} of "
+            f"{batches}, was {position} of {saved_batches})"
+        )
         return moved
 
     def _normalise(self, epoch: int, position: int) -> tuple[int, int]:
@@ -311,9 +352,13 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         epoch, position = self._normalise(self.epoch, self.position)
-        return {"epoch": epoch, "position": position, "fingerprint": self.dataset.fingerprint,
-                "data_fingerprint": self.dataset.data_fingerprint,
-                "epoch_batches": len(self.dataset.epoch_order(epoch))}
+        return {
+            "epoch": epoch,
+            "position": position,
+            "fingerprint": self.dataset.fingerprint,
+            "data_fingerprint": self.dataset.data_fingerprint,
+            "epoch_batches": len(self.dataset.epoch_order(epoch)),
+        }
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -335,8 +380,9 @@ class BatchLoader:
 
     def _take(self) -> Batch:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._produce, args=self._normalise(self.epoch, self.position),
-                                            name="zturbo-data", daemon=True)
+            self._thread = threading.Thread(
+                target=self._produce, args=self._normalise(self.epoch, self.position), name="zturbo-data", daemon=True
+            )
             self._thread.start()
         item = self._queue.get()
         if isinstance(item, _Failure):

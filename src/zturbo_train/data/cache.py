@@ -98,15 +98,22 @@ class Encoders:
 
     @cached_property
     def text_id(self) -> str:
-        return _short(CACHE_VERSION, "text", self.text_dtype, self.max_length,
-                      folder_fingerprint(self._part("text_encoder")), folder_fingerprint(self._part("tokenizer")))
+        return _short(
+            CACHE_VERSION,
+            "text",
+            self.text_dtype,
+            self.max_length,
+            folder_fingerprint(self._part("text_encoder")),
+            folder_fingerprint(self._part("tokenizer")),
+        )
 
     def part_config(self, part: str) -> dict:
         try:
             return json.loads((self._part(part) / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self._part(part)}/config.json cannot be read ({exc}); "
-                             f"download the model again") from None
+            raise ModelError(
+                f"{self._part(part)}/config.json cannot be read ({exc}); download the model again"
+            ) from None
 
     def load_vae(self):
         self.loads.append("vae")
@@ -115,15 +122,17 @@ class Encoders:
     def load_text(self):
         """(tokenizer, text_encoder)."""
         self.loads.append("text_encoder")
-        parts = load_parts(self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype,
-                           device=str(self.device))
+        parts = load_parts(
+            self.model_dir, ["tokenizer", "text_encoder"], dtype=self.text_dtype, device=str(self.device)
+        )
         return parts.tokenizer, parts.text_encoder
 
     def _part(self, part: str) -> Path:
         folder = Path(self.model_dir) / part
         if not folder.is_dir():
-            raise ModelError(f"{self.model_dir} has no {part}/ folder; the download is incomplete, "
-                             f"run `zturbo download` again")
+            raise ModelError(
+                f"{self.model_dir} has no {part}/ folder; the download is incomplete, run `zturbo download` again"
+            )
         return folder
 
 
@@ -137,8 +146,12 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device, max_
 
     if not prompts:
         return []
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True, enable_thinking=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        for p in prompts
+    ]
     inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids = inputs.input_ids.to(device)
     mask = inputs.attention_mask.to(device).bool()
@@ -258,8 +271,9 @@ class CacheStats:
     corrupt: list[Path] = field(default_factory=list)
 
 
-def missing_entries(items: Sequence[T], path_of: Callable[[T], Path], ok: Callable[[T], bool],
-                    stats: CacheStats) -> list[T]:
+def missing_entries(
+    items: Sequence[T], path_of: Callable[[T], Path], ok: Callable[[T], bool], stats: CacheStats
+) -> list[T]:
     """The items to encode: entry absent, or present but unreadable (those are noted as corrupt)."""
     todo = []
     for item in items:
@@ -271,8 +285,9 @@ def missing_entries(items: Sequence[T], path_of: Callable[[T], Path], ok: Callab
     return todo
 
 
-def fill_latents(jobs: Sequence[LatentJob], encoders: Encoders, stats: CacheStats, console=None,
-                 batch_size: int = 4) -> None:
+def fill_latents(
+    jobs: Sequence[LatentJob], encoders: Encoders, stats: CacheStats, console=None, batch_size: int = 4
+) -> None:
     """Encode every job whose entry is missing or corrupt, batched per bucket; loads the VAE only if needed."""
     unique = list({job.path: job for job in jobs}.values())
     todo = missing_entries(unique, lambda j: j.path, lambda j: latent_entry_ok(j.path, j.bucket), stats)
@@ -299,7 +314,7 @@ def _bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> Iterator[list
     for bucket in sorted(groups):
         group = groups[bucket]
         for start in range(0, len(group), batch_size):
-            yield group[start:start + batch_size]
+            yield group[start : start + batch_size]
 
 
 def _encode_latent_batch(vae, batch: Sequence[LatentJob], vae_id: str) -> None:
@@ -308,14 +323,22 @@ def _encode_latent_batch(vae, batch: Sequence[LatentJob], vae_id: str) -> None:
     pixels = torch.stack([bucket_pixels(j.image, j.bucket, j.flip, j.content_hash) for j in batch])
     mean, std = encode_latents(vae, pixels)
     for i, job in enumerate(batch):
-        save_safetensors(job.path, {"mean": mean[i].to(getattr(torch, LATENT_DTYPE)),
-                                    "std": std[i].to(getattr(torch, LATENT_DTYPE))},
-                         {"image": job.image, "bucket": f"{job.bucket[0]}x{job.bucket[1]}", "flip": job.flip,
-                          "vae": vae_id, "version": CACHE_VERSION})
+        save_safetensors(
+            job.path,
+            {"mean": mean[i].to(getattr(torch, LATENT_DTYPE)), "std": std[i].to(getattr(torch, LATENT_DTYPE))},
+            {
+                "image": job.image,
+                "bucket": f"{job.bucket[0]}x{job.bucket[1]}",
+                "flip": job.flip,
+                "vae": vae_id,
+                "version": CACHE_VERSION,
+            },
+        )
 
 
-def fill_texts(captions: dict[str, Path], encoders: Encoders, stats: CacheStats, console=None,
-               batch_size: int = 8) -> None:
+def fill_texts(
+    captions: dict[str, Path], encoders: Encoders, stats: CacheStats, console=None, batch_size: int = 8
+) -> None:
     """Encode every caption whose entry is missing or corrupt; loads the text encoder only if needed."""
     hidden = encoders.part_config("text_encoder").get("hidden_size")
     items = list(captions.items())
@@ -328,9 +351,10 @@ def fill_texts(captions: dict[str, Path], encoders: Encoders, stats: CacheStats,
     try:
         with progress(console, "caching captions", len(todo)) as advance:
             for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                embeds = encode_prompts(tokenizer, text_encoder, [c for c, _ in chunk], encoders.device,
-                                        encoders.max_length)
+                chunk = todo[start : start + batch_size]
+                embeds = encode_prompts(
+                    tokenizer, text_encoder, [c for c, _ in chunk], encoders.device, encoders.max_length
+                )
                 for (caption, path), embed in zip(chunk, embeds):
                     save_safetensors(path, {"embedding": embed.cpu()}, {"caption": caption, "version": CACHE_VERSION})
                 stats.texts_encoded += len(chunk)

@@ -83,16 +83,20 @@ class Scan:
 
 def problem_report(errors: Sequence[Problem]) -> str:
     noun, them = ("problem", "it") if len(errors) == 1 else ("problems", "them")
-    return (f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix {them} and run again:"
-            + _listed(errors))
+    return (
+        f"{len(errors)} dataset {noun} found before training (nothing was encoded); fix {them} and run again:"
+        + _listed(errors)
+    )
 
 
 def also_found(problems: Sequence[Problem]) -> str:
     """The skipped files and warnings that go with an error report ('' when there are none)."""
     if not problems:
         return ""
-    return f"\nalso found ({len(problems)}; not errors: skipped files are left out, warnings are worth a look):" + \
-        _listed(problems, labelled=True)
+    return (
+        f"\nalso found ({len(problems)}; not errors: skipped files are left out, warnings are worth a look):"
+        + _listed(problems, labelled=True)
+    )
 
 
 def _listed(problems: Sequence[Problem], labelled: bool = False) -> str:
@@ -120,34 +124,56 @@ def scan_datasets(datasets: Sequence[DataConfig], console=None, exclude: Sequenc
     if empty and not scan.at("error"):
         cfg, count = empty[0]
         last = [p for p in scan.at("skip") if p.path.is_relative_to(cfg.dir)][-1]
-        raise DataError(f"no usable image in `data.dir` {cfg.dir}: all {count} were skipped "
-                        f"({last.reason}, ...); fix or replace them and run again:"
-                        + _listed(scan.at("skip", "warn"), labelled=True))
+        raise DataError(
+            f"no usable image in `data.dir` {cfg.dir}: all {count} were skipped "
+            f"({last.reason}, ...); fix or replace them and run again:"
+            + _listed(scan.at("skip", "warn"), labelled=True)
+        )
     return scan
 
 
 def _scan_one(cfg: DataConfig, index: int, scan: Scan, console, exclude: Sequence[Path]) -> int:
     """Scan one [[data]] table into `scan`; returns how many images it has."""
     found = walk_dataset(cfg.dir, cfg.caption_ext, exclude)
-    with progress(console, f"checking {cfg.dir.name}", len(found.images), transient=True) as advance, \
-            ThreadPoolExecutor(max_workers=_SCAN_THREADS) as pool:  # decoding releases the GIL
+    with (
+        progress(console, f"checking {cfg.dir.name}", len(found.images), transient=True) as advance,
+        ThreadPoolExecutor(max_workers=_SCAN_THREADS) as pool,
+    ):  # decoding releases the GIL
         for item, problems in pool.map(lambda path: scan_image(path, cfg, index), found.images):
             advance(1)
             problems = _strict(problems) if cfg.strict else problems
             scan.problems.extend(problems)
             if item is not None and not any(p.level in ("error", "skip") for p in problems):
                 scan.items.append(item)
-    orphans = [Problem(path, "warn", "caption file with no image of the same name beside it, not used; add its "
-                                     "image or delete it", "orphan_caption") for path in found.orphans]
+    orphans = [
+        Problem(
+            path,
+            "warn",
+            "caption file with no image of the same name beside it, not used; add its image or delete it",
+            "orphan_caption",
+        )
+        for path in found.orphans
+    ]
     scan.problems += _strict(orphans) if cfg.strict else orphans
-    scan.problems += [Problem(run, "note", "is a zturbo run folder inside data.dir: its files (previews, LoRAs) "
-                                           "are never read as training data", "run_folder") for run in found.runs]
+    scan.problems += [
+        Problem(
+            run,
+            "note",
+            "is a zturbo run folder inside data.dir: its files (previews, LoRAs) are never read as training data",
+            "run_folder",
+        )
+        for run in found.runs
+    ]
     return len(found.images)
 
 
 def _strict(problems: Sequence[Problem]) -> list[Problem]:
-    return [Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
-            if p.level in ("skip", "warn") else p for p in problems]
+    return [
+        Problem(p.path, "error", p.reason + " (an error because data.strict = true)", p.kind)
+        if p.level in ("skip", "warn")
+        else p
+        for p in problems
+    ]
 
 
 @dataclass(frozen=True)
@@ -181,8 +207,10 @@ def walk_dataset(root: Path, caption_ext: str = "txt", exclude: Sequence[Path] =
         images += [here / n for n in names if Path(n).suffix.lower() in IMAGE_EXTS and (here / n).is_file()]
         captions += [here / n for n in names if n.endswith("." + caption_ext) and not n.startswith(".")]
     if not images:
-        raise DataError(f"`data.dir` {root} holds no images ({', '.join(IMAGE_EXTS)}); "
-                        f"put your training images there, each with a same-name .txt caption")
+        raise DataError(
+            f"`data.dir` {root} holds no images ({', '.join(IMAGE_EXTS)}); "
+            f"put your training images there, each with a same-name .txt caption"
+        )
     used = {caption_path(image, caption_ext) for image in images}
     return DatasetFiles(sorted(images), sorted(set(captions) - used), sorted(runs))
 
@@ -204,12 +232,19 @@ def scan_image(path: Path, cfg: DataConfig, index: int) -> tuple[ImageItem | Non
     except DataError as exc:
         return None, [Problem(path, "skip", str(exc), "bad_image")]
     except OSError as exc:
-        return None, [Problem(path, "skip", f"cannot be read ({exc.strerror or exc}); check its permissions",
-                              "bad_image")]
+        return None, [
+            Problem(path, "skip", f"cannot be read ({exc.strerror or exc}); check its permissions", "bad_image")
+        ]
     problems: list[Problem] = []
     if min(width, height) < MIN_SIDE:
-        problems.append(Problem(path, "skip", f"is {width}x{height} px, smaller than the {MIN_SIDE} px minimum, "
-                                              f"left out; use a larger image", "small_image"))
+        problems.append(
+            Problem(
+                path,
+                "skip",
+                f"is {width}x{height} px, smaller than the {MIN_SIDE} px minimum, left out; use a larger image",
+                "small_image",
+            )
+        )
     caption, source, caption_problems = read_caption(path, cfg)
     problems += caption_problems
     if caption is None:
@@ -237,19 +272,32 @@ def read_caption(image: Path, cfg: DataConfig) -> tuple[str | None, Literal["fil
         try:
             text = normalise(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as exc:
-            return None, "file", [Problem(path, "error", f"caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at "
-                                                         f"position {exc.start}); re-save it as UTF-8", "bad_caption")]
+            return (
+                None,
+                "file",
+                [
+                    Problem(
+                        path,
+                        "error",
+                        f"caption is not UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                        f"position {exc.start}); re-save it as UTF-8",
+                        "bad_caption",
+                    )
+                ],
+            )
         if text:
             return _with_trigger(text, path, cfg)
         missing, kind = f"caption file {path.name} is empty", "empty_caption"
     else:
         missing, kind = f"has no caption file {path.name}", "missing_caption"
     if cfg.default_caption is None:
-        return None, "file", [Problem(image, "error", f"{missing}; write a caption there or set data.default_caption",
-                                       kind)]
+        return (
+            None,
+            "file",
+            [Problem(image, "error", f"{missing}; write a caption there or set data.default_caption", kind)],
+        )
     caption, _, problems = _with_trigger(normalise(cfg.default_caption), path, cfg)
-    problems.append(Problem(image, "warn", f"{missing}; using data.default_caption {cfg.default_caption!r}",
-                            kind))
+    problems.append(Problem(image, "warn", f"{missing}; using data.default_caption {cfg.default_caption!r}", kind))
     return caption, "default", problems
 
 
@@ -270,8 +318,14 @@ def apply_trigger(caption: str, trigger: str) -> str:
 def _with_trigger(text: str, path: Path, cfg: DataConfig) -> tuple[str, Literal["file"], list[Problem]]:
     problems = []
     if TRIGGER in text and not cfg.trigger_word:
-        problems.append(Problem(path, "warn", f"caption has {TRIGGER} but data.trigger_word is not set, so it is "
-                                              f"removed; set data.trigger_word", "trigger"))
+        problems.append(
+            Problem(
+                path,
+                "warn",
+                f"caption has {TRIGGER} but data.trigger_word is not set, so it is removed; set data.trigger_word",
+                "trigger",
+            )
+        )
     return apply_trigger(text, cfg.trigger_word), "file", problems
 
 
@@ -290,8 +344,10 @@ def probe_image(data: bytes) -> tuple[int, int]:
     try:
         image = load_rgb(data)
     except UnidentifiedImageError:
-        raise DataError("is not an image Pillow can read (wrong extension or not an image), left out; "
-                        "delete it or convert it to PNG/JPEG") from None
+        raise DataError(
+            "is not an image Pillow can read (wrong extension or not an image), left out; "
+            "delete it or convert it to PNG/JPEG"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"is too large to decode safely ({exc}), left out; downscale it") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -44,8 +44,11 @@ class Inspection:
         levels = Counter(p.level for p in self.scan.problems)
         kinds = Counter(p.kind for p in self.scan.problems)
         return {
-            "images": len(self.scan.items), "samples_per_epoch": sum(r[3] for r in self.bucket_rows()),
-            "skipped": levels["skip"], "warnings": levels["warn"], "errors": levels["error"],
+            "images": len(self.scan.items),
+            "samples_per_epoch": sum(r[3] for r in self.bucket_rows()),
+            "skipped": levels["skip"],
+            "warnings": levels["warn"],
+            "errors": levels["error"],
             "captions_missing": kinds["missing_caption"] + kinds["empty_caption"],
             "default_captions": sum(item.caption_source == "default" for item in self.scan.items),
         }
@@ -63,14 +66,23 @@ class Inspection:
         buckets = self.item_buckets()
         return {
             "counts": self.counts(),
-            "images": [{"path": str(item.path), "width": item.width, "height": item.height, "caption": item.caption,
-                        "caption_source": item.caption_source,
-                        "buckets": [f"{res}:{w}x{h}" for res, (w, h) in buckets.get(i, [])]}
-                       for i, item in enumerate(self.scan.items)],
-            "buckets": [dict(zip(("resolution", "bucket", "images", "samples_per_epoch"), row))
-                        for row in self.bucket_rows()],
-            "problems": [{"path": str(p.path), "level": p.level, "kind": p.kind, "reason": p.reason}
-                         for p in self.scan.problems],
+            "images": [
+                {
+                    "path": str(item.path),
+                    "width": item.width,
+                    "height": item.height,
+                    "caption": item.caption,
+                    "caption_source": item.caption_source,
+                    "buckets": [f"{res}:{w}x{h}" for res, (w, h) in buckets.get(i, [])],
+                }
+                for i, item in enumerate(self.scan.items)
+            ],
+            "buckets": [
+                dict(zip(("resolution", "bucket", "images", "samples_per_epoch"), row)) for row in self.bucket_rows()
+            ],
+            "problems": [
+                {"path": str(p.path), "level": p.level, "kind": p.kind, "reason": p.reason} for p in self.scan.problems
+            ],
         }
 
 
@@ -83,8 +95,9 @@ def inspect_datasets(datasets: Sequence[DataConfig], console=None, exclude: Sequ
     return Inspection(list(datasets), scan, samples)
 
 
-def datasets_from_options(directory: Path | None, config: Path | None, overrides: Sequence[str] = (),
-                          **options: Any) -> list[DataConfig]:
+def datasets_from_options(
+    directory: Path | None, config: Path | None, overrides: Sequence[str] = (), **options: Any
+) -> list[DataConfig]:
     """The [[data]] tables of `config`, or one table built from DIR and the command-line options."""
     if (directory is None) == (config is None):
         raise ConfigError("give either a folder (zturbo data inspect DIR) or --config CONFIG.toml, not both or neither")
@@ -103,8 +116,12 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
 
     _image_table(inspection, console, rows, Table)
     buckets = Table(title="Buckets", title_justify="left")
-    for name, justify in (("resolution", "right"), ("bucket (WxH)", "left"), ("images", "right"),
-                          ("samples / epoch", "right")):
+    for name, justify in (
+        ("resolution", "right"),
+        ("bucket (WxH)", "left"),
+        ("images", "right"),
+        ("samples / epoch", "right"),
+    ):
         buckets.add_column(name, justify=justify)
     for row in inspection.bucket_rows():
         buckets.add_row(*map(str, row))
@@ -118,8 +135,9 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
             problems.add_row(_rel(p.path, inspection), f"[{style}]{p.level}[/]", _escape(p.reason))
         console.print(problems)
     counts = inspection.counts()
-    console.print(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()), highlight=False,
-                  soft_wrap=True)
+    console.print(
+        ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items()), highlight=False, soft_wrap=True
+    )
 
 
 def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
@@ -130,7 +148,7 @@ def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
     items = inspection.scan.items
     shown = items if rows <= 0 else items[:rows]
     for index, item in enumerate(shown):
-        caption = item.caption if len(item.caption) <= _CAPTION_WIDTH else item.caption[:_CAPTION_WIDTH - 1] + "…"
+        caption = item.caption if len(item.caption) <= _CAPTION_WIDTH else item.caption[: _CAPTION_WIDTH - 1] + "…"
         source = " [dim](default)[/]" if item.caption_source == "default" else ""
         sizes = " ".join(f"{w}x{h}" for _, (w, h) in buckets.get(index, []))
         table.add_row(_rel(item.path, inspection), f"{item.width}x{item.height}", sizes, _escape(caption) + source)

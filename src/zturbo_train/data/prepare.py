@@ -42,8 +42,9 @@ def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sampl
             bucket = closest_bucket(item.width, item.height, resolution)
             plan = fit(item.width, item.height, bucket)
             if plan.upscaled_much:
-                problems.append(_small_image(item.path, item.width, item.height, plan.scale, bucket, resolution,
-                                             cfg.strict))
+                problems.append(
+                    _small_image(item.path, item.width, item.height, plan.scale, bucket, resolution, cfg.strict)
+                )
             if plan.cropped > MAX_CROPPED:
                 problems.append(_cropped(item, plan, resolution, cfg.strict))
             samples += [Sample(index, resolution, bucket, flip) for flip in ((False, True) if cfg.flip else (False,))]
@@ -52,24 +53,30 @@ def plan_samples(scan: Scan, datasets: Sequence[DataConfig]) -> tuple[list[Sampl
 
 def _cropped(item: ImageItem, plan: Fit, resolution: int, strict: bool) -> Problem:
     bucket = f"{plan.bucket[0]}x{plan.bucket[1]}"
-    reason = (f"is {item.width}x{item.height} px, centre-cropped to the {bucket} bucket of resolution {resolution}, "
-              f"which cuts off {plan.cropped:.0%} of the picture; crop it yourself to what matters")
+    reason = (
+        f"is {item.width}x{item.height} px, centre-cropped to the {bucket} bucket of resolution {resolution}, "
+        f"which cuts off {plan.cropped:.0%} of the picture; crop it yourself to what matters"
+    )
     if strict:
         return Problem(item.path, "error", reason + " (an error because data.strict = true)", "cropped")
     return Problem(item.path, "warn", reason, "cropped")
 
 
-def _small_image(path: Path, width: int, height: int, scale: float, bucket: tuple[int, int], resolution: int,
-                 strict: bool) -> Problem:
-    reason = (f"is {width}x{height} px, upscaled {scale:.1f}x to the {bucket[0]}x{bucket[1]} bucket of resolution "
-              f"{resolution}, so it trains soft; use a larger image or a smaller data.resolution")
+def _small_image(
+    path: Path, width: int, height: int, scale: float, bucket: tuple[int, int], resolution: int, strict: bool
+) -> Problem:
+    reason = (
+        f"is {width}x{height} px, upscaled {scale:.1f}x to the {bucket[0]}x{bucket[1]} bucket of resolution "
+        f"{resolution}, so it trains soft; use a larger image or a smaller data.resolution"
+    )
     if strict:
         return Problem(path, "error", reason + " (an error because data.strict = true)", "upscaled")
     return Problem(path, "warn", reason, "upscaled")
 
 
-def scan_and_plan(datasets: Sequence[DataConfig], console=None,
-                  exclude: Sequence[Path] = ()) -> tuple[Scan, list[Sample]]:
+def scan_and_plan(
+    datasets: Sequence[DataConfig], console=None, exclude: Sequence[Path] = ()
+) -> tuple[Scan, list[Sample]]:
     """Scan and bucket every dataset, all problems collected; raises DataError listing every problem.
     `exclude`: folders never read (the run's output folder)."""
     scan = scan_datasets(datasets, console, exclude)
@@ -92,10 +99,13 @@ def heldout_items(scan: Scan, cfg: Config) -> set[int]:
         pool = [i for i, item in enumerate(scan.items) if item.dataset < len(cfg.data)]
         count = max(1, round(cfg.train.val_fraction * len(pool)))
         if count >= len(pool):
-            raise DataError(f"train.val_fraction = {cfg.train.val_fraction:g} holds out {count} of the {len(pool)} "
-                            f"images, leaving none to train on; lower it or set train.val_dir to a separate folder")
-        held |= set(sorted(pool, key=lambda i: (derive_seed("heldout", cfg.train.seed, scan.items[i].content_hash),
-                                                i))[:count])
+            raise DataError(
+                f"train.val_fraction = {cfg.train.val_fraction:g} holds out {count} of the {len(pool)} "
+                f"images, leaving none to train on; lower it or set train.val_dir to a separate folder"
+            )
+        held |= set(
+            sorted(pool, key=lambda i: (derive_seed("heldout", cfg.train.seed, scan.items[i].content_hash), i))[:count]
+        )
     return held
 
 
@@ -117,11 +127,21 @@ def sample_prompts(cfg: Config) -> list[str]:
     return [*cfg.sample.prompts, *([cfg.sample.negative] if cfg.sample.guidance > 0 else [])]
 
 
-def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | None = None,
-                    cache_dir: Path | None = None, extra_prompts: Sequence[str] | None = None, console=None,
-                    vae_batch_size: int = 4, text_batch_size: int = 8, share: tuple[int, int] = (0, 1),
-                    wait: Callable[[], None] | None = None, rank: tuple[int, int] = (0, 1),
-                    scanned: tuple[Scan, list[Sample]] | None = None) -> TrainDataset:
+def prepare_dataset(
+    cfg: Config,
+    device: Any = "cpu",
+    *,
+    encoders: Encoders | None = None,
+    cache_dir: Path | None = None,
+    extra_prompts: Sequence[str] | None = None,
+    console=None,
+    vae_batch_size: int = 4,
+    text_batch_size: int = 8,
+    share: tuple[int, int] = (0, 1),
+    wait: Callable[[], None] | None = None,
+    rank: tuple[int, int] = (0, 1),
+    scanned: tuple[Scan, list[Sample]] | None = None,
+) -> TrainDataset:
     """Scan cfg.data, fill the latent and caption caches (only what is missing), and return the dataset.
 
     `encoders` says where the VAE / text encoder come from (default: cfg.model.path, VAE
@@ -145,8 +165,7 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     text_paths = {caption: entry_path(text_root, text_key(caption)) for caption in captions}
     stats = CacheStats()
     index, count = share
-    fill_latents(list({job.path: job for job in jobs}.values())[index::count], encoders, stats, console,
-                 vae_batch_size)
+    fill_latents(list({job.path: job for job in jobs}.values())[index::count], encoders, stats, console, vae_batch_size)
     fill_texts(dict(list(text_paths.items())[index::count]), encoders, stats, console, text_batch_size)
     if wait is not None:
         wait()
@@ -156,17 +175,31 @@ def prepare_dataset(cfg: Config, device: Any = "cpu", *, encoders: Encoders | No
     train = [i for i, s in enumerate(samples) if s.item not in held]
     per_sample = [datasets[scan.items[samples[i].item].dataset] for i in train]
     dataset = TrainDataset(
-        items=scan.items, samples=[samples[i] for i in train], latent_paths=[jobs[i].path for i in train],
-        text_paths=text_paths, repeats=[d.repeats for d in per_sample], dropout=[d.caption_dropout for d in per_sample],
-        batch_size=cfg.train.batch_size, seed=cfg.train.seed, problems=scan.problems, stats=stats,
+        items=scan.items,
+        samples=[samples[i] for i in train],
+        latent_paths=[jobs[i].path for i in train],
+        text_paths=text_paths,
+        repeats=[d.repeats for d in per_sample],
+        dropout=[d.caption_dropout for d in per_sample],
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        problems=scan.problems,
+        stats=stats,
         heldout=[(s, job.path) for s, job in zip(samples, jobs) if s.item in held],
     ).for_rank(*rank)
     report_summary(dataset, console)
     return dataset
 
 
-def _fill_rest(jobs: Sequence[LatentJob], text_paths: dict[str, Path], encoders: Encoders, stats: CacheStats,
-               console, vae_batch_size: int, text_batch_size: int) -> None:
+def _fill_rest(
+    jobs: Sequence[LatentJob],
+    text_paths: dict[str, Path],
+    encoders: Encoders,
+    stats: CacheStats,
+    console,
+    vae_batch_size: int,
+    text_batch_size: int,
+) -> None:
     """After the other processes filled their shares: encode what is still missing (nothing, when they
     share this cache folder), and count their entries as reused."""
     rest = CacheStats()
@@ -213,7 +246,11 @@ def report_summary(dataset: TrainDataset, console) -> None:
     corrupt = f", {len(st.corrupt)} corrupt cache files re-encoded" if st.corrupt else ""
     held = len({sample.item for sample, _ in dataset.heldout})
     held = f" ({held} held out for validation)" if held else ""
-    console.print(f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in "
-                  f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
-                  f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
-                  f"encoded, {st.texts_reused} reused{corrupt}", highlight=False, soft_wrap=True)
+    console.print(
+        f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in "
+        f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
+        f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
+        f"encoded, {st.texts_reused} reused{corrupt}",
+        highlight=False,
+        soft_wrap=True,
+    )

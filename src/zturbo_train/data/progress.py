@@ -15,8 +15,13 @@ def progress(console, description: str, total: int, transient: bool = False) -> 
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _rate_column(),
+        TimeRemainingColumn(),
+    )
     hidden = console is None or (transient and not console.is_terminal)
     with Progress(*columns, console=console, disable=hidden, transient=transient) as bar:
         task = bar.add_task(description, total=total)

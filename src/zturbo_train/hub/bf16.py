@@ -19,8 +19,23 @@ from ..fileio import atomic_path, safetensors_data_bytes, write_json
 from .fetch import NullReporter, Reporter
 
 TO_BF16 = {"F64", "F32", "F16"}
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def convert_to_bf16(path: Path, reporter: Reporter | None = None) -> int:
@@ -65,8 +80,9 @@ def bf16_header(src: Any, path: Path) -> tuple[dict[str, Any], list[str], int]:
         piece = src.get_slice(key)
         dtype = "BF16" if piece.get_dtype() in TO_BF16 else piece.get_dtype()
         if dtype not in DTYPE_BYTES:
-            raise DownloadError(f"cannot convert {path} to bf16: tensor {key} has dtype {dtype}; "
-                                f"download without --bf16")
+            raise DownloadError(
+                f"cannot convert {path} to bf16: tensor {key} has dtype {dtype}; download without --bf16"
+            )
         count = 1
         for dim in piece.get_shape():
             count *= dim

@@ -122,8 +122,13 @@ def rich_reporter(console: Any, enabled: bool = True) -> Iterator[Reporter]:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     # not drawn where stderr is not a terminal: a transient bar shows nothing there but an empty line
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield RichReporter(progress)
@@ -140,8 +145,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
-        raise DownloadError(f"{path} is not valid JSON; delete it and run `zturbo download` again "
-                            f"(files already there are re-checked by hash, not fetched again)") from None
+        raise DownloadError(
+            f"{path} is not valid JSON; delete it and run `zturbo download` again "
+            f"(files already there are re-checked by hash, not fetched again)"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise DownloadError(f"{path} is not a zturbo download record; delete it or pick another folder with --dir")
     return data
@@ -154,8 +161,14 @@ def stored_dtype(folder: str | Path, part: str) -> str | None:
 
 
 def _new_manifest(repo: str) -> dict[str, Any]:
-    return {"format": 1, "repo": repo, "tool": f"zturbo-train {__version__}", "complete": False,
-            "files": {}, "dtype": {}}
+    return {
+        "format": 1,
+        "repo": repo,
+        "tool": f"zturbo-train {__version__}",
+        "complete": False,
+        "files": {},
+        "dtype": {},
+    }
 
 
 def _save(folder: Path, manifest: dict[str, Any]) -> None:
@@ -197,8 +210,10 @@ def open_folder(folder: Path, repo: str) -> dict[str, Any] | None:
         raise DownloadError(f"{folder} is a file, not a folder; pass --dir with a folder for the download")
     manifest = read_manifest(folder) if folder.is_dir() else None
     if manifest is not None and manifest.get("repo") != repo:
-        raise DownloadError(f"{folder} holds a download of {manifest.get('repo')}, not {repo}; "
-                            f"pick another folder with --dir or delete that one")
+        raise DownloadError(
+            f"{folder} holds a download of {manifest.get('repo')}, not {repo}; "
+            f"pick another folder with --dir or delete that one"
+        )
     return manifest
 
 
@@ -209,8 +224,10 @@ def check_foreign(folder: Path, repo: str, remote: list[RemoteFile]) -> None:
     allowed = {f.path.split("/")[0] for f in remote} | {MANIFEST, STAGING, ".cache"}
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
     if foreign:
-        raise DownloadError(f"{folder} already holds other files ({', '.join(foreign[:3])}) and is not a download of "
-                            f"{repo}; choose an empty or new folder with --dir, or empty that one")
+        raise DownloadError(
+            f"{folder} already holds other files ({', '.join(foreign[:3])}) and is not a download of "
+            f"{repo}; choose an empty or new folder with --dir, or empty that one"
+        )
 
 
 @contextmanager
@@ -223,8 +240,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise DownloadError(f"another `zturbo download` is writing into {folder}; wait for it to finish "
-                            f"(or stop it) and run again") from None
+        raise DownloadError(
+            f"another `zturbo download` is writing into {folder}; wait for it to finish (or stop it) and run again"
+        ) from None
     try:
         yield
     finally:
@@ -261,8 +279,10 @@ def check_disk(folder: Path, steps: list[tuple[int, int, int]], bf16_hint: bool)
         from rich.filesize import decimal
 
         hint = "; or pass --bf16 to store the transformer at half the size" if bf16_hint else ""
-        raise DownloadError(f"not enough disk space for the download into {folder}: it needs {decimal(peak)} more "
-                            f"but only {decimal(free)} is free; free some space or pick another disk with --dir{hint}")
+        raise DownloadError(
+            f"not enough disk space for the download into {folder}: it needs {decimal(peak)} more "
+            f"but only {decimal(free)} is free; free some space or pick another disk with --dir{hint}"
+        )
 
 
 # ---------------------------------------------------------------- which files
@@ -304,10 +324,17 @@ def prune_shards(folder: Path, files: list[RemoteFile]) -> list[RemoteFile]:
     for part, shards in listed.items():
         missing = sorted(shards - names)
         if missing:
-            raise DownloadError(f"{part}'s index lists {missing[0]}, which the repo does not hold; the repo is "
-                                f"incomplete at this revision, try another --revision")
-    return [f for f in files if not f.path.endswith(WEIGHT_SUFFIX) or f.path.split("/")[0] not in listed
-            or f.path in listed[f.path.split("/")[0]]]
+            raise DownloadError(
+                f"{part}'s index lists {missing[0]}, which the repo does not hold; the repo is "
+                f"incomplete at this revision, try another --revision"
+            )
+    return [
+        f
+        for f in files
+        if not f.path.endswith(WEIGHT_SUFFIX)
+        or f.path.split("/")[0] not in listed
+        or f.path in listed[f.path.split("/")[0]]
+    ]
 
 
 # ---------------------------------------------------------------- one job: files of a repo into a folder
@@ -385,14 +412,23 @@ class _Job:
         return max((remote.size or 0) - have, 0)
 
 
-def _listing_or_fallback(hub: Hub, folder: Path, manifest: dict[str, Any] | None, revision: str | None,
-                         what: str, needed: list[str] | None = None) -> tuple[str, list[RemoteFile]] | DownloadResult:
+def _listing_or_fallback(
+    hub: Hub,
+    folder: Path,
+    manifest: dict[str, Any] | None,
+    revision: str | None,
+    what: str,
+    needed: list[str] | None = None,
+) -> tuple[str, list[RemoteFile]] | DownloadResult:
     """The Hub's listing; offline or unreachable, an earlier complete download is kept instead (with a note)."""
     try:
         return hub.listing(revision)
     except DownloadError as exc:
-        usable = manifest is not None and (manifest.get("complete") is True if needed is None
-                                           else all(p in manifest["files"] and (folder / p).is_file() for p in needed))
+        usable = manifest is not None and (
+            manifest.get("complete") is True
+            if needed is None
+            else all(p in manifest["files"] and (folder / p).is_file() for p in needed)
+        )
         same_revision = manifest is not None and revision in (None, manifest.get("revision"), manifest.get("commit"))
         if not getattr(exc, "unreachable", False) or not usable or not same_revision:
             raise
@@ -413,8 +449,15 @@ def check_repo_id(repo: str) -> None:
         raise DownloadError(f"--model {repo!r} is not a Hub repo id; use owner/name, e.g. {TURBO_REPO}")
 
 
-def download_model(repo: str = TURBO_REPO, folder: str | Path | None = None, *, revision: str | None = None,
-                   token: str | None = None, bf16: bool = False, reporter: Reporter | None = None) -> DownloadResult:
+def download_model(
+    repo: str = TURBO_REPO,
+    folder: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    bf16: bool = False,
+    reporter: Reporter | None = None,
+) -> DownloadResult:
     """Fetch the files of a Z-Image diffusers repo the trainer needs into `folder` (default: where the loader looks)."""
     check_repo_id(repo)
     folder = Path(folder).expanduser().resolve() if folder else download_dir(repo)
@@ -427,14 +470,17 @@ def download_model(repo: str = TURBO_REPO, folder: str | Path | None = None, *, 
     check_foreign(folder, repo, remote)
     by_path = {f.path: f for f in remote}
     if MODEL_INDEX not in by_path:
-        raise DownloadError(f"{repo} has no {MODEL_INDEX}, so it is not a diffusers pipeline; pass --model "
-                            f"{TURBO_REPO} or another Z-Image diffusers repo")
+        raise DownloadError(
+            f"{repo} has no {MODEL_INDEX}, so it is not a diffusers pipeline; pass --model "
+            f"{TURBO_REPO} or another Z-Image diffusers repo"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):
         manifest = read_manifest(folder) or _new_manifest(repo)
         manifest.update(revision=revision or "main", commit=commit)
-        job = _Job(hub, folder, commit, manifest, reporter or NullReporter(),
-                   DownloadResult("model", repo, folder, commit))
+        job = _Job(
+            hub, folder, commit, manifest, reporter or NullReporter(), DownloadResult("model", repo, folder, commit)
+        )
         _sync_model(job, by_path, remote, bf16)
     job.result.files.sort(key=lambda f: f.path)
     return job.result
@@ -452,8 +498,10 @@ def _sync_model(job: _Job, by_path: dict[str, RemoteFile], remote: list[RemoteFi
     _check_parts(job.hub.repo, parts, small + weights)
     to_bf16 = bf16 or any(e.get("dtype") == "bf16" for e in manifest["files"].values())
     if to_bf16 and not bf16:
-        job.result.notes.append(f"{folder} was converted to bf16 by an earlier --bf16 run, so the transformer stays "
-                                f"bf16; delete the folder to fetch the published fp32 weights again")
+        job.result.notes.append(
+            f"{folder} was converted to bf16 by an earlier --bf16 run, so the transformer stays "
+            f"bf16; delete the folder to fetch the published fp32 weights again"
+        )
     _fetch_weights(job, weights, to_bf16)
     if to_bf16:
         _finish_bf16(job, small, weights)
@@ -474,19 +522,25 @@ def _model_index(job: _Job, remote: RemoteFile) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
-        raise DownloadError(f"{job.hub.repo}'s {MODEL_INDEX} is not valid JSON; it is not a usable diffusers repo") from None
+        raise DownloadError(
+            f"{job.hub.repo}'s {MODEL_INDEX} is not valid JSON; it is not a usable diffusers repo"
+        ) from None
     name = index.get("_class_name") if isinstance(index, dict) else None
     if name not in PIPELINE_CLASSES:
-        raise DownloadError(f"{job.hub.repo} holds a {name} model, not Z-Image ({', '.join(sorted(PIPELINE_CLASSES))}); "
-                            f"pass --model {TURBO_REPO}")
+        raise DownloadError(
+            f"{job.hub.repo} holds a {name} model, not Z-Image ({', '.join(sorted(PIPELINE_CLASSES))}); "
+            f"pass --model {TURBO_REPO}"
+        )
     return index
 
 
 def _check_parts(repo: str, parts: set[str], files: list[RemoteFile]) -> None:
     missing = sorted(parts - {f.path.split("/")[0] for f in files})
     if missing:
-        raise DownloadError(f"{repo} names the part {missing[0]}/ in {MODEL_INDEX} but holds no usable files for it "
-                            f"(safetensors and configs); it cannot be loaded, try another --revision")
+        raise DownloadError(
+            f"{repo} names the part {missing[0]}/ in {MODEL_INDEX} but holds no usable files for it "
+            f"(safetensors and configs); it cannot be loaded, try another --revision"
+        )
 
 
 def _fetch_weights(job: _Job, weights: list[RemoteFile], to_bf16: bool) -> None:
@@ -560,8 +614,10 @@ def adapter_ref(ref: str) -> tuple[str, str]:
     """`v1` / `v2` / `owner/repo/file.safetensors` as (repo, file)."""
     parsed = hub_file(ref)
     if parsed is None:
-        raise AdapterError(f"adapter {ref!r} is not one of {', '.join(ADAPTER_ALIASES)} or owner/repo/file.safetensors; "
-                           f"use --adapter v2 (the usual choice), v1 or none")
+        raise AdapterError(
+            f"adapter {ref!r} is not one of {', '.join(ADAPTER_ALIASES)} or owner/repo/file.safetensors; "
+            f"use --adapter v2 (the usual choice), v1 or none"
+        )
     return parsed
 
 
@@ -589,8 +645,9 @@ def download_adapter(ref: str = "v2", *, token: str | None = None, reporter: Rep
     with folder_lock(folder):
         manifest = read_manifest(folder) or _new_manifest(repo)
         manifest.update(revision="main", commit=commit)
-        job = _Job(hub, folder, commit, manifest, reporter or NullReporter(),
-                   DownloadResult("adapter", repo, folder, commit))
+        job = _Job(
+            hub, folder, commit, manifest, reporter or NullReporter(), DownloadResult("adapter", repo, folder, commit)
+        )
         if not _present(folder, manifest, match):
             check_disk(folder, [(job.missing_bytes(match), 0, 0)], bf16_hint=False)
         job.ensure(match)
@@ -619,16 +676,25 @@ def resolve_adapter_file(ref: str) -> Path:
     if cached is not None:
         return cached
     arg = ref if ref in ADAPTER_ALIASES else f"{repo}/{filename}"
-    raise AdapterNotDownloadedError(f"training adapter {ref} ({repo}/{filename}) is not downloaded; run "
-                       f"`zturbo download --adapter {arg}` (it goes to {ours})")
+    raise AdapterNotDownloadedError(
+        f"training adapter {ref} ({repo}/{filename}) is not downloaded; run "
+        f"`zturbo download --adapter {arg}` (it goes to {ours})"
+    )
 
 
 # ---------------------------------------------------------------- the command and its summary
 
 
-def download_all(model: str = TURBO_REPO, adapter: str = "v2", folder: str | Path | None = None, *,
-                 revision: str | None = None, token: str | None = None, bf16: bool = False,
-                 reporter: Reporter | None = None) -> list[DownloadResult]:
+def download_all(
+    model: str = TURBO_REPO,
+    adapter: str = "v2",
+    folder: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    bf16: bool = False,
+    reporter: Reporter | None = None,
+) -> list[DownloadResult]:
     """`zturbo download`: the model (unless `none`), then the adapter (unless `none`)."""
     if model == "none" and adapter == "none":
         raise DownloadError("--model none and --adapter none leave nothing to download; drop one of them")
@@ -655,8 +721,14 @@ def summary_table(results: list[DownloadResult]) -> Any:
     for column in ("what", "where", "files", "size", "status"):
         table.add_column(column, justify="right" if column in ("files", "size") else "left", overflow="fold")
     for result in results:
-        table.add_row(f"{result.what} {result.repo}", str(result.folder), str(len(result.files)),
-                      decimal(result.size), _status(result.files), style="bold")
+        table.add_row(
+            f"{result.what} {result.repo}",
+            str(result.folder),
+            str(len(result.files)),
+            decimal(result.size),
+            _status(result.files),
+            style="bold",
+        )
         groups: dict[str, list[FileResult]] = {}
         for item in result.files:
             groups.setdefault(item.path.split("/")[0] + ("/" if "/" in item.path else ""), []).append(item)

@@ -31,12 +31,24 @@ from ..errors import DownloadError
 from ..zimage import TURBO_REPO
 
 LIBRARY = {"library_name": "zturbo-train", "library_version": __version__}
-LOGIN_HINT = ("log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`), set HF_TOKEN "
-              "or pass --token")
+LOGIN_HINT = (
+    "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`), set HF_TOKEN or pass --token"
+)
 RETRIES = 5  # reconnections in a row without a new byte before a run gives up (the next run resumes)
-_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout",
-                   "TimeoutException", "RemoteProtocolError", "ReadError", "NetworkError",
-                   "ConnectionError", "Timeout", "ProxyError"}
+_NETWORK_ERRORS = {
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "TimeoutException",
+    "RemoteProtocolError",
+    "ReadError",
+    "NetworkError",
+    "ConnectionError",
+    "Timeout",
+    "ProxyError",
+}
 
 
 @dataclass(frozen=True)
@@ -98,14 +110,19 @@ class Hub:
 
                 raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
             info = HfApi(endpoint=self.endpoint, token=self.token, **LIBRARY).model_info(
-                self.repo, revision=revision, files_metadata=True)
+                self.repo, revision=revision, files_metadata=True
+            )
         except Exception as exc:  # noqa: BLE001 - every failure becomes one DownloadError
             raise self.error(exc, revision) from None
         if not info.sha:
-            raise DownloadError(f"{self.endpoint} listed {self.repo} without a commit hash; it does not behave like "
-                                f"the Hugging Face Hub, check HF_ENDPOINT")
-        files = [RemoteFile(s.rfilename, s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else s.blob_id)
-                 for s in info.siblings or []]
+            raise DownloadError(
+                f"{self.endpoint} listed {self.repo} without a commit hash; it does not behave like "
+                f"the Hugging Face Hub, check HF_ENDPOINT"
+            )
+        files = [
+            RemoteFile(s.rfilename, s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else s.blob_id)
+            for s in info.siblings or []
+        ]
         return info.sha, files
 
     def fetch(self, remote: RemoteFile, commit: str, part: Path, reporter: Reporter) -> int:
@@ -119,8 +136,10 @@ class Hub:
         except Exception as exc:  # noqa: BLE001
             raise self.error(exc, commit, remote.path) from None
         if remote.oid and meta.etag and meta.etag != remote.oid:
-            raise DownloadError(f"the Hub lists {remote.path} of {self.repo} with hash {remote.oid[:12]} but serves "
-                                f"{meta.etag[:12]}; run again (the repo may have changed during the download)")
+            raise DownloadError(
+                f"the Hub lists {remote.path} of {self.repo} with hash {remote.oid[:12]} but serves "
+                f"{meta.etag[:12]}; run again (the repo may have changed during the download)"
+            )
         oid, size = remote.oid or meta.etag, remote.size if remote.size is not None else meta.size
         headers = build_hf_headers(token=self.token, **LIBRARY)
         elsewhere = urlparse(meta.location).netloc != urlparse(url).netloc
@@ -138,8 +157,10 @@ class Hub:
                 os.fsync(handle.fileno())
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise DownloadError(f"disk full while downloading {remote.path} into {part.parent}; free some space "
-                                    f"and run again (the bytes so far are kept and resumed)") from None
+                raise DownloadError(
+                    f"disk full while downloading {remote.path} into {part.parent}; free some space "
+                    f"and run again (the bytes so far are kept and resumed)"
+                ) from None
             raise self.error(exc, commit, remote.path, cdn=elsewhere) from None
         except Exception as exc:  # noqa: BLE001
             raise self.error(exc, commit, remote.path, cdn=elsewhere) from None
@@ -158,8 +179,9 @@ class Hub:
         return error
 
 
-def describe_hub_error(exc: Exception, repo: str, endpoint: str, revision: str | None, path: str | None = None,
-                       cdn: bool = False) -> str:
+def describe_hub_error(
+    exc: Exception, repo: str, endpoint: str, revision: str | None, path: str | None = None, cdn: bool = False
+) -> str:
     """The message for each kind of failure, most specific first (a gated repo is also 'not found')."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -180,24 +202,32 @@ def describe_hub_error(exc: Exception, repo: str, endpoint: str, revision: str |
     if isinstance(exc, OfflineModeIsEnabled):
         return f"offline mode is on (HF_HUB_OFFLINE=1), so {what} cannot be fetched; unset HF_HUB_OFFLINE to download"
     if isinstance(exc, GatedRepoError):
-        return (f"{repo} is gated and this account has no access to it yet ({status} unauthorised): accept the "
-                f"licence on {page} while logged in, then {LOGIN_HINT}")
+        return (
+            f"{repo} is gated and this account has no access to it yet ({status} unauthorised): accept the "
+            f"licence on {page} while logged in, then {LOGIN_HINT}"
+        )
     if cdn and status in (401, 403):
         return f"the Hub's download link for {what} stopped working ({status}, it may have expired); {resume}"
     if status in (401, 403):
-        return (f"not authorised to download {what} ({status} from {endpoint}): the repo is private or gated, does "
-                f"not exist, or the token is missing or invalid; check the id, accept the licence on {page} while "
-                f"logged in, then {LOGIN_HINT}")
+        return (
+            f"not authorised to download {what} ({status} from {endpoint}): the repo is private or gated, does "
+            f"not exist, or the token is missing or invalid; check the id, accept the licence on {page} while "
+            f"logged in, then {LOGIN_HINT}"
+        )
     if isinstance(exc, RevisionNotFoundError):
         return f"revision {revision!r} does not exist in {repo}; pass --revision with a branch, tag or commit of {page}"
     if isinstance(exc, RemoteEntryNotFoundError):
         return f"{path} is not in {repo} at {revision}; check the file name on {page}"
     if isinstance(exc, RepositoryNotFoundError) or status == 404:
-        return (f"repository {repo} was not found on {endpoint} (404); check the id (the model is {TURBO_REPO}), "
-                f"or if it is private, {LOGIN_HINT}")
+        return (
+            f"repository {repo} was not found on {endpoint} (404); check the id (the model is {TURBO_REPO}), "
+            f"or if it is private, {LOGIN_HINT}"
+        )
     if is_network_error(exc):
-        return f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)}); check the network, " \
-               f"proxy or HF_ENDPOINT and {resume}"
+        return (
+            f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)}); check the network, "
+            f"proxy or HF_ENDPOINT and {resume}"
+        )
     if isinstance(exc, HfHubHTTPError) and status is not None:
         return f"the Hub answered {status} for {what}; try again later and {resume}"
     return f"downloading {what} failed: {type(exc).__name__}: {_first_line(exc)}"
@@ -240,8 +270,9 @@ def stream_into(writer: "HashingWriter", url: str, headers: dict[str, str]) -> N
         start = writer.tell()
         ranged = {**headers, "Range": f"bytes={start}-"} if start else headers
         try:
-            with get_session().stream("GET", url, headers=ranged, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-                                      follow_redirects=True) as response:
+            with get_session().stream(
+                "GET", url, headers=ranged, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True
+            ) as response:
                 hf_raise_for_status(response)
                 if start and response.status_code == 200:
                     writer.seek(0)
@@ -280,8 +311,10 @@ def copy_from_cache(cached: Path, part: Path, remote: RemoteFile, reporter: Repo
         except OSError as exc:
             part.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
-                raise DownloadError(f"disk full while copying {remote.path} from the Hugging Face cache into "
-                                    f"{part.parent}; free some space and run again") from None
+                raise DownloadError(
+                    f"disk full while copying {remote.path} from the Hugging Face cache into "
+                    f"{part.parent}; free some space and run again"
+                ) from None
             raise
         finally:
             reporter.end()
@@ -373,15 +406,19 @@ def verify(part: Path, name: str, oid: str | None, size: int | None, digest: str
     actual = part.stat().st_size
     if size is not None and actual != size:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{name} arrived with {actual} bytes, the Hub lists {size}; the partial file was removed, "
-                            f"run again to fetch it fresh")
+        raise DownloadError(
+            f"{name} arrived with {actual} bytes, the Hub lists {size}; the partial file was removed, "
+            f"run again to fetch it fresh"
+        )
     if oid is None:
         return
     digest = digest or file_oid(part, oid)
     if digest is not None and digest != oid:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{name} failed its hash check (got {digest[:12]}, the Hub lists {oid[:12]}); the file "
-                            f"was removed, run again to fetch it fresh")
+        raise DownloadError(
+            f"{name} failed its hash check (got {digest[:12]}, the Hub lists {oid[:12]}); the file "
+            f"was removed, run again to fetch it fresh"
+        )
 
 
 def partial_size(part: Path, size: int | None) -> int:

@@ -68,8 +68,16 @@ class LabSettings:
 
     @classmethod
     def quick(cls) -> "LabSettings":
-        return cls(vae_steps=50, teacher_steps=300, pairs_per_concept=24, student_steps=200, adapter_steps=150,
-                   adapter_samples_per_concept=16, eval_samples=8)
+        return cls(
+            vae_steps=50,
+            teacher_steps=300,
+            pairs_per_concept=24,
+            student_steps=200,
+            adapter_steps=150,
+            adapter_samples_per_concept=16,
+            eval_samples=8,
+        )
+
 
 @dataclass
 class Lab:
@@ -159,15 +167,27 @@ def fit_vae(vae, pixels: Tensor, steps: int, seed: int, log: Log) -> dict[str, f
         recon = vae.decode(mean).sample.clamp(-1, 1)
         rms = float(((recon - pixels) / 2).square().mean().sqrt())  # in [0, 1] pixel units
         latent_rms = float(((mean - cfg.shift_factor) * cfg.scaling_factor).square().mean().sqrt())
-    return {"roundtrip_rms": rms, "roundtrip_psnr_db": float(-20 * torch.log10(torch.tensor(rms))),
-            "latent_rms": latent_rms}
+    return {
+        "roundtrip_rms": rms,
+        "roundtrip_psnr_db": float(-20 * torch.log10(torch.tensor(rms))),
+        "latent_rms": latent_rms,
+    }
 
 
 # ------------------------------------------------------------------------------ flow training
 
 
-def train_flow(transformer, params: Sequence[torch.nn.Parameter], batch_fn, steps: int, lr: float, method: str,
-               seed: int, log: Log, what: str) -> float:
+def train_flow(
+    transformer,
+    params: Sequence[torch.nn.Parameter],
+    batch_fn,
+    steps: int,
+    lr: float,
+    method: str,
+    seed: int,
+    log: Log,
+    what: str,
+) -> float:
     """The project's flow-matching step (flow.py) over `batch_fn(generator) -> (x0, noise, caption embeds)`."""
     from ..flow import flow_loss, flow_target, loss_weights, model_time, noisy_latents, predict, sample_sigmas
 
@@ -194,26 +214,32 @@ def train_flow(transformer, params: Sequence[torch.nn.Parameter], batch_fn, step
 
 def mode_batches(modes: list[Tensor], embeds: list[Tensor], batch: int):
     """Independent coupling: a random mode of a random concept, fresh noise (the teacher's data)."""
+
     def draw(gen: torch.Generator):
         concept = torch.randint(len(modes), (batch,), generator=gen).tolist()
         x0 = torch.stack([modes[c][int(torch.randint(len(modes[c]), (1,), generator=gen))] for c in concept])
         return x0, torch.randn(x0.shape, generator=gen), [embeds[c] for c in concept]
+
     return draw
 
 
 def pair_batches(noise: Tensor, samples: Tensor, caps: list[Tensor], batch: int):
     """Reflow coupling: the noise a sample was generated from, and that sample."""
+
     def draw(gen: torch.Generator):
         index = torch.randint(len(noise), (batch,), generator=gen).tolist()
         return samples[index], noise[index], [caps[i] for i in index]
+
     return draw
 
 
 def sample_batches(samples: Tensor, caps: list[Tensor], batch: int):
     """Independent coupling on generated samples (the adapter's data: the student's own outputs)."""
+
     def draw(gen: torch.Generator):
         index = torch.randint(len(samples), (batch,), generator=gen).tolist()
         return samples[index], torch.randn(samples[index].shape, generator=gen), [caps[i] for i in index]
+
     return draw
 
 
@@ -232,8 +258,9 @@ def rebuild_adapter(out: Path, settings: LabSettings | None = None, log: Log = p
     adapter = train_adapter(pipe.transformer, pipe.scheduler, lab.old_captions, lab.embeds, s, log)
     timings = {**lab.info["seconds"], "adapter": time.perf_counter() - clock}
     pipe.transformer.requires_grad_(True)
-    return save_lab(Path(out), pipe, teacher, pipe.transformer, adapter, lab.modes, lab.embeds, s, timings,
-                    lab.info["vae"], log)
+    return save_lab(
+        Path(out), pipe, teacher, pipe.transformer, adapter, lab.modes, lab.embeds, s, timings, lab.info["vae"], log
+    )
 
 
 def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) -> Lab:
@@ -256,8 +283,17 @@ def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) 
 
     clock = time.perf_counter()
     teacher = pipe.transformer
-    train_flow(teacher, list(teacher.parameters()), mode_batches([modes[c] for c in old], [embeds[c] for c in old],
-               s.batch), s.teacher_steps, s.teacher_lr, "weighted", s.seed, log, "teacher")
+    train_flow(
+        teacher,
+        list(teacher.parameters()),
+        mode_batches([modes[c] for c in old], [embeds[c] for c in old], s.batch),
+        s.teacher_steps,
+        s.teacher_lr,
+        "weighted",
+        s.seed,
+        log,
+        "teacher",
+    )
     timings["teacher"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -266,8 +302,17 @@ def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) 
     noise = initial_latents(seeds, SIDE, SIDE, torch.device("cpu"))
     samples = sample_latents(teacher, pipe.scheduler, caps, seeds, s.pair_steps)
     student = copy.deepcopy(teacher)
-    train_flow(student, list(student.parameters()), pair_batches(noise, samples, caps, s.batch), s.student_steps,
-               s.student_lr, "uniform", s.seed + 1, log, "student")
+    train_flow(
+        student,
+        list(student.parameters()),
+        pair_batches(noise, samples, caps, s.batch),
+        s.student_steps,
+        s.student_lr,
+        "uniform",
+        s.seed + 1,
+        log,
+        "student",
+    )
     timings["student"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -295,10 +340,18 @@ def train_adapter(student, scheduler, old: list[str], embeds: dict[str, Tensor],
     caps = [embeds[c] for c in old for _ in range(n)]
     samples = sample_latents(student, scheduler, caps, seeds, 8)
     student.requires_grad_(False)
-    network = create_lora(student, s.adapter_rank, float(s.adapter_rank), ["layers"], ADAPTER_TARGETS,
-                          seed=s.seed + 2)
-    train_flow(student, network.trainable_parameters(), sample_batches(samples, caps, s.batch), s.adapter_steps,
-               s.adapter_lr, "weighted", s.seed + 2, log, "adapter")
+    network = create_lora(student, s.adapter_rank, float(s.adapter_rank), ["layers"], ADAPTER_TARGETS, seed=s.seed + 2)
+    train_flow(
+        student,
+        network.trainable_parameters(),
+        sample_batches(samples, caps, s.batch),
+        s.adapter_steps,
+        s.adapter_lr,
+        "weighted",
+        s.seed + 2,
+        log,
+        "adapter",
+    )
     loras = network.to_lora_dict()
     network.detach()
     return loras
@@ -312,8 +365,14 @@ def model_drift(transformer, scheduler, lab: Lab, n: int) -> dict[str, float]:
     out = {}
     for part, captions in (("old", lab.old_captions), ("new", [lab.new_caption])):
         probe = DriftProbe()
-        sample_latents(transformer, scheduler, [lab.embeds[c] for c in captions for _ in range(n)],
-                       [EVAL_SEED + i for _ in captions for i in range(n)], 8, observe=probe.observe)
+        sample_latents(
+            transformer,
+            scheduler,
+            [lab.embeds[c] for c in captions for _ in range(n)],
+            [EVAL_SEED + i for _ in captions for i in range(n)],
+            8,
+            observe=probe.observe,
+        )
         out[part] = round(probe.value(), 4)
     return out
 
@@ -327,8 +386,9 @@ def adapter_state_dict(loras) -> dict[str, Tensor]:
     return out
 
 
-def save_lab(out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSettings, timings, vae_stats,
-             log: Log) -> Lab:
+def save_lab(
+    out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSettings, timings, vae_stats, log: Log
+) -> Lab:
     from diffusers import ZImagePipeline
     from safetensors.torch import save_file
 
@@ -336,9 +396,13 @@ def save_lab(out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSe
 
     out.mkdir(parents=True, exist_ok=True)
     for name, transformer in (("student", student), ("teacher", teacher)):
-        ZImagePipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                       tokenizer=pipe.tokenizer, transformer=transformer).save_pretrained(out / name,
-                                                                                          safe_serialization=True)
+        ZImagePipeline(
+            scheduler=pipe.scheduler,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            transformer=transformer,
+        ).save_pretrained(out / name, safe_serialization=True)
     with atomic_path(out / "adapter.safetensors") as tmp:
         save_file(adapter_state_dict(adapter), str(tmp), metadata={"format": "pt"})
     captions = list(modes)
@@ -348,8 +412,14 @@ def save_lab(out: Path, pipe, teacher, student, adapter, modes, embeds, s: LabSe
         save_file(tensors, str(tmp))
     write_dataset(OLD_CONCEPTS, out / "data" / "old")
     write_dataset((NEW_CONCEPT,), out / "data" / "new")
-    info = {"captions": captions, "old": [c.caption for c in OLD_CONCEPTS], "new": NEW_CONCEPT.caption,
-            "settings": asdict(s), "seconds": timings, "vae": vae_stats}
+    info = {
+        "captions": captions,
+        "old": [c.caption for c in OLD_CONCEPTS],
+        "new": NEW_CONCEPT.caption,
+        "settings": asdict(s),
+        "seconds": timings,
+        "vae": vae_stats,
+    }
     write_json(out / "lab.json", info)
     lab = load_lab(out)
     clock = time.perf_counter()
@@ -370,15 +440,21 @@ def quality_report(lab: Lab, n: int, log: Log) -> dict:
     report = {}
     for name, path in (("teacher", lab.teacher), ("student", lab.student)):
         parts = load_parts(str(path), ["transformer", "scheduler"], dtype="fp32", device="cpu")
-        result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes,
-                         lab.old_captions + [lab.new_caption], EVAL_STEPS, n)
+        result = measure(
+            parts.transformer,
+            parts.scheduler,
+            lab.embeds,
+            lab.modes,
+            lab.old_captions + [lab.new_caption],
+            EVAL_STEPS,
+            n,
+        )
         report[name] = averaged(result, lab.old_captions)
         report[f"{name}_new_concept"] = averaged(result, [lab.new_caption])
         report[f"{name}_drift"] = model_drift(parts.transformer, parts.scheduler, lab, n)
         if name == "student":
             load_lora(parts.transformer, read_lora_file(lab.adapter)[0], what="the lab adapter")
-            result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes, lab.old_captions,
-                             EVAL_STEPS, n)
+            result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes, lab.old_captions, EVAL_STEPS, n)
             report["student_adapter"] = averaged(result, lab.old_captions)
             report["student_adapter_drift"] = model_drift(parts.transformer, parts.scheduler, lab, n)
     for name in ("teacher", "student", "student_adapter"):

@@ -14,8 +14,13 @@ from pathlib import Path
 
 SIZE = 64
 SHAPE_SIDE = 22
-POSITIONS = {"top-left": (16, 16), "top-right": (48, 16), "bottom-left": (16, 48), "bottom-right": (48, 48),
-             "centre": (32, 32)}
+POSITIONS = {
+    "top-left": (16, 16),
+    "top-right": (48, 16),
+    "bottom-left": (16, 48),
+    "bottom-right": (48, 48),
+    "centre": (32, 32),
+}
 
 
 @dataclass(frozen=True)

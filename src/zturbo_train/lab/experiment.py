@@ -64,8 +64,10 @@ class RunSettings:
         names = tuple(x.strip() for x in strategies.split(",") if x.strip())
         unknown = [n for n in names if n not in STRATEGIES]
         if unknown or not names or not seed_list:
-            raise ConfigError(f"--strategies {strategies!r} / --seeds {seeds!r}: give at least one seed and strategies "
-                              f"from {', '.join(STRATEGIES)}" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+            raise ConfigError(
+                f"--strategies {strategies!r} / --seeds {seeds!r}: give at least one seed and strategies "
+                f"from {', '.join(STRATEGIES)}" + (f" ({', '.join(unknown)} unknown)" if unknown else "")
+            )
         settings = cls.quick() if quick else cls(steps=steps, lr=lr)
         settings.seeds, settings.strategies = seed_list, names
         return settings
@@ -92,11 +94,27 @@ def run_config(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) ->
         "model": strategy_model(lab, strategy),
         "data": {"dir": str(lab.root / "data" / "new"), "resolution": 64},
         "lora": {"rank": r.rank},
-        "train": {"steps": r.steps, "lr": r.lr, "batch_size": r.batch_size, "seed": seed, "output_dir": str(out),
-                  "name": "lora", "save_every": every, "sample_every": every, "keep_last": r.checkpoints + 2,
-                  "log_every": 10, "gradient_checkpointing": "none", "compile": False},
-        "sample": {"prompts": [lab.new_caption] * r.preview_seeds, "steps": 8, "width": 64, "height": 64,
-                   "seed": EVAL_SEED},
+        "train": {
+            "steps": r.steps,
+            "lr": r.lr,
+            "batch_size": r.batch_size,
+            "seed": seed,
+            "output_dir": str(out),
+            "name": "lora",
+            "save_every": every,
+            "sample_every": every,
+            "keep_last": r.checkpoints + 2,
+            "log_every": 10,
+            "gradient_checkpointing": "none",
+            "compile": False,
+        },
+        "sample": {
+            "prompts": [lab.new_caption] * r.preview_seeds,
+            "steps": 8,
+            "width": 64,
+            "height": 64,
+            "seed": EVAL_SEED,
+        },
     }
     for key, value in r.extra.items():
         section, _, name = key.partition(".")
@@ -106,6 +124,7 @@ def run_config(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) ->
 
 def to_toml(raw: dict) -> str:
     """A config dict as TOML (strings, numbers, booleans, lists of those), to rerun a lab run by hand."""
+
     def value(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -114,8 +133,11 @@ def to_toml(raw: dict) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
-    return "".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
-                   for section, table in raw.items())
+
+    return "".join(
+        f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
+        for section, table in raw.items()
+    )
 
 
 def train_one(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) -> Path:
@@ -143,8 +165,15 @@ def drift_of(transformer, scheduler, lab: Lab, n: int) -> float:
     from ..drift import DriftProbe
 
     probe = DriftProbe()
-    sample_latents(transformer, scheduler, [lab.embeds[lab.new_caption]] * n, [EVAL_SEED + i for i in range(n)], 8,
-                   observe=probe.observe, chunk=n)
+    sample_latents(
+        transformer,
+        scheduler,
+        [lab.embeds[lab.new_caption]] * n,
+        [EVAL_SEED + i for i in range(n)],
+        8,
+        observe=probe.observe,
+        chunk=n,
+    )
     return probe.value()
 
 
@@ -162,15 +191,29 @@ def measure_run(lab: Lab, run_dir: Path, r: RunSettings) -> dict:
     for index, (step, path) in enumerate(saved):
         network = load_lora(parts.transformer, read_lora_file(path)[0], what=str(path))
         final = index == len(saved) - 1
-        result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes, captions,
-                         EVAL_STEPS if final else CURVE_STEPS, r.eval_samples)
-        point = {"step": step, "new": averaged(result, [lab.new_caption]), "old": averaged(result, lab.old_captions),
-                 "drift": drift_of(parts.transformer, parts.scheduler, lab, r.eval_samples)}
+        result = measure(
+            parts.transformer,
+            parts.scheduler,
+            lab.embeds,
+            lab.modes,
+            captions,
+            EVAL_STEPS if final else CURVE_STEPS,
+            r.eval_samples,
+        )
+        point = {
+            "step": step,
+            "new": averaged(result, [lab.new_caption]),
+            "old": averaged(result, lab.old_captions),
+            "drift": drift_of(parts.transformer, parts.scheduler, lab, r.eval_samples),
+        }
         network.detach()
         curve.append(point)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [{"step": row["step"], "turbo_drift": row["turbo_drift"], "ratio": row["turbo_drift_ratio"]}
-              for row in rows if "turbo_drift" in row]
+    logged = [
+        {"step": row["step"], "turbo_drift": row["turbo_drift"], "ratio": row["turbo_drift_ratio"]}
+        for row in rows
+        if "turbo_drift" in row
+    ]
     return {"curve": curve, "final": curve[-1], "logged_drift": logged}
 
 
@@ -193,9 +236,11 @@ def run_lab(root: Path, r: RunSettings | None = None, log: Log = print) -> dict:
             measured["settings"] = asdict(r)
             write_json(run_dir / "lab-result.json", measured)
             final = measured["final"]
-            log(f"{strategy} seed {seed}: new blur @2 {final['new']['2']['blur']:.3f} "
+            log(
+                f"{strategy} seed {seed}: new blur @2 {final['new']['2']['blur']:.3f} "
                 f"@8 {final['new']['8']['blur']:.3f} @30 {final['new']['30']['blur']:.3f}; "
-                f"old @2 {final['old']['2']['blur']:.3f}; drift {final['drift']:.3f} ({trained:.0f}s train)")
+                f"old @2 {final['old']['2']['blur']:.3f}; drift {final['drift']:.3f} ({trained:.0f}s train)"
+            )
     return collect(lab.root)
 
 
@@ -221,7 +266,9 @@ def summarize(results: dict) -> dict:
         finals = [run["final"] for run in seeds.values()]
         entry = {"drift": spread([f["drift"] for f in finals])}
         for part in ("new", "old"):
-            entry[part] = {steps: {metric: spread([f[part][steps][metric] for f in finals])
-                                   for metric in finals[0][part][steps]} for steps in finals[0][part]}
+            entry[part] = {
+                steps: {metric: spread([f[part][steps][metric] for f in finals]) for metric in finals[0][part][steps]}
+                for steps in finals[0][part]
+            }
         out[strategy] = entry
     return out

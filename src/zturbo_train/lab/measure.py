@@ -18,29 +18,49 @@ SIDE = 64
 EVAL_SEED = 100_000
 
 
-def sample_latents(transformer, scheduler, embeds: Sequence[Tensor], seeds: Sequence[int], steps: int,
-                   observe=None, chunk: int = 128) -> Tensor:
+def sample_latents(
+    transformer, scheduler, embeds: Sequence[Tensor], seeds: Sequence[int], steps: int, observe=None, chunk: int = 128
+) -> Tensor:
     """fp32 latents (N, 16, 8, 8), one per (embedding, seed), in chunks to bound memory."""
     from ..sampling import generate_latents
 
     out = []
     for start in range(0, len(seeds), chunk):
         kwargs = {"observe": observe} if observe is not None else {}
-        out.append(generate_latents(transformer, scheduler, embeds[start:start + chunk], width=SIDE, height=SIDE,
-                                    seeds=seeds[start:start + chunk], steps=steps, device="cpu",
-                                    dtype=torch.float32, **kwargs))
+        out.append(
+            generate_latents(
+                transformer,
+                scheduler,
+                embeds[start : start + chunk],
+                width=SIDE,
+                height=SIDE,
+                seeds=seeds[start : start + chunk],
+                steps=steps,
+                device="cpu",
+                dtype=torch.float32,
+                **kwargs,
+            )
+        )
     return torch.cat(out)
 
 
-def measure(transformer, scheduler, embeds: dict[str, Tensor], modes: dict[str, Tensor], captions: Sequence[str],
-            steps_list: Sequence[int], n: int = 32, seed: int = EVAL_SEED) -> dict[str, dict[str, dict[str, float]]]:
+def measure(
+    transformer,
+    scheduler,
+    embeds: dict[str, Tensor],
+    modes: dict[str, Tensor],
+    captions: Sequence[str],
+    steps_list: Sequence[int],
+    n: int = 32,
+    seed: int = EVAL_SEED,
+) -> dict[str, dict[str, dict[str, float]]]:
     """{steps: {caption: scores}} for every caption, all captions sampled in one batch per step count."""
     seeds = [seed + i for _ in captions for i in range(n)]
     batch = [embeds[c] for c in captions for _ in range(n)]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for steps in steps_list:
         latents = sample_latents(transformer, scheduler, batch, seeds, steps)
-        out[str(steps)] = {c: score(latents[i * n:(i + 1) * n], modes[c]) for i, c in enumerate(captions)}
+        out[str(steps)] = {c: score(latents[i * n : (i + 1) * n], modes[c]) for i, c in enumerate(captions)}
     return out
 
 

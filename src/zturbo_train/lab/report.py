@@ -7,8 +7,12 @@ from pathlib import Path
 from .experiment import STRATEGIES, collect, summarize
 
 STEPS = ("1", "2", "4", "8", "30")
-LABELS = {"direct": "directly on the student", "merge": "over the adapter (merge)",
-          "live": "over the adapter (live)", "base": "on the teacher (base), used on the student"}
+LABELS = {
+    "direct": "directly on the student",
+    "merge": "over the adapter (merge)",
+    "live": "over the adapter (live)",
+    "base": "on the teacher (base), used on the student",
+}
 COLOURS = {"direct": "tab:orange", "merge": "tab:red", "live": "tab:green", "base": "tab:blue"}  # same in every plot
 
 
@@ -18,12 +22,16 @@ def _cell(spread: dict[str, float]) -> str:
 
 def table(summary: dict, part: str, metric: str) -> str:
     """One markdown table: a row per strategy, a column per sampler step count."""
-    lines = [f"| user LoRA trained ({part} concept{'s' if part == 'old' else ''}, {metric}) | "
-             + " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in STEPS) + " |",
-             "| --- |" + " --- |" * len(STEPS)]
+    lines = [
+        f"| user LoRA trained ({part} concept{'s' if part == 'old' else ''}, {metric}) | "
+        + " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in STEPS)
+        + " |",
+        "| --- |" + " --- |" * len(STEPS),
+    ]
     for strategy, entry in summary.items():
-        lines.append(f"| {LABELS.get(strategy, strategy)} | "
-                     + " | ".join(_cell(entry[part][s][metric]) for s in STEPS) + " |")
+        lines.append(
+            f"| {LABELS.get(strategy, strategy)} | " + " | ".join(_cell(entry[part][s][metric]) for s in STEPS) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -65,17 +73,21 @@ def plot_curves(results: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    panels = [("new concept blur, 1 step", lambda p: p["new"]["1"]["blur"]),
-              ("new concept blur, 2 steps", lambda p: p["new"]["2"]["blur"]),
-              ("new concept blur, 8 steps", lambda p: p["new"]["8"]["blur"]),
-              ("old concepts blur, 2 steps (damage)", lambda p: p["old"]["2"]["blur"]),
-              ("turbo_drift (8 steps, new concept)", lambda p: p["drift"]),
-              ("new concept precision, 2 steps", lambda p: p["new"]["2"]["precision"])]
+    panels = [
+        ("new concept blur, 1 step", lambda p: p["new"]["1"]["blur"]),
+        ("new concept blur, 2 steps", lambda p: p["new"]["2"]["blur"]),
+        ("new concept blur, 8 steps", lambda p: p["new"]["8"]["blur"]),
+        ("old concepts blur, 2 steps (damage)", lambda p: p["old"]["2"]["blur"]),
+        ("turbo_drift (8 steps, new concept)", lambda p: p["drift"]),
+        ("new concept precision, 2 steps", lambda p: p["new"]["2"]["precision"]),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, key) in zip(axes.flat, panels):
         for strategy in sorted(results["runs"], key=lambda k: STRATEGIES.index(k) if k in STRATEGIES else 99):
             steps, mean, low, high = _curve(results, strategy, key)
-            line, = ax.plot(steps, mean, marker="o", label=LABELS.get(strategy, strategy), color=COLOURS.get(strategy))
+            (line,) = ax.plot(
+                steps, mean, marker="o", label=LABELS.get(strategy, strategy), color=COLOURS.get(strategy)
+            )
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")

@@ -117,8 +117,9 @@ def read_adapter(path: Path) -> LoraDict:
     except LoraError as exc:
         raise AdapterError(f"training adapter: {exc}; {_NEXT_STEP}") from None
     if not is_low_rank(loras):
-        raise AdapterError(f"training adapter {path} holds full patches, LoKr or LoHa updates, not plain LoRA pairs; "
-                           f"{_NEXT_STEP}")
+        raise AdapterError(
+            f"training adapter {path} holds full patches, LoKr or LoHa updates, not plain LoRA pairs; {_NEXT_STEP}"
+        )
     return loras
 
 
@@ -139,8 +140,10 @@ def check_mergeable(loras: LoraDict, transformer: nn.Module) -> None:
         if not plain or weight.dtype not in MERGEABLE_DTYPES:
             kind = type(weight.data).__name__ if isinstance(weight, torch.Tensor) else type(weight).__name__
             dtype = getattr(weight, "dtype", None)
-            raise AdapterError(f"{name} holds {kind} weights of dtype {dtype} (a quantized base?), which the "
-                               f"adapter cannot be merged into; set [model] adapter_mode = \"live\"")
+            raise AdapterError(
+                f"{name} holds {kind} weights of dtype {dtype} (a quantized base?), which the "
+                f'adapter cannot be merged into; set [model] adapter_mode = "live"'
+            )
 
 
 # ------------------------------------------------------------------------------ how each mode acts
@@ -170,8 +173,9 @@ class _Mechanism(ABC):
         """training or inverted -> off."""
 
     def _attach(self, multiplier: float) -> None:
-        self.network = load_lora(self.transformer, self.loras, multiplier=multiplier, what=self.what,
-                                 partial_ok=False, trainable=False)
+        self.network = load_lora(
+            self.transformer, self.loras, multiplier=multiplier, what=self.what, partial_ok=False, trainable=False
+        )
 
     def _detach(self) -> None:
         if self.network is not None:
@@ -261,8 +265,10 @@ class _Nothing(_Mechanism):
 
 
 _MECHANISMS: dict[tuple[str, str], type[_Mechanism]] = {
-    ("live", "branch"): _Live, ("live", "subtract"): _Live,
-    ("merge", "branch"): _MergeBranch, ("merge", "subtract"): _MergeSubtract,
+    ("live", "branch"): _Live,
+    ("live", "subtract"): _Live,
+    ("merge", "branch"): _MergeBranch,
+    ("merge", "subtract"): _MergeSubtract,
 }
 
 
@@ -276,8 +282,16 @@ def _to_device(lora: LoraWeights, device: torch.device) -> LoraWeights:
 class TrainingAdapter:
     """The training adapter on one transformer, with its state checked on every switch."""
 
-    def __init__(self, transformer: nn.Module, loras: LoraDict, mode: str = "merge", weight: float = 1.0,
-                 inversion: str = "branch", source: str = "(in memory)", ref: str | None = None):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        loras: LoraDict,
+        mode: str = "merge",
+        weight: float = 1.0,
+        inversion: str = "branch",
+        source: str = "(in memory)",
+        ref: str | None = None,
+    ):
         if mode not in MODES:
             raise AdapterError(f"adapter mode {mode!r} is not one of {', '.join(MODES)}")
         if inversion not in INVERSIONS:
@@ -295,19 +309,20 @@ class TrainingAdapter:
 
     # -- construction
     @classmethod
-    def load(cls, ref: str, transformer: nn.Module, mode: str = "merge", weight: float = 1.0,
-             inversion: str = "branch") -> "TrainingAdapter":
+    def load(
+        cls, ref: str, transformer: nn.Module, mode: str = "merge", weight: float = 1.0, inversion: str = "branch"
+    ) -> "TrainingAdapter":
         """From a reference: a .safetensors path, builtin:tiny-adapter, v1/v2, owner/repo/file.safetensors or none."""
         path = resolve_adapter(ref)
         loras = {} if path is None else read_adapter(path)
         return cls(transformer, loras, mode, weight, inversion, source=str(path or ref), ref=ref)
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, transformer: nn.Module,
-                    inversion: str = "branch") -> "TrainingAdapter":
+    def from_config(
+        cls, model_cfg: ModelConfig, transformer: nn.Module, inversion: str = "branch"
+    ) -> "TrainingAdapter":
         """From `[model]` (adapter, adapter_mode, adapter_weight); the adapter starts `off`."""
-        return cls.load(model_cfg.adapter, transformer, model_cfg.adapter_mode, model_cfg.adapter_weight,
-                        inversion)
+        return cls.load(model_cfg.adapter, transformer, model_cfg.adapter_mode, model_cfg.adapter_weight, inversion)
 
     # -- state
     @property
@@ -321,16 +336,23 @@ class TrainingAdapter:
 
     def summary(self) -> dict[str, Any]:
         """What logs and LoRA metadata record about the adapter."""
-        out: dict[str, Any] = {"ref": self.ref, "file": self.source, "mode": self.mode,
-                               "weight": self.weight, "state": self._state.value}
+        out: dict[str, Any] = {
+            "ref": self.ref,
+            "file": self.source,
+            "mode": self.mode,
+            "weight": self.weight,
+            "state": self._state.value,
+        }
         if self.mode == "merge":
             out["inversion"] = self.inversion
         return out | (summarize(self.loras) if self.loras else {"modules": 0})
 
     def _require(self, state: AdapterState, action: str, hint: str) -> None:
         if self._state is not state:
-            raise AdapterError(f"cannot {action} the training adapter while it is {self._state.value!r} "
-                               f"(needs {state.value!r}); {hint}")
+            raise AdapterError(
+                f"cannot {action} the training adapter while it is {self._state.value!r} "
+                f"(needs {state.value!r}); {hint}"
+            )
 
     # -- switches
     def apply(self, weight: float | None = None) -> None:
@@ -344,13 +366,18 @@ class TrainingAdapter:
     def merge(self, weight: float | None = None) -> None:
         """off -> training by folding W <- W + weight*scale*B@A (fp32, cast back); merge mode only."""
         if self.mode != "merge":
-            raise AdapterError("merge() needs adapter_mode \"merge\"; this adapter is live, call apply() instead")
+            raise AdapterError('merge() needs adapter_mode "merge"; this adapter is live, call apply() instead')
         self.apply(weight)
 
     def invert(self) -> None:
         """training -> inverted: remove the adapter's effect for sampling (W0 + the trained LoRA)."""
-        self._require(AdapterState.TRAINING, "invert", "invert() once, then restore() before inverting again"
-                      if self._state is AdapterState.INVERTED else "call apply() first")
+        self._require(
+            AdapterState.TRAINING,
+            "invert",
+            "invert() once, then restore() before inverting again"
+            if self._state is AdapterState.INVERTED
+            else "call apply() first",
+        )
         self._mechanism.invert(self.weight)
         self._state = AdapterState.INVERTED
 

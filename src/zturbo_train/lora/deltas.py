@@ -33,8 +33,9 @@ def _tucker(core: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.T
     return full.reshape(full.shape[0], -1).contiguous()
 
 
-def _side(whole: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None,
-          core: torch.Tensor | None = None) -> torch.Tensor:
+def _side(
+    whole: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None, core: torch.Tensor | None = None
+) -> torch.Tensor:
     if whole is not None:
         return whole.float()
     if core is not None:
@@ -123,8 +124,11 @@ class DeltaWeights:
         """The alpha/rank factor already inside `delta()` (for display only)."""
         if self.alpha is None:
             return 1.0
-        rank = lokr_rank(self.tensors) if self.kind == "lokr" else (
-            self.tensors["hada_w1_b"].shape[0] if self.kind == "loha" else None)
+        rank = (
+            lokr_rank(self.tensors)
+            if self.kind == "lokr"
+            else (self.tensors["hada_w1_b"].shape[0] if self.kind == "loha" else None)
+        )
         return self.alpha / rank if rank else 1.0
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -133,7 +137,7 @@ class DeltaWeights:
             return None
         full = _DELTAS[self.kind](self.tensors, self.alpha)
         if self.rows:
-            full = full[self.rows[0]:self.rows[1]]
+            full = full[self.rows[0] : self.rows[1]]
         return full.to(dtype)
 
     def split_rows(self, parts: int) -> list["DeltaWeights"]:

@@ -35,8 +35,12 @@ class LoadedLora:
 
     def describe(self) -> dict[str, object]:
         """What goes into image and model metadata: enough to find the exact file again."""
-        return {"name": self.spec.path.name, "path": str(self.spec.path), "strength": self.spec.strength,
-                "sha256": self.sha256}
+        return {
+            "name": self.spec.path.name,
+            "path": str(self.spec.path),
+            "strength": self.spec.strength,
+            "sha256": self.sha256,
+        }
 
 
 def file_sha256(path: Path) -> str:
@@ -58,14 +62,16 @@ def read_loras(specs: Iterable[LoraSpec]) -> list[LoadedLora]:
     return loaded
 
 
-def attach_loras(transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet,
-                 allow_partial: bool = False) -> list["LoraNetwork"]:
+def attach_loras(
+    transformer: torch.nn.Module, loras: Sequence[LoadedLora], log: Log = _quiet, allow_partial: bool = False
+) -> list["LoraNetwork"]:
     """Hook each LoRA on at its strength; another model's LoRA is refused, and so is a partial match
     unless `allow_partial` (then it is a warning naming the keys left out)."""
     networks = []
     for item in loras:
-        network = load_lora(transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path),
-                            partial_ok=allow_partial)
+        network = load_lora(
+            transformer, item.weights, multiplier=item.spec.strength, what=str(item.spec.path), partial_ok=allow_partial
+        )
         if network.unmatched:
             log(partial_warning(item.spec.path.name, item.weights, network.unmatched))
         networks.append(network)

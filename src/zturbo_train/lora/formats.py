@@ -43,9 +43,16 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
 _FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")  # module names with `.` written as `_`
 _PARTS = {  # key suffix after the module name -> part
-    "lora_A.weight": "down", "lora_down.weight": "down", "lora_A.default.weight": "down",
-    "lora_B.weight": "up", "lora_up.weight": "up", "lora_B.default.weight": "up",
-    "alpha": "alpha", "diff": "diff", "diff_b": "diff_b", **{k: k for k in LOKR_KEYS + LOHA_KEYS},
+    "lora_A.weight": "down",
+    "lora_down.weight": "down",
+    "lora_A.default.weight": "down",
+    "lora_B.weight": "up",
+    "lora_up.weight": "up",
+    "lora_B.default.weight": "up",
+    "alpha": "alpha",
+    "diff": "diff",
+    "diff_b": "diff_b",
+    **{k: k for k in LOKR_KEYS + LOHA_KEYS},
 }
 _SUFFIXES = sorted(_PARTS, key=len, reverse=True)
 FUSED_QKV = "attention.qkv"  # ComfyUI's fused q/k/v linear; parse_state_dict splits it into QKV
@@ -54,16 +61,23 @@ QKV = tuple(TARGET_PATHS[t] for t in ("to_q", "to_k", "to_v"))
 _FLAT_BLOCK = re.compile(rf"^({'|'.join(BLOCK_STACKS)})_(\d+)_(.+)$")
 _FLAT_LEAVES = {path.replace(".", "_"): path for path in (*TARGET_PATHS.values(), FUSED_QKV, "attention.out")}
 _FLAT_TOP = {
-    "all_x_embedder_2-1": "all_x_embedder.2-1", "all_final_layer_2-1_linear": "all_final_layer.2-1.linear",
+    "all_x_embedder_2-1": "all_x_embedder.2-1",
+    "all_final_layer_2-1_linear": "all_final_layer.2-1.linear",
     "all_final_layer_2-1_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
-    "cap_embedder_1": "cap_embedder.1", "t_embedder_mlp_0": "t_embedder.mlp.0", "t_embedder_mlp_2": "t_embedder.mlp.2",
-    "x_embedder": "x_embedder", "final_layer_linear": "final_layer.linear",
+    "cap_embedder_1": "cap_embedder.1",
+    "t_embedder_mlp_0": "t_embedder.mlp.0",
+    "t_embedder_mlp_2": "t_embedder.mlp.2",
+    "x_embedder": "x_embedder",
+    "final_layer_linear": "final_layer.linear",
     "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
 }
 # ComfyUI's module names (comfy/utils.py z_image_to_diffusers) -> diffusers'; `attention.qkv` is split instead.
-_COMFY_NAMES = {"attention.out": "attention.to_out.0", "final_layer.linear": "all_final_layer.2-1.linear",
-                "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
-                "x_embedder": "all_x_embedder.2-1"}
+_COMFY_NAMES = {
+    "attention.out": "attention.to_out.0",
+    "final_layer.linear": "all_final_layer.2-1.linear",
+    "final_layer.adaLN_modulation.1": "all_final_layer.2-1.adaLN_modulation.1",
+    "x_embedder": "all_x_embedder.2-1",
+}
 
 
 @dataclass
@@ -134,11 +148,11 @@ def module_name(raw: str) -> str:
     """
     for prefix in _FLAT_PREFIXES:
         if raw.startswith(prefix):
-            raw = flat_to_module(raw[len(prefix):])
+            raw = flat_to_module(raw[len(prefix) :])
             break
     else:
         while prefix := next((p for p in _PREFIXES if raw.startswith(p)), None):  # `model.diffusion_model.` too
-            raw = raw[len(prefix):]
+            raw = raw[len(prefix) :]
     for comfy, ours in _COMFY_NAMES.items():
         if raw == comfy or raw.endswith("." + comfy):
             return raw[: len(raw) - len(comfy)] + ours
@@ -150,8 +164,10 @@ def split_key(key: str) -> tuple[str, str]:
     for suffix in _SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], _PARTS[suffix]
-    raise LoraError(f"key {key!r} is not a LoRA weight (expected .lora_A/.lora_B/.lora_down/.lora_up/.alpha, "
-                    "LoKr .lokr_*, LoHa .hada_* or .diff/.diff_b); DoRA, OFT and full checkpoints are not supported")
+    raise LoraError(
+        f"key {key!r} is not a LoRA weight (expected .lora_A/.lora_B/.lora_down/.lora_up/.alpha, "
+        "LoKr .lokr_*, LoHa .hada_* or .diff/.diff_b); DoRA, OFT and full checkpoints are not supported"
+    )
 
 
 # ------------------------------------------------------------------------------ reading
@@ -161,8 +177,15 @@ def _update(found: dict[str, torch.Tensor], alpha: float | None, source: str, wh
     """One module's parts as a LoraWeights or a DeltaWeights; incomplete or mixed parts are an error."""
     bias = found.get("diff_b")
     lycoris = {k: v for k, v in found.items() if k.startswith(("lokr_", "hada_"))}
-    kinds = [name for name, present in (("LoRA", "down" in found or "up" in found), ("LoKr/LoHa", bool(lycoris)),
-                                        ("diff", "diff" in found)) if present]
+    kinds = [
+        name
+        for name, present in (
+            ("LoRA", "down" in found or "up" in found),
+            ("LoKr/LoHa", bool(lycoris)),
+            ("diff", "diff" in found),
+        )
+        if present
+    ]
     if len(kinds) > 1:
         raise LoraError(f"{what}: {source} mixes {' and '.join(kinds)} weights; one module holds one kind of update")
     if "down" in found or "up" in found:
@@ -171,8 +194,10 @@ def _update(found: dict[str, torch.Tensor], alpha: float | None, source: str, wh
             raise LoraError(f"{what} has no {missing} weight for {source}; the file is incomplete or damaged")
         down, up = found["down"], found["up"]
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise LoraError(f"{what}: {source} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
-                            "which are not a LoRA pair (rank must match)")
+            raise LoraError(
+                f"{what}: {source} has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                "which are not a LoRA pair (rank must match)"
+            )
         return LoraWeights(down=down, up=up, alpha=alpha, bias=bias, source=source)
     if lycoris:
         return _lycoris_update(lycoris, alpha, bias, source, what)
@@ -189,8 +214,9 @@ def _lycoris_update(t: dict[str, torch.Tensor], alpha: float | None, bias, sourc
         need = [f"lokr_w{n}" for n in "12" if f"lokr_w{n}" not in t and not {f"lokr_w{n}_a", f"lokr_w{n}_b"} <= set(t)]
         kind = "lokr"
     if need:
-        raise LoraError(f"{what}: the {kind} module {source} lacks {', '.join(need)}; "
-                        "the file is incomplete or damaged")
+        raise LoraError(
+            f"{what}: the {kind} module {source} lacks {', '.join(need)}; the file is incomplete or damaged"
+        )
     update = DeltaWeights(kind, t, alpha, bias=bias, source=source)
     try:
         update.shape
@@ -207,15 +233,17 @@ def _split_fused(module: str, update: Update, what: str) -> dict[str, Update]:
         raise LoraError(f"{what}: {update.source} has {rows} output rows, which do not split into q, k and v")
     if isinstance(update, LoraWeights):
         biases = update.bias.chunk(3) if update.bias is not None else (None,) * 3
-        parts = [LoraWeights(update.down, up, update.alpha, b, update.source)
-                 for up, b in zip(update.up.chunk(3), biases)]
+        parts = [
+            LoraWeights(update.down, up, update.alpha, b, update.source) for up, b in zip(update.up.chunk(3), biases)
+        ]
     else:
         parts = update.split_rows(3)
     return {block + leaf: part for leaf, part in zip(QKV, parts)}
 
 
-def parse_state_dict(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None = None,
-                     source: str = "the LoRA") -> LoraDict:
+def parse_state_dict(
+    state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None = None, source: str = "the LoRA"
+) -> LoraDict:
     """Read any supported style into the internal form (module path -> update)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -229,8 +257,9 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], alphas: dict[str, floa
         split = _split_fused(module, update, source) if module.endswith(FUSED_QKV) else {module: update}
         for path, piece in split.items():
             if path in loras:
-                raise LoraError(f"{source} holds two updates for {path} ({loras[path].source} and {piece.source}); "
-                                "keep one of them")
+                raise LoraError(
+                    f"{source} holds two updates for {path} ({loras[path].source} and {piece.source}); keep one of them"
+                )
             loras[path] = piece
     if not loras:
         raise LoraError(f"{source} holds no LoRA weights")
@@ -256,9 +285,11 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoraError(f"{path} is not a safetensors file ({sniff(path)}); only .safetensors LoRAs are "
-                        f"accepted, since pickle files can run code: convert it to safetensors, or download it "
-                        f"again if it is cut short") from exc
+        raise LoraError(
+            f"{path} is not a safetensors file ({sniff(path)}); only .safetensors LoRAs are "
+            f"accepted, since pickle files can run code: convert it to safetensors, or download it "
+            f"again if it is cut short"
+        ) from exc
     return tensors, metadata
 
 
@@ -267,8 +298,10 @@ def require_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise LoraError(f"{source}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; the file is "
-                            "broken (saved from a run whose loss diverged?): use an earlier checkpoint of it")
+            raise LoraError(
+                f"{source}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; the file is "
+                "broken (saved from a run whose loss diverged?): use an earlier checkpoint of it"
+            )
 
 
 def sniff(path: Path) -> str:
@@ -282,7 +315,7 @@ def sniff(path: Path) -> str:
         return f"it is truncated: the header alone claims {int.from_bytes(data[:8], 'little')} bytes of {len(data)}"
     if len(data) >= 8:
         try:
-            header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + int.from_bytes(data[:8], "little") + end > len(data):
                 return f"it is truncated: {len(data)} bytes where the header needs more"
@@ -305,8 +338,9 @@ def diffusers_alphas(metadata: dict[str, str], tensors: dict) -> dict[str, float
     modules = {module_name(split_key(k)[0]) for k in tensors}
     out = {}
     for module in modules:
-        value = next((v for pattern, v in patterns.items()
-                      if module == pattern or module.endswith("." + pattern)), alpha)
+        value = next(
+            (v for pattern, v in patterns.items() if module == pattern or module.endswith("." + pattern)), alpha
+        )
         if value is not None:
             out[module] = float(value)
     return out
@@ -319,11 +353,18 @@ def to_state_dict(loras: LoraDict, style: str = "comfyui", dtype: torch.dtype | 
     """The internal form as a state dict of one style (alpha written as a key where the style has one)."""
     style = resolve_style(style)
     if style != "comfyui" and not is_low_rank(loras):
-        kinds = sorted({u.kind if u.has_weight else "diff_b" for u in loras.values() if not isinstance(u, LoraWeights)
-                        or u.bias is not None})
-        raise LoraError(f"the {style} style holds plain LoRA pairs only, and this LoRA has {', '.join(kinds)} "
-                        "updates (full patches, LoKr, LoHa or bias deltas); write --format comfyui, which ComfyUI "
-                        "loads whole")
+        kinds = sorted(
+            {
+                u.kind if u.has_weight else "diff_b"
+                for u in loras.values()
+                if not isinstance(u, LoraWeights) or u.bias is not None
+            }
+        )
+        raise LoraError(
+            f"the {style} style holds plain LoRA pairs only, and this LoRA has {', '.join(kinds)} "
+            "updates (full patches, LoKr, LoHa or bias deltas); write --format comfyui, which ComfyUI "
+            "loads whole"
+        )
     out: dict[str, torch.Tensor] = {}
     for module, update in sorted(loras.items()):
         out.update(_WRITERS[style](module, update, dtype))
@@ -354,8 +395,11 @@ def _write_comfyui(module: str, update: Update, dtype) -> dict[str, torch.Tensor
     base = f"diffusion_model.{module}"
     out = {}
     if isinstance(update, LoraWeights):
-        out = {f"{base}.lora_A.weight": _cast(update.down, dtype), f"{base}.lora_B.weight": _cast(update.up, dtype),
-               f"{base}.alpha": _alpha(update)}
+        out = {
+            f"{base}.lora_A.weight": _cast(update.down, dtype),
+            f"{base}.lora_B.weight": _cast(update.up, dtype),
+            f"{base}.alpha": _alpha(update),
+        }
     elif update.has_weight:
         out[f"{base}.diff"] = update.delta(dtype or torch.float32)
     if update.bias is not None:
@@ -366,14 +410,19 @@ def _write_comfyui(module: str, update: Update, dtype) -> dict[str, torch.Tensor
 def _write_diffusers(module: str, lora: LoraWeights, dtype) -> dict[str, torch.Tensor]:
     """alpha/rank baked into lora_B (in fp32): the file means the same to tools that ignore the header."""
     up = lora.up if lora.scale == 1.0 else lora.up.float() * lora.scale
-    return {f"transformer.{module}.lora_A.weight": _cast(lora.down, dtype),
-            f"transformer.{module}.lora_B.weight": _cast(up, dtype or lora.up.dtype)}
+    return {
+        f"transformer.{module}.lora_A.weight": _cast(lora.down, dtype),
+        f"transformer.{module}.lora_B.weight": _cast(up, dtype or lora.up.dtype),
+    }
 
 
 def _write_musubi(module: str, lora: LoraWeights, dtype) -> dict[str, torch.Tensor]:
     base = "lora_unet_" + module.replace(".", "_")
-    return {f"{base}.lora_down.weight": _cast(lora.down, dtype), f"{base}.lora_up.weight": _cast(lora.up, dtype),
-            f"{base}.alpha": _alpha(lora)}
+    return {
+        f"{base}.lora_down.weight": _cast(lora.down, dtype),
+        f"{base}.lora_up.weight": _cast(lora.up, dtype),
+        f"{base}.alpha": _alpha(lora),
+    }
 
 
 _WRITERS = {"comfyui": _write_comfyui, "diffusers": _write_diffusers, "musubi": _write_musubi}
@@ -384,16 +433,25 @@ def diffusers_metadata(loras: LoraDict) -> dict[str, str]:
     ranks = {m: u.rank for m, u in loras.items()}
     base_rank = max(set(ranks.values()), key=list(ranks.values()).count)
     config = {
-        "r": base_rank, "lora_alpha": base_rank, "target_modules": sorted(loras),
+        "r": base_rank,
+        "lora_alpha": base_rank,
+        "target_modules": sorted(loras),
         "rank_pattern": {m: r for m, r in ranks.items() if r != base_rank},
         "alpha_pattern": {m: float(r) for m, r in ranks.items() if r != base_rank},
-        "init_lora_weights": False, "use_dora": False, "lora_bias": False,
+        "init_lora_weights": False,
+        "use_dora": False,
+        "lora_bias": False,
     }
     return {DIFFUSERS_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True)}
 
 
-def write_lora_file(path: str | Path, loras: LoraDict, style: str = "comfyui",
-                    metadata: dict[str, object] | None = None, dtype: torch.dtype | None = None) -> Path:
+def write_lora_file(
+    path: str | Path,
+    loras: LoraDict,
+    style: str = "comfyui",
+    metadata: dict[str, object] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Atomically write a LoRA in one style, with the metadata LoRA managers read (metadata.build_metadata).
 
     `metadata`: what the caller knows (name, trigger_word, steps, epochs, resolution, started_at,
@@ -412,18 +470,25 @@ def write_lora_file(path: str | Path, loras: LoraDict, style: str = "comfyui",
 
 def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of every linear in the transformer, by module path."""
-    return {name: (m.out_features, m.in_features) for name, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features"))}
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features"))
+    }
 
 
 def bias_modules(transformer: torch.nn.Module) -> set[str]:
     """Module paths of the linears that have a bias (where a `.diff_b` can land)."""
-    return {name for name, m in transformer.named_modules()
-            if name and isinstance(getattr(m, "bias", None), torch.Tensor) and hasattr(m, "in_features")}
+    return {
+        name
+        for name, m in transformer.named_modules()
+        if name and isinstance(getattr(m, "bias", None), torch.Tensor) and hasattr(m, "in_features")
+    }
 
 
-def validate(loras: LoraDict, shapes: dict[str, tuple[int, int]],
-             biases: set[str] | None = None) -> tuple[list[str], list[str]]:
+def validate(
+    loras: LoraDict, shapes: dict[str, tuple[int, int]], biases: set[str] | None = None
+) -> tuple[list[str], list[str]]:
     """(modules the model lacks, modules whose shapes do not fit) for a LoRA against a model."""
     unmatched = sorted(m for m in loras if m not in shapes)
     misfit = []
@@ -444,8 +509,14 @@ def unplaced_keys(loras: LoraDict, modules: Iterable[str]) -> list[str]:
     return sorted({(loras[m].source or m) + ".*" for m in modules})
 
 
-def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, partial_ok: bool = False,
-                biases: set[str] | None = None, can_allow: bool = True) -> list[str]:
+def require_fit(
+    loras: LoraDict,
+    shapes: dict[str, tuple[int, int]],
+    what: str,
+    partial_ok: bool = False,
+    biases: set[str] | None = None,
+    can_allow: bool = True,
+) -> list[str]:
     """Raise unless the LoRA fits the model; with `partial_ok`, return the modules it lacks instead.
 
     A LoRA that matches nothing, or whose shapes disagree, is always an error (another model).
@@ -453,22 +524,31 @@ def require_fit(loras: LoraDict, shapes: dict[str, tuple[int, int]], what: str, 
     """
     unmatched, misfit = validate(loras, shapes, biases)
     if misfit:
-        raise LoraError(f"{what} does not fit this model ({len(misfit)} shape mismatches, e.g. "
-                        f"{'; '.join(misfit[:3])}); it was made for another model")
+        raise LoraError(
+            f"{what} does not fit this model ({len(misfit)} shape mismatches, e.g. "
+            f"{'; '.join(misfit[:3])}); it was made for another model"
+        )
     if unmatched and (not partial_ok or len(unmatched) == len(loras)):
         keys = unplaced_keys(loras, unmatched)
-        hint = "pass --allow-partial to use the rest anyway" if can_allow and len(unmatched) < len(loras) else \
-            "it was made for another model"
-        raise LoraError(f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (keys it could not "
-                        f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); {hint}")
+        hint = (
+            "pass --allow-partial to use the rest anyway"
+            if can_allow and len(unmatched) < len(loras)
+            else "it was made for another model"
+        )
+        raise LoraError(
+            f"{what} has {len(unmatched)} of {len(loras)} modules this model lacks (keys it could not "
+            f"place: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}); {hint}"
+        )
     return unmatched
 
 
 def partial_warning(what: str, loras: LoraDict, unmatched: list[str]) -> str:
     """The `--allow-partial` warning: how many modules were left out and which keys."""
     keys = unplaced_keys(loras, unmatched)
-    return (f"warning: {what}: {len(unmatched)} of {len(loras)} modules are not in this model and were skipped "
-            f"(--allow-partial): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    return (
+        f"warning: {what}: {len(unmatched)} of {len(loras)} modules are not in this model and were skipped "
+        f"(--allow-partial): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+    )
 
 
 def summarize(loras: LoraDict) -> dict[str, object]:

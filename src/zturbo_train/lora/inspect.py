@@ -36,7 +36,7 @@ SUPPORT: dict[str, dict[str, str]] = {
         "diffusers": "fully",
         "musubi-tuner": "no: reads `lora_unet_` keys only (write --format musubi)",
         "ai-toolkit": "fully (its inference engine reads `.alpha`); as a training start / resume it drops `.alpha` "
-                      "(strength off by alpha/rank unless alpha = rank)",
+        "(strength off by alpha/rank unless alpha = rank)",
     },
     "diffusers": {
         "ComfyUI": "fully (builds after v0.3.77 read `transformer.`)",
@@ -46,32 +46,32 @@ SUPPORT: dict[str, dict[str, str]] = {
     },
     "musubi": {
         "ComfyUI": "partly: under `lora_unet_` it knows only its own fused names, so every attention weight is "
-                   "dropped (a console warning)",
+        "dropped (a console warning)",
         "diffusers": "fully",
         "musubi-tuner": "fully",
         "ai-toolkit": "fully in its inference engine (`lora_unet_` names matched with `_`); no as a training "
-                      "start / resume (every key dropped)",
+        "start / resume (every key dropped)",
     },
     "comfyui-native": {
         "ComfyUI": "fully (its own trainer and extract nodes write it)",
         "diffusers": "no: the fused `attention.qkv` is not split",
         "musubi-tuner": "no",
         "ai-toolkit": "partly: its inference engine leaves the fused `attention.qkv`, `attention.out`, "
-                      "`final_layer`, `x_embedder` unmatched (a status line counts them) and applies the rest",
+        "`final_layer`, `x_embedder` unmatched (a status line counts them) and applies the rest",
     },
     "lycoris": {
         "ComfyUI": "fully (LoKr, LoHa)",
         "diffusers": "no: LoKr / LoHa are not converted",
         "musubi-tuner": "no",
         "ai-toolkit": "LoKr: fully (inference engine; it also trains LoKr); LoHa: no: `hada_` keys are not read "
-                      "(a LoHa-only file is refused: matched no modules)",
+        "(a LoHa-only file is refused: matched no modules)",
     },
     "diff": {
         "ComfyUI": "fully (`.diff` / `.diff_b` patches)",
         "diffusers": "no",
         "musubi-tuner": "no",
         "ai-toolkit": "fully for linear layers under diffusers names (inference engine); a 1-D `.diff` (norm "
-                      "weight) applies only with `lora_mode: merge`; ComfyUI's fused names stay unmatched",
+        "weight) applies only with `lora_mode: merge`; ComfyUI's fused names stay unmatched",
     },
 }
 WRITTEN = ("comfyui", "diffusers", "musubi")  # the styles `--format` writes; the rest are read only
@@ -91,12 +91,35 @@ def key_style(keys: list[str]) -> dict[str, Any]:
     """How a file names its keys: prefix, weight names, ComfyUI's own module names, update kinds."""
     names = {split_key(k)[0] for k in keys}
     parts = Counter(split_key(k)[1] for k in keys)
-    prefixes = sorted({next((p for p in ("diffusion_model.", "transformer.", "lora_unet_", "lycoris_",
-                                         "base_model.model.", "lora_transformer_", "model.") if n.startswith(p)), "")
-                       for n in names})
+    prefixes = sorted(
+        {
+            next(
+                (
+                    p
+                    for p in (
+                        "diffusion_model.",
+                        "transformer.",
+                        "lora_unet_",
+                        "lycoris_",
+                        "base_model.model.",
+                        "lora_transformer_",
+                        "model.",
+                    )
+                    if n.startswith(p)
+                ),
+                "",
+            )
+            for n in names
+        }
+    )
     comfy_names = any(leaf in n for n in names for leaf in _COMFY_LEAVES)
-    pair = "lora_down/lora_up" if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys) else \
-        "lora_A/lora_B" if parts["down"] else None
+    pair = (
+        "lora_down/lora_up"
+        if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+        else "lora_A/lora_B"
+        if parts["down"]
+        else None
+    )
     lycoris = any(p.startswith(("lokr_", "hada_")) for p in parts)
     if lycoris:
         name = "lycoris"
@@ -112,8 +135,14 @@ def key_style(keys: list[str]) -> dict[str, Any]:
         name = "comfyui"
     else:
         name = "other"
-    return {"name": name, "prefixes": prefixes, "pair_names": pair, "comfyui_names": comfy_names,
-            "alpha_keys": parts["alpha"] > 0, "bias_patches": parts["diff_b"]}
+    return {
+        "name": name,
+        "prefixes": prefixes,
+        "pair_names": pair,
+        "comfyui_names": comfy_names,
+        "alpha_keys": parts["alpha"] > 0,
+        "bias_patches": parts["diff_b"],
+    }
 
 
 def _count_by(modules: list[str], part: int) -> dict[str, int]:
@@ -127,6 +156,7 @@ def _count_by(modules: list[str], part: int) -> dict[str, int]:
 
 def _training_facts(meta: dict[str, str]) -> dict[str, Any]:
     """Base, trigger and training record from whichever keys the writer used (ours, kohya's, modelspec)."""
+
     def first(*keys: str) -> Any:
         for key in keys:
             if meta.get(key) not in (None, "", "None"):
@@ -146,13 +176,18 @@ def _training_facts(meta: dict[str, str]) -> dict[str, Any]:
             trigger = tags.most_common(1)[0][0] if tags else None
         except (ValueError, AttributeError, TypeError):
             trigger = None
-    return {"base": first("ss_base_model_version", "modelspec.architecture", "zturbo.base_model"),
-            "title": first("modelspec.title", "ss_output_name"), "trigger": trigger,
-            "steps": first("ss_steps", "zturbo.steps"), "epochs": first("ss_epoch", "zturbo.epochs"),
-            "resolution": first("modelspec.resolution", "ss_resolution", "zturbo.resolution"),
-            "started_at": first("ss_training_started_at", "zturbo.started_at"), "date": first("modelspec.date"),
-            "writer": first("zturbo.writer", "software", "ss_network_module"),
-            "hash": first("sshs_model_hash")}
+    return {
+        "base": first("ss_base_model_version", "modelspec.architecture", "zturbo.base_model"),
+        "title": first("modelspec.title", "ss_output_name"),
+        "trigger": trigger,
+        "steps": first("ss_steps", "zturbo.steps"),
+        "epochs": first("ss_epoch", "zturbo.epochs"),
+        "resolution": first("modelspec.resolution", "ss_resolution", "zturbo.resolution"),
+        "started_at": first("ss_training_started_at", "zturbo.started_at"),
+        "date": first("modelspec.date"),
+        "writer": first("zturbo.writer", "software", "ss_network_module"),
+        "hash": first("sshs_model_hash"),
+    }
 
 
 def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
@@ -167,11 +202,15 @@ def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
     pairs = [u for u in loras.values() if isinstance(u, LoraWeights)]
     style = key_style(list(tensors))
     report = {
-        "file": str(path), "size_bytes": path.stat().st_size, "tensors": len(tensors),
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "tensors": len(tensors),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
-        "style": style, "modules": len(loras),
+        "style": style,
+        "modules": len(loras),
         "kinds": dict(Counter(u.kind for u in loras.values())),
-        "by_block": _count_by(sorted(loras), 0), "by_target": _count_by(sorted(loras), 2),
+        "by_block": _count_by(sorted(loras), 0),
+        "by_target": _count_by(sorted(loras), 2),
         "ranks": sorted({u.rank for u in pairs}),
         "alphas": sorted({float(u.alpha if u.alpha is not None else u.rank) for u in pairs}),
         "scales": sorted({round(u.scale, 6) for u in loras.values()}),
@@ -184,23 +223,30 @@ def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
 def render(report: dict[str, Any]) -> list[str]:
     """Human lines for one report."""
     s, m = report["style"], report["metadata"]
-    lines = [f"{report['file']}: {report['size_bytes'] / 2**20:.2f} MiB, {report['tensors']} tensors, "
-             f"{', '.join(report['dtypes'])}",
-             f"  key style: {s['name']} (prefix {', '.join(p or '(none)' for p in s['prefixes'])}; "
-             f"{s['pair_names'] or 'no LoRA pairs'}; alpha keys {'yes' if s['alpha_keys'] else 'no'}"
-             f"{'; ComfyUI fused names' if s['comfyui_names'] else ''})",
-             f"  modules: {report['modules']} ({', '.join(f'{k} {v}' for k, v in report['kinds'].items())}); "
-             f"by block: {_pairs(report['by_block'])}; by target: {_pairs(report['by_target'])}",
-             f"  rank {_list(report['ranks'])}, alpha {_list(report['alphas'])}, effective scale "
-             f"{_list(report['scales'])}",
-             f"  base {m['base'] or '?'}, trigger {m['trigger'] or '-'}, title {m['title'] or '-'}, "
-             f"steps {m['steps'] or '?'}, resolution {m['resolution'] or '?'}, date {m['date'] or '?'}"]
+    lines = [
+        f"{report['file']}: {report['size_bytes'] / 2**20:.2f} MiB, {report['tensors']} tensors, "
+        f"{', '.join(report['dtypes'])}",
+        f"  key style: {s['name']} (prefix {', '.join(p or '(none)' for p in s['prefixes'])}; "
+        f"{s['pair_names'] or 'no LoRA pairs'}; alpha keys {'yes' if s['alpha_keys'] else 'no'}"
+        f"{'; ComfyUI fused names' if s['comfyui_names'] else ''})",
+        f"  modules: {report['modules']} ({', '.join(f'{k} {v}' for k, v in report['kinds'].items())}); "
+        f"by block: {_pairs(report['by_block'])}; by target: {_pairs(report['by_target'])}",
+        f"  rank {_list(report['ranks'])}, alpha {_list(report['alphas'])}, effective scale {_list(report['scales'])}",
+        f"  base {m['base'] or '?'}, trigger {m['trigger'] or '-'}, title {m['title'] or '-'}, "
+        f"steps {m['steps'] or '?'}, resolution {m['resolution'] or '?'}, date {m['date'] or '?'}",
+    ]
     lines += [f"  {tool}: {how}" for tool, how in report["tools"].items()]
     if "fit" in report:
         fit = report["fit"]
-        lines.append(f"  fits {fit['model']}: " + ("yes" if fit["fits"] else
-                     f"no; would skip {', '.join(fit['skipped_keys'][:6]) or 'nothing'}"
-                     + (f"; shape mismatches: {'; '.join(fit['misfit'][:3])}" if fit["misfit"] else "")))
+        lines.append(
+            f"  fits {fit['model']}: "
+            + (
+                "yes"
+                if fit["fits"]
+                else f"no; would skip {', '.join(fit['skipped_keys'][:6]) or 'nothing'}"
+                + (f"; shape mismatches: {'; '.join(fit['misfit'][:3])}" if fit["misfit"] else "")
+            )
+        )
     return lines
 
 

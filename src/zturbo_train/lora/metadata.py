@@ -30,20 +30,33 @@ SAI_MODEL_SPEC = "1.0.0"
 NETWORK_MODULE = "networks.lora"
 _LEGACY_OFFSET, _LEGACY_SIZE = 0x100000, 0x10000
 # Keys that describe a file's own layout: never carried over from a source file.
-OWN_KEYS = ("format", "zturbo.style", "zturbo.format_version", "lora_adapter_metadata", "sshs_model_hash",
-            "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_network_module",
-            "modelspec.architecture", "modelspec.implementation", "modelspec.sai_model_spec")
+OWN_KEYS = (
+    "format",
+    "zturbo.style",
+    "zturbo.format_version",
+    "lora_adapter_metadata",
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_module",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.sai_model_spec",
+)
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) exactly as sd-scripts' `precalculate_safetensors_hashes`."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous() for k, v in tensors.items()},
-                {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    data = save(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        {k: v for k, v in metadata.items() if k.startswith("ss_")},
+    )
     header_end = 8 + int.from_bytes(data[:8], "little")
     model_hash = hashlib.sha256(data[header_end:]).hexdigest()
-    legacy_hash = hashlib.sha256(data[_LEGACY_OFFSET:_LEGACY_OFFSET + _LEGACY_SIZE]).hexdigest()[:8]
+    legacy_hash = hashlib.sha256(data[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_SIZE]).hexdigest()[:8]
     return model_hash, legacy_hash
 
 
@@ -79,8 +92,9 @@ def _network(loras, style: str) -> tuple[str | None, str | None]:
     return (None if rank is None else str(rank)), (None if alpha is None else f"{alpha:g}")
 
 
-def build_metadata(loras, tensors: dict[str, torch.Tensor], style: str, facts: Mapping[str, object],
-                   name: str) -> dict[str, str]:
+def build_metadata(
+    loras, tensors: dict[str, torch.Tensor], style: str, facts: Mapping[str, object], name: str
+) -> dict[str, str]:
     """The whole header of a LoRA file, from what the caller knows.
 
     `facts`: plain keys (`name`, `trigger_word`, `steps`, `epochs`, `resolution`, `started_at`
@@ -92,22 +106,34 @@ def build_metadata(loras, tensors: dict[str, torch.Tensor], style: str, facts: M
 
     header = {k: _text(v) for k, v in facts.items() if ("." in k or k.startswith("ss")) and k not in OWN_KEYS}
     header.update({f"zturbo.{k}": _text(v) for k, v in facts.items() if "." not in k and not k.startswith("ss")})
-    header.update({"format": "pt", "zturbo.format_version": FORMAT_VERSION, "zturbo.style": style,
-                   "zturbo.writer": f"zturbo-train {__version__}"})
+    header.update(
+        {
+            "format": "pt",
+            "zturbo.format_version": FORMAT_VERSION,
+            "zturbo.style": style,
+            "zturbo.writer": f"zturbo-train {__version__}",
+        }
+    )
     title = str(_fact(facts, "name") or name)
     trigger = _fact(facts, "trigger_word")
     started = _fact(facts, "started_at")
     resolution = _resolution(_fact(facts, "resolution"))
     dim, alpha = _network(loras, style)
     ecosystem = {
-        "ss_base_model_version": BASE_MODEL_VERSION, "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": dim, "ss_network_alpha": alpha, "ss_output_name": title,
+        "ss_base_model_version": BASE_MODEL_VERSION,
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_output_name": title,
         "ss_tag_frequency": json.dumps({title: {trigger: 1}}) if trigger else None,
         "ss_training_started_at": None if started is None else str(started),
-        "ss_steps": _opt(_fact(facts, "steps")), "ss_epoch": _opt(_fact(facts, "epochs")),
+        "ss_steps": _opt(_fact(facts, "steps")),
+        "ss_epoch": _opt(_fact(facts, "epochs")),
         "ss_resolution": None if resolution is None else str(resolution),
-        "modelspec.sai_model_spec": SAI_MODEL_SPEC, "modelspec.architecture": ARCHITECTURE,
-        "modelspec.implementation": IMPLEMENTATION, "modelspec.title": title,
+        "modelspec.sai_model_spec": SAI_MODEL_SPEC,
+        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": title,
         "modelspec.trigger_phrase": trigger or None,
         "modelspec.resolution": None if resolution is None else f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": _date(started),

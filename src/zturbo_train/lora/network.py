@@ -33,8 +33,9 @@ def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Itera
         if stack is None:
             raise LoraError(f"the transformer has no {block!r} blocks")
         for index in range(len(stack)):
-            names += [f"{block}.{index}.{TARGET_PATHS[t]}" for t in targets
-                      if f"{block}.{index}.{TARGET_PATHS[t]}" in shapes]
+            names += [
+                f"{block}.{index}.{TARGET_PATHS[t]}" for t in targets if f"{block}.{index}.{TARGET_PATHS[t]}" in shapes
+            ]
     if not names:
         raise LoraError(f"no linear layers match blocks {list(blocks)} and targets {list(targets)}")
     return names
@@ -43,8 +44,9 @@ def target_modules(transformer: nn.Module, blocks: Iterable[str], targets: Itera
 class LoraLayer(nn.Module):
     """The low-rank branch of one linear: scale * up(down(dropout(x))) (+ a bias delta, when the file has one)."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, dropout: float = 0.0,
-                 bias: torch.Tensor | None = None):
+    def __init__(
+        self, down: torch.Tensor, up: torch.Tensor, scale: float, dropout: float = 0.0, bias: torch.Tensor | None = None
+    ):
         super().__init__()
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(up)
@@ -129,8 +131,11 @@ class LoraNetwork(nn.Module):
     def to_lora_dict(self) -> LoraDict:
         """The trained weights in the converter's internal form (detached fp32 copies on CPU)."""
         return {
-            name: LoraWeights(down=layer.down.detach().float().cpu().clone(),
-                              up=layer.up.detach().float().cpu().clone(), alpha=self.alphas[name])
+            name: LoraWeights(
+                down=layer.down.detach().float().cpu().clone(),
+                up=layer.up.detach().float().cpu().clone(),
+                alpha=self.alphas[name],
+            )
             for name, layer in zip(self.names, self.layers)
         }
 
@@ -141,10 +146,12 @@ class LoraNetwork(nn.Module):
         for name, layer in zip(self.names, self.layers):
             saved = loras[name]
             if saved.down.shape != layer.down.shape or saved.up.shape != layer.up.shape:
-                raise LoraError(f"the saved LoRA has rank {saved.down.shape[0]} at {name} (shapes "
-                                f"{tuple(saved.down.shape)}, {tuple(saved.up.shape)}), this run lora.rank = "
-                                f"{layer.down.shape[0]} (shapes {tuple(layer.down.shape)}, {tuple(layer.up.shape)}); "
-                                f"resume with the same [lora] settings and model")
+                raise LoraError(
+                    f"the saved LoRA has rank {saved.down.shape[0]} at {name} (shapes "
+                    f"{tuple(saved.down.shape)}, {tuple(saved.up.shape)}), this run lora.rank = "
+                    f"{layer.down.shape[0]} (shapes {tuple(layer.down.shape)}, {tuple(layer.up.shape)}); "
+                    f"resume with the same [lora] settings and model"
+                )
         with torch.no_grad():
             for name, layer in zip(self.names, self.layers):
                 layer.down.copy_(loras[name].down)
@@ -154,8 +161,16 @@ class LoraNetwork(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def create_lora(transformer: nn.Module, rank: int, alpha: float, blocks: Iterable[str], targets: Iterable[str],
-                dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoraNetwork:
+def create_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float,
+    blocks: Iterable[str],
+    targets: Iterable[str],
+    dropout: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> LoraNetwork:
     """A new trainable LoRA: down Kaiming-uniform (as peft), up zero, so step 0 equals the base model."""
     shapes = linear_shapes(transformer)
     device = next(transformer.parameters()).device
@@ -171,16 +186,23 @@ def create_lora(transformer: nn.Module, rank: int, alpha: float, blocks: Iterabl
     return LoraNetwork(layers, alphas).attach(transformer)
 
 
-def load_lora(transformer: nn.Module, loras: LoraDict, multiplier: float = 1.0, what: str = "the LoRA",
-              partial_ok: bool = False, trainable: bool = False) -> LoraNetwork:
+def load_lora(
+    transformer: nn.Module,
+    loras: LoraDict,
+    multiplier: float = 1.0,
+    what: str = "the LoRA",
+    partial_ok: bool = False,
+    trainable: bool = False,
+) -> LoraNetwork:
     """Attach a saved LoRA (frozen unless `trainable`) at a strength; refuses a LoRA of another model.
 
     A LoRA that fits only in part is an error unless `partial_ok` (`--allow-partial`); the
     modules left out are in `network.unmatched`. Plain LoRA pairs become low-rank branches;
     full patches, LoKr and LoHa become dense branches (see DeltaLayer).
     """
-    unmatched = require_fit(loras, linear_shapes(transformer), what, partial_ok=partial_ok,
-                            biases=bias_modules(transformer))
+    unmatched = require_fit(
+        loras, linear_shapes(transformer), what, partial_ok=partial_ok, biases=bias_modules(transformer)
+    )
     modules = dict(transformer.named_modules())
     device = next(transformer.parameters()).device
     layers, alphas = {}, {}
@@ -189,13 +211,15 @@ def load_lora(transformer: nn.Module, loras: LoraDict, multiplier: float = 1.0, 
             continue
         bias = None if update.bias is None else update.bias.float().to(device)
         if isinstance(update, LoraWeights):
-            layers[name] = LoraLayer(update.down.float().to(device), update.up.float().to(device), update.scale,
-                                     bias=bias)
+            layers[name] = LoraLayer(
+                update.down.float().to(device), update.up.float().to(device), update.scale, bias=bias
+            )
         else:
             dtype = modules[name].weight.dtype if modules[name].weight.is_floating_point() else torch.float32
             weight = update.delta(torch.float32)
-            layers[name] = DeltaLayer(None if weight is None else weight.to(device, dtype),
-                                      None if bias is None else bias.to(dtype))
+            layers[name] = DeltaLayer(
+                None if weight is None else weight.to(device, dtype), None if bias is None else bias.to(dtype)
+            )
         alphas[name] = update.alpha
     network = LoraNetwork(layers, alphas, multiplier)
     network.requires_grad_(trainable)
@@ -214,5 +238,6 @@ def merge_into_weights(transformer: nn.Module, loras: LoraDict, weight: float = 
             update_w = delta.to(linear.weight.device) * weight
             linear.weight.copy_((linear.weight.float() + update_w).to(linear.weight.dtype))
         if update.bias is not None:
-            linear.bias.copy_((linear.bias.float() + update.bias.float().to(linear.bias.device) * weight)
-                              .to(linear.bias.dtype))
+            linear.bias.copy_(
+                (linear.bias.float() + update.bias.float().to(linear.bias.device) * weight).to(linear.bias.dtype)
+            )

@@ -20,17 +20,23 @@ from .estimate import Workload
 
 # config name -> diffusers AttentionBackendName value
 ATTENTION_BACKENDS = {
-    "native": "native", "sdpa-cudnn": "_native_cudnn", "sdpa-flash": "_native_flash",
-    "sdpa-efficient": "_native_efficient", "sdpa-math": "_native_math", "flash-attn": "flash",
-    "flash-attn-3": "_flash_3", "sage": "sage",
+    "native": "native",
+    "sdpa-cudnn": "_native_cudnn",
+    "sdpa-flash": "_native_flash",
+    "sdpa-efficient": "_native_efficient",
+    "sdpa-math": "_native_math",
+    "flash-attn": "flash",
+    "flash-attn-3": "_flash_3",
+    "sage": "sage",
 }
 # exact backends auto may pick (sage quantizes Q/K, so it is never picked for you)
 AUTO_CANDIDATES = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "native", "flash-attn", "flash-attn-3")
 ATTENTION_TOLERANCE = 2e-2  # relative L2 error vs fp32 attention; bf16 backends land near 4e-3
 
 
-def apply_attention(transformer: nn.Module, choice: str, device: torch.device, dtype: torch.dtype,
-                    work: Workload | None = None) -> str:
+def apply_attention(
+    transformer: nn.Module, choice: str, device: torch.device, dtype: torch.dtype, work: Workload | None = None
+) -> str:
     """Set the attention backend (auto: measured on CUDA, SDPA elsewhere); returns the name used."""
     if choice not in ATTENTION_BACKENDS and choice != "auto":
         raise ConfigError(f"`train.attention_backend` = {choice!r} is not one of auto, {', '.join(ATTENTION_BACKENDS)}")
@@ -40,45 +46,70 @@ def apply_attention(transformer: nn.Module, choice: str, device: torch.device, d
         try:
             transformer.set_attention_backend(ATTENTION_BACKENDS[choice])
         except Exception as exc:  # noqa: BLE001 - diffusers raises several kinds for a missing package
-            raise ConfigError(f"attention backend {choice!r} is not usable here ({exc}); set "
-                              f"train.attention_backend = \"auto\" or \"native\"") from None
+            raise ConfigError(
+                f"attention backend {choice!r} is not usable here ({exc}); set "
+                f'train.attention_backend = "auto" or "native"'
+            ) from None
     return choice
 
 
-def pick_attention(transformer: nn.Module, device: torch.device, dtype: torch.dtype,
-                   work: Workload | None = None, candidates: tuple[str, ...] = AUTO_CANDIDATES) -> str:
+def pick_attention(
+    transformer: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    work: Workload | None = None,
+    candidates: tuple[str, ...] = AUTO_CANDIDATES,
+) -> str:
     """The fastest exact backend for this model's attention at the workload's sequence length."""
     heads = int(transformer.config.n_heads)
     head_dim = int(transformer.config.dim) // heads
     work = work or Workload(resolution=1024)
-    results = probe_attention(candidates, batch=work.batch, seq=work.tokens()["layers"], heads=heads,
-                              head_dim=head_dim, device=device, dtype=dtype)
+    results = probe_attention(
+        candidates,
+        batch=work.batch,
+        seq=work.tokens()["layers"],
+        heads=heads,
+        head_dim=head_dim,
+        device=device,
+        dtype=dtype,
+    )
     return fastest_exact(results)
 
 
 def fastest_exact(results: dict[str, tuple[float, float] | None], tolerance: float = ATTENTION_TOLERANCE) -> str:
     """The quickest backend whose error is within tolerance; native when none qualifies."""
-    exact = {name: seconds for name, r in results.items() if r is not None
-             for seconds, error in [r] if error <= tolerance}
+    exact = {
+        name: seconds for name, r in results.items() if r is not None for seconds, error in [r] if error <= tolerance
+    }
     return min(exact, key=exact.get) if exact else "native"
 
 
 Probe = dict[str, "tuple[float, float] | None"]
 
 
-def probe_attention(candidates: tuple[str, ...], *, batch: int, seq: int, heads: int, head_dim: int,
-                    device: torch.device, dtype: torch.dtype, repeats: int = 5) -> Probe:
+def probe_attention(
+    candidates: tuple[str, ...],
+    *,
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int = 5,
+) -> Probe:
     """name -> (median seconds of forward+backward, relative error vs fp32) or None when it fails.
 
     With a batch over 1 a padding mask is included, as Z-Image builds one when caption
     lengths differ, so backends that cannot take a mask drop out."""
     generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v, grad = (torch.randn(batch, seq, heads, head_dim, generator=generator, device=device, dtype=dtype)
-                     for _ in range(4))
+    q, k, v, grad = (
+        torch.randn(batch, seq, heads, head_dim, generator=generator, device=device, dtype=dtype) for _ in range(4)
+    )
     mask = None
     if batch > 1:
         mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        mask[-1, seq - 32:] = False
+        mask[-1, seq - 32 :] = False
     reference = _attention_reference(q, k, v, grad, mask)
     return {name: _measure(name, q, k, v, grad, mask, reference, repeats) for name in candidates}
 

@@ -35,8 +35,14 @@ CONSTANT_GIB = 0.02
 # Bytes per weight when stored compactly (nf4: 4 bits + double-quantised absmax per 64).
 STORAGE_BYTES = {"fp8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 # per fp32 LoRA parameter: Prodigy keeps two moments, s and the start point; Adafactor factored second moments
-OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "prodigy": 16.0, "adafactor": 0.5, "lion": 4.0,
-                         "adamw_schedulefree": 8.0}
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8.0,
+    "adamw8bit": 2.0,
+    "prodigy": 16.0,
+    "adafactor": 0.5,
+    "lion": 4.0,
+    "adamw_schedulefree": 8.0,
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,11 @@ class ModelShape:
                 continue
             block = blocks[0]
             block_params[stack] = sum(p.numel() for p in block.parameters())
-            leaves = {name: (m.out_features, m.in_features) for name, m in block.named_modules()
-                      if hasattr(m, "in_features") and hasattr(m, "out_features")}
+            leaves = {
+                name: (m.out_features, m.in_features)
+                for name, m in block.named_modules()
+                if hasattr(m, "in_features") and hasattr(m, "out_features")
+            }
             linears[stack] = leaves
             quant = [leaves[name] for name in QUANT_LEAVES if name in leaves]
             quant_params[stack] = sum(o * i for o, i in quant)
@@ -156,16 +165,21 @@ def lora_params(shape: ModelShape, work: Workload) -> int:
     total = 0
     for stack in work.lora_blocks:
         leaves = shape.linears.get(stack, {})
-        per_block = sum(work.rank * (o + i) for t in work.targets if (p := TARGET_PATHS[t]) in leaves
-                        for o, i in [leaves[p]])
+        per_block = sum(
+            work.rank * (o + i) for t in work.targets if (p := TARGET_PATHS[t]) in leaves for o, i in [leaves[p]]
+        )
         total += per_block * shape.stack_sizes.get(stack, 0)
     return total
 
 
 def adapted_linears(shape: ModelShape, blocks: Iterable[str], targets: Iterable[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of each kind of linear a LoRA adapts, as `stack.*.leaf` (every block of a stack is alike)."""
-    return {f"{stack}.*.{TARGET_PATHS[t]}": shape.linears[stack][TARGET_PATHS[t]] for stack in blocks for t in targets
-            if TARGET_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)}
+    return {
+        f"{stack}.*.{TARGET_PATHS[t]}": shape.linears[stack][TARGET_PATHS[t]]
+        for stack in blocks
+        for t in targets
+        if TARGET_PATHS[t] in shape.linears.get(stack, {}) and shape.stack_sizes.get(stack, 0)
+    }
 
 
 def rank_warning(rank: int, linears: dict[str, tuple[int, int]]) -> str | None:
@@ -178,9 +192,11 @@ def rank_warning(rank: int, linears: dict[str, tuple[int, int]]) -> str | None:
         return None
     name = min(narrow, key=lambda n: min(narrow[n]))
     width = min(narrow[name])
-    return (f"lora.rank {rank} is above the width of {len(narrow)} of the {len(kinds)} kinds of adapted layer "
-            f"(narrowest: {name}, {narrow[name][0]}x{narrow[name][1]}); a LoRA cannot use rank beyond min(in, out), "
-            f"so the extra rank adds parameters but no capacity; set lora.rank to {width} or less")
+    return (
+        f"lora.rank {rank} is above the width of {len(narrow)} of the {len(kinds)} kinds of adapted layer "
+        f"(narrowest: {name}, {narrow[name][0]}x{narrow[name][1]}); a LoRA cannot use rank beyond min(in, out), "
+        f"so the extra rank adds parameters but no capacity; set lora.rank to {width} or less"
+    )
 
 
 def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, fraction: float) -> float:
@@ -202,8 +218,9 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, frac
     return work.batch * (kept + recompute + extra) + CONSTANT_GIB * GIB
 
 
-def weight_bytes(shape: ModelShape, work: Workload, quantize: str, offload: str,
-                 prefetch: int = 2) -> tuple[float, float, float]:
+def weight_bytes(
+    shape: ModelShape, work: Workload, quantize: str, offload: str, prefetch: int = 2
+) -> tuple[float, float, float]:
     """(GPU-resident weight bytes, transient bytes, pinned host bytes)."""
     db = work.dtype_bytes
     if offload == "blocks":
@@ -218,15 +235,23 @@ def weight_bytes(shape: ModelShape, work: Workload, quantize: str, offload: str,
     return compact + rest, shape.largest_linear * db, 0.0
 
 
-def estimate(shape: ModelShape, work: Workload, *, checkpointing: str = "full", fraction: float = 1.0,
-             quantize: str = "none", offload: str = "none") -> Estimate:
+def estimate(
+    shape: ModelShape,
+    work: Workload,
+    *,
+    checkpointing: str = "full",
+    fraction: float = 1.0,
+    quantize: str = "none",
+    offload: str = "none",
+) -> Estimate:
     """Estimated peak GPU memory of one training step with these levers."""
     weights, transient, host = weight_bytes(shape, work, quantize, offload)
     if quantize == "fp8" and offload == "none":
         # diffusers' layerwise casting upcasts a layer per call; autograd keeps the bf16 copy
         # of every block it does not recompute, so only checkpointed blocks save memory.
-        kept = shape.stack_sizes["layers"] - len(checkpointed_layers(shape.stack_sizes["layers"], checkpointing,
-                                                                     fraction))
+        kept = shape.stack_sizes["layers"] - len(
+            checkpointed_layers(shape.stack_sizes["layers"], checkpointing, fraction)
+        )
         transient += kept * shape.quant_params["layers"] * work.dtype_bytes
     lora = lora_params(shape, work) * (8 + OPTIMIZER_STATE_BYTES[work.optimizer] + 4 * work.ema)
     acts = activation_bytes(shape, work, checkpointing, fraction)

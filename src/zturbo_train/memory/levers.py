@@ -61,15 +61,21 @@ def explicit_levers(model: ModelConfig, train: TrainConfig) -> dict[str, Any]:
 
 def workload_of(cfg: Config) -> Workload:
     """The largest step the config trains: its biggest resolution, batch, LoRA and optimizer."""
-    return Workload(resolution=max(r for d in cfg.data for r in d.resolution), batch=cfg.train.batch_size,
-                    rank=cfg.lora.rank, targets=tuple(cfg.lora.targets), lora_blocks=tuple(cfg.lora.blocks),
-                    optimizer=cfg.train.optimizer, ema=cfg.train.ema, dtype_bytes=DTYPE_BYTES[cfg.model.dtype])
+    return Workload(
+        resolution=max(r for d in cfg.data for r in d.resolution),
+        batch=cfg.train.batch_size,
+        rank=cfg.lora.rank,
+        targets=tuple(cfg.lora.targets),
+        lora_blocks=tuple(cfg.lora.blocks),
+        optimizer=cfg.train.optimizer,
+        ema=cfg.train.ema,
+        dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
+    )
 
 
 def model_shape(model_ref: str) -> ModelShape:
     """Parameter counts of the model at `model_ref` from its transformer config (meta device)."""
     import json
-
 
     if model_ref in SYNTHETIC_MODELS:
         return shape_from_config(synthetic_config(model_ref))
@@ -85,19 +91,31 @@ def free_gib(device: torch.device) -> float | None:
     return free / 2**30
 
 
-def resolve_levers(model: ModelConfig, train: TrainConfig, work: Workload, device: torch.device,
-                   shape: Callable[[], ModelShape] | None = None) -> Levers:
+def resolve_levers(
+    model: ModelConfig,
+    train: TrainConfig,
+    work: Workload,
+    device: torch.device,
+    shape: Callable[[], ModelShape] | None = None,
+) -> Levers:
     """Levers for a run on `device`: the memory preset (auto reads free memory) plus explicit keys."""
     if shape is None:
         shape = functools.cache(lambda: model_shape(model.path))
-    return choose(train.memory, explicit_levers(model, train), cuda=device.type == "cuda",
-                  free_gib=free_gib(device), shape=shape, work=work)
+    return choose(
+        train.memory,
+        explicit_levers(model, train),
+        cuda=device.type == "cuda",
+        free_gib=free_gib(device),
+        shape=shape,
+        work=work,
+    )
 
 
 def levers_for(cfg: Config, device: torch.device, shape: ModelShape | None = None) -> Levers:
     """resolve_levers for a whole training config (`shape`: known shapes when the model is not on disk)."""
-    return resolve_levers(cfg.model, cfg.train, workload_of(cfg), device,
-                          shape=None if shape is None else (lambda: shape))
+    return resolve_levers(
+        cfg.model, cfg.train, workload_of(cfg), device, shape=None if shape is None else (lambda: shape)
+    )
 
 
 # ------------------------------------------------------------------------------ applying
@@ -113,8 +131,13 @@ class Applied:
     streamer: Any = None
 
 
-def apply_levers(transformer: nn.Module, levers: Levers, device: torch.device | str, adapter: Any = None,
-                 work: Workload | None = None) -> Applied:
+def apply_levers(
+    transformer: nn.Module,
+    levers: Levers,
+    device: torch.device | str,
+    adapter: Any = None,
+    work: Workload | None = None,
+) -> Applied:
     """Apply every lever to a loaded transformer (on the host when levers.loads_on_host).
 
     Call after the training adapter is applied (it merges into plain weights) and before
@@ -149,8 +172,9 @@ def apply_checkpointing(transformer: nn.Module, mode: str, fraction: float = 1.0
     elif mode == "full":
         transformer.enable_gradient_checkpointing()
     elif mode == "selective":
-        transformer.enable_gradient_checkpointing(selective_checkpoint({id(transformer.layers[i]) for i in chosen},
-                                                                       {id(b) for b in transformer.layers}))
+        transformer.enable_gradient_checkpointing(
+            selective_checkpoint({id(transformer.layers[i]) for i in chosen}, {id(b) for b in transformer.layers})
+        )
     else:
         raise ConfigError(f"`train.gradient_checkpointing` = {mode!r} is not one of full, none, selective")
     return chosen

@@ -87,8 +87,15 @@ class _Block:
 class BlockStreamer:
     """Streams `blocks` (called in list order in forward) from host memory to `device`."""
 
-    def __init__(self, blocks: Sequence[nn.Module], device: torch.device | str, compute_dtype: torch.dtype,
-                 fp8_names: Callable[[str], bool] | None = None, depth: int = PREFETCH_DEPTH, pin: bool = True):
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        device: torch.device | str,
+        compute_dtype: torch.dtype,
+        fp8_names: Callable[[str], bool] | None = None,
+        depth: int = PREFETCH_DEPTH,
+        pin: bool = True,
+    ):
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.depth = depth
@@ -99,8 +106,9 @@ class BlockStreamer:
         self.cache: dict[int, _Loaded] = {}
         self._floor = 0  # lowest block the last backward recomputed
         self._seen_floor: int | None = None
-        self.blocks = [self._adopt(index, block, fp8_names or (lambda name: False))
-                       for index, block in enumerate(blocks)]
+        self.blocks = [
+            self._adopt(index, block, fp8_names or (lambda name: False)) for index, block in enumerate(blocks)
+        ]
 
     # -- set-up
     def _adopt(self, index: int, block: nn.Module, fp8: Callable[[str], bool]) -> _Block:
@@ -215,8 +223,13 @@ def move_except(model: nn.Module, device: torch.device | str, keep: set[int]) ->
                     tensor.data = tensor.data.to(device)
 
 
-def stream_blocks(transformer: nn.Module, device: torch.device | str, compute_dtype: torch.dtype,
-                  fp8: bool = False, depth: int = PREFETCH_DEPTH) -> BlockStreamer:
+def stream_blocks(
+    transformer: nn.Module,
+    device: torch.device | str,
+    compute_dtype: torch.dtype,
+    fp8: bool = False,
+    depth: int = PREFETCH_DEPTH,
+) -> BlockStreamer:
     """Offload every repeated block of the transformer and put the rest on `device`."""
     blocks = [block for stack in BLOCK_STACKS for block in (getattr(transformer, stack, None) or [])]
     fp8_names = (lambda path: any(path == f"{leaf}.weight" for leaf in QUANT_LEAVES)) if fp8 else None
@@ -257,8 +270,9 @@ def apply_offload(mode: str, parts, networks: Sequence["LoraNetwork"], device: t
     else:
         from diffusers import ZImagePipeline
 
-        pipe = ZImagePipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                              transformer=parts.transformer)
+        pipe = ZImagePipeline(
+            scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None, transformer=parts.transformer
+        )
         try:
             if mode == "model":
                 pipe.enable_model_cpu_offload(device=device)

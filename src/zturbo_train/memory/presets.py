@@ -63,8 +63,12 @@ class Levers:
         ckpt = self.checkpointing
         if ckpt == "selective":
             ckpt = f"selective {self.checkpoint_fraction:.0%}"
-        parts = [f"checkpointing {ckpt}", "compiled" if self.compile else "eager", f"weights {self.quantize}"
-                 if self.quantize != "none" else "weights as loaded", f"attention {self.attention_backend}"]
+        parts = [
+            f"checkpointing {ckpt}",
+            "compiled" if self.compile else "eager",
+            f"weights {self.quantize}" if self.quantize != "none" else "weights as loaded",
+            f"attention {self.attention_backend}",
+        ]
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.compile and self.compile_mode != "default":
@@ -75,8 +79,15 @@ class Levers:
 ShapeSource = Callable[[], ModelShape]
 
 
-def choose(memory: str, explicit: dict[str, Any], *, cuda: bool, free_gib: float | None = None,
-           shape: ShapeSource | None = None, work: Workload | None = None) -> Levers:
+def choose(
+    memory: str,
+    explicit: dict[str, Any],
+    *,
+    cuda: bool,
+    free_gib: float | None = None,
+    shape: ShapeSource | None = None,
+    work: Workload | None = None,
+) -> Levers:
     """Resolve `memory` and the user's explicit lever keys into Levers.
 
     `explicit` holds only keys the user set (checkpointing, checkpoint_fraction, compile,
@@ -93,23 +104,31 @@ def choose(memory: str, explicit: dict[str, Any], *, cuda: bool, free_gib: float
     return levers
 
 
-def _combine(name: str, explicit: dict[str, Any], budget: float | None, shape: ShapeSource | None,
-             work: Workload | None, note: str = "") -> Levers:
+def _combine(
+    name: str,
+    explicit: dict[str, Any],
+    budget: float | None,
+    shape: ShapeSource | None,
+    work: Workload | None,
+    note: str = "",
+) -> Levers:
     settings = {**PRESETS[name], **explicit}
     fraction = settings.pop("checkpoint_fraction", None)
     if settings["checkpointing"] == "selective" and fraction is None:
         fraction = DEFAULT_FRACTION
         if budget is not None and shape is not None and work is not None:
-            fitted = fit_checkpointing(shape(), work, budget, quantize=settings["quantize"],
-                                       offload=settings["offload"])
+            fitted = fit_checkpointing(
+                shape(), work, budget, quantize=settings["quantize"], offload=settings["offload"]
+            )
             fraction = 1.0 if fitted is None else fitted
     if fraction is None:
         fraction = {"full": 1.0, "none": 0.0}.get(settings["checkpointing"], DEFAULT_FRACTION)
     return Levers(memory=name, checkpoint_fraction=fraction, note=note, **settings)
 
 
-def _auto(explicit: dict[str, Any], cuda: bool, free_gib: float | None, shape: ShapeSource | None,
-          work: Workload | None) -> Levers:
+def _auto(
+    explicit: dict[str, Any], cuda: bool, free_gib: float | None, shape: ShapeSource | None, work: Workload | None
+) -> Levers:
     if not cuda or free_gib is None or shape is None or work is None:
         quiet = {"compile": False, **explicit}
         return _combine("high", quiet, None, None, None, note="auto: no CUDA device, so the high preset, uncompiled")
@@ -124,20 +143,33 @@ def _auto(explicit: dict[str, Any], cuda: bool, free_gib: float | None, shape: S
     smallest = SPEED_ORDER[-1]
     levers = _combine(smallest, explicit, usable, shape, work)
     peak = estimate_for(levers, shape(), work).total
-    return replace(levers, note=f"auto: {free_gib:.1f} GiB free is less than even the {smallest} preset's "
-                                f"estimated {peak:.1f} GiB; lower data.resolution, train.batch_size or lora.rank")
+    return replace(
+        levers,
+        note=f"auto: {free_gib:.1f} GiB free is less than even the {smallest} preset's "
+        f"estimated {peak:.1f} GiB; lower data.resolution, train.batch_size or lora.rank",
+    )
 
 
 def estimate_for(levers: Levers, shape: ModelShape, work: Workload) -> Estimate:
     """The memory estimate of a workload under these levers."""
-    return estimate(shape, work, checkpointing=levers.checkpointing, fraction=levers.checkpoint_fraction,
-                    quantize=levers.quantize, offload=levers.offload)
+    return estimate(
+        shape,
+        work,
+        checkpointing=levers.checkpointing,
+        fraction=levers.checkpoint_fraction,
+        quantize=levers.quantize,
+        offload=levers.offload,
+    )
 
 
 def check_compatible(levers: Levers, explicit: dict[str, Any]) -> None:
     """Refuse combinations that cannot work, naming each key, its value and where it came from."""
-    keys = {"checkpointing": "train.gradient_checkpointing", "compile": "train.compile",
-            "quantize": "model.quantize", "offload": "model.offload"}
+    keys = {
+        "checkpointing": "train.gradient_checkpointing",
+        "compile": "train.compile",
+        "quantize": "model.quantize",
+        "offload": "model.offload",
+    }
 
     def said(key: str) -> str:
         value = getattr(levers, key)
@@ -147,21 +179,31 @@ def check_compatible(levers: Levers, explicit: dict[str, Any]) -> None:
 
     if levers.offload == "blocks":
         if levers.checkpointing != "full":
-            raise ConfigError(f"{said('offload')} needs full checkpointing, but {said('checkpointing')}: without it "
-                              f"autograd keeps every streamed block on the GPU until backward, so offloading saves "
-                              f"nothing; set train.gradient_checkpointing = \"full\" or model.offload = \"none\"")
+            raise ConfigError(
+                f"{said('offload')} needs full checkpointing, but {said('checkpointing')}: without it "
+                f"autograd keeps every streamed block on the GPU until backward, so offloading saves "
+                f'nothing; set train.gradient_checkpointing = "full" or model.offload = "none"'
+            )
         if levers.compile:
-            raise ConfigError(f"{said('offload')} does not work with {said('compile')}: the streamed weights are "
-                              f"swapped in around each block call, which a compiled block would recompile for; "
-                              f"set train.compile = false")
+            raise ConfigError(
+                f"{said('offload')} does not work with {said('compile')}: the streamed weights are "
+                f"swapped in around each block call, which a compiled block would recompile for; "
+                f"set train.compile = false"
+            )
         if levers.quantize in ("nf4", "int8"):
-            raise ConfigError(f"{said('offload')} streams bf16 or fp8 weights, not {said('quantize')}; an "
-                              f"{levers.quantize} base already fits 8 GB cards, so set model.offload = \"none\"")
+            raise ConfigError(
+                f"{said('offload')} streams bf16 or fp8 weights, not {said('quantize')}; an "
+                f'{levers.quantize} base already fits 8 GB cards, so set model.offload = "none"'
+            )
     if levers.quantize == "fp8" and levers.compile and levers.offload == "none":
-        raise ConfigError(f"{said('quantize')} does not work with {said('compile')}: diffusers' layerwise casting "
-                          f"changes weight dtypes inside the block, which the compiled graph and the checkpoint "
-                          f"recompute disagree on (measured); set train.compile = false, or model.quantize = "
-                          f"\"nf4\" for a compiled small base")
+        raise ConfigError(
+            f"{said('quantize')} does not work with {said('compile')}: diffusers' layerwise casting "
+            f"changes weight dtypes inside the block, which the compiled graph and the checkpoint "
+            f"recompute disagree on (measured); set train.compile = false, or model.quantize = "
+            f'"nf4" for a compiled small base'
+        )
     if levers.checkpointing != "selective" and "checkpoint_fraction" in explicit:
-        raise ConfigError(f"`train.checkpoint_fraction` is set but {said('checkpointing')}; set "
-                          f"train.gradient_checkpointing = \"selective\" or remove checkpoint_fraction")
+        raise ConfigError(
+            f"`train.checkpoint_fraction` is set but {said('checkpointing')}; set "
+            f'train.gradient_checkpointing = "selective" or remove checkpoint_fraction'
+        )

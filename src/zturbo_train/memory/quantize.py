@@ -27,8 +27,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..zimage import BLOCK_STACKS, QUANT_LEAVES
 
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
 INT8_THRESHOLD = 6.0
 
 
@@ -49,8 +54,13 @@ def store_fp8(transformer: nn.Module, compute_dtype: torch.dtype) -> int:
 
     count = 0
     for _, linear in block_linears(transformer):
-        apply_layerwise_casting(linear, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                skip_modules_pattern=None, skip_modules_classes=None)
+        apply_layerwise_casting(
+            linear,
+            storage_dtype=torch.float8_e4m3fn,
+            compute_dtype=compute_dtype,
+            skip_modules_pattern=None,
+            skip_modules_classes=None,
+        )
         count += 1
     return count
 
@@ -71,13 +81,26 @@ def _quantized(bnb, linear: nn.Module, kind: str, device: torch.device, compute_
     weight = linear.weight.detach()
     has_bias = linear.bias is not None
     if kind == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                  quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True).to(device)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to(
+            device
+        )
     elif kind == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                                    threshold=INT8_THRESHOLD, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
     else:
         raise ConfigError(f"`model.quantize` = {kind!r} is not a bitsandbytes type; use nf4 or int8")
@@ -99,8 +122,10 @@ def _import_bnb(kind: str):
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError(f"`model.quantize` = {kind!r} needs bitsandbytes; install it with "
-                          f"`pip install bitsandbytes`, or set model.quantize = \"fp8\"") from None
+        raise ConfigError(
+            f"`model.quantize` = {kind!r} needs bitsandbytes; install it with "
+            f'`pip install bitsandbytes`, or set model.quantize = "fp8"'
+        ) from None
     return bnb
 
 

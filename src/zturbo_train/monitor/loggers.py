@@ -75,8 +75,10 @@ class WandB:
 
         mode = wandb.setup().settings.mode  # WANDB_MODE, or what `wandb offline` wrote
         if mode not in _NO_LOGIN_MODES and not wandb.login(prompt=False, verify=False):
-            raise RuntimeError("no W&B login found; run `wandb login` (or set WANDB_API_KEY), "
-                               "or set WANDB_MODE=offline and `wandb sync` later")
+            raise RuntimeError(
+                "no W&B login found; run `wandb login` (or set WANDB_API_KEY), "
+                "or set WANDB_MODE=offline and `wandb sync` later"
+            )
         self.file = root / WANDB_FILE
         stored = _read(self.file) if resume else {}
         if not isinstance(stored.get("id"), str):
@@ -85,8 +87,15 @@ class WandB:
         self.floor = self.state["step"]  # what W&B has from the sessions before this one
         write_json(self.file, self.state)
         self.wandb = wandb
-        self.run = wandb.init(project=log.project, entity=log.entity, name=log.run_name or name, id=stored["id"],
-                              resume="allow", config=config, dir=None if os.environ.get("WANDB_DIR") else str(root))
+        self.run = wandb.init(
+            project=log.project,
+            entity=log.entity,
+            name=log.run_name or name,
+            id=stored["id"],
+            resume="allow",
+            config=config,
+            dir=None if os.environ.get("WANDB_DIR") else str(root),
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._log(step, values)

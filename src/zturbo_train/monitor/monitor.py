@@ -131,8 +131,10 @@ class Monitor:
         from .loggers import TensorBoard, WandB
 
         log, resumed = self.cfg.log, self.resume_step is not None
-        makers = {"tensorboard": lambda: TensorBoard(self.root, self.config, flat(self.config), self.resume_step),
-                  "wandb": lambda: WandB(self.root, log, self.cfg.train.name, self.config, resumed)}
+        makers = {
+            "tensorboard": lambda: TensorBoard(self.root, self.config, flat(self.config), self.resume_step),
+            "wandb": lambda: WandB(self.root, log, self.cfg.train.name, self.config, resumed),
+        }
         for name, make in makers.items():
             if getattr(log, name):
                 try:
@@ -148,8 +150,17 @@ class Monitor:
             self.sent_previews = found[-1].step
         if self.cfg.log.images:
             prompts = self.cfg.sample.prompts
-            events += [(p.step, "images", [(f"preview/{n}", path, prompts[n] if n < len(prompts) else path.stem)
-                                           for n, path in enumerate(p.images)]) for p in found]
+            events += [
+                (
+                    p.step,
+                    "images",
+                    [
+                        (f"preview/{n}", path, prompts[n] if n < len(prompts) else path.stem)
+                        for n, path in enumerate(p.images)
+                    ],
+                )
+                for p in found
+            ]
         events.sort(key=lambda event: event[0])  # W&B takes steps in order only
         for logger in list(self.loggers):
             for step, kind, payload in events:

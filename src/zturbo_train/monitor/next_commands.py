@@ -58,14 +58,34 @@ def commands(root: Path, config: dict[str, Any]) -> dict[str, str]:
     again = ["zturbo", "train", str(root / RUN_TOML), "--resume"]
     finished = lora is not None and lora.parent == root  # the final LoRA is written by a finished run only
     longer = f"train.steps={2 * int(train.get('steps', 0))}"
-    out = {"train on to twice the steps": shlex.join([*again, "--set", longer])} if finished \
+    out = (
+        {"train on to twice the steps": shlex.join([*again, "--set", longer])}
+        if finished
         else {"resume": shlex.join(again)}
+    )
     if lora is not None:
         prompt = (sample.get("prompts") or ["a photo"])[0]
         out["sample"] = shlex.join(
-            ["zturbo", "sample", "--model", str(model.get("path")), "--lora", str(lora), "--prompt", prompt,
-             "--width", str(sample.get("width", 1024)), "--height", str(sample.get("height", 1024)),
-             "--steps", str(sample.get("steps", 8)), "--seed", str(sample.get("seed", 42))])
-        out["merge"] = shlex.join(["zturbo", "merge", "--model", str(model.get("path")), "--lora", str(lora),
-                                   "--out", str(root / "merged")])
+            [
+                "zturbo",
+                "sample",
+                "--model",
+                str(model.get("path")),
+                "--lora",
+                str(lora),
+                "--prompt",
+                prompt,
+                "--width",
+                str(sample.get("width", 1024)),
+                "--height",
+                str(sample.get("height", 1024)),
+                "--steps",
+                str(sample.get("steps", 8)),
+                "--seed",
+                str(sample.get("seed", 42)),
+            ]
+        )
+        out["merge"] = shlex.join(
+            ["zturbo", "merge", "--model", str(model.get("path")), "--lora", str(lora), "--out", str(root / "merged")]
+        )
     return out

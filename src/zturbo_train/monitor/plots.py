@@ -64,16 +64,26 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 def _legend(axis, twin) -> None:
     lines = axis.get_lines() + (twin.get_lines() if twin is not None else [])
-    axis.legend(lines, [line.get_label() for line in lines], loc="lower left", bbox_to_anchor=(0, 1), ncol=len(lines),
-                fontsize="small", frameon=False)  # above the axes, clear of the curves
+    axis.legend(
+        lines,
+        [line.get_label() for line in lines],
+        loc="lower left",
+        bbox_to_anchor=(0, 1),
+        ncol=len(lines),
+        fontsize="small",
+        frameon=False,
+    )  # above the axes, clear of the curves
 
 
 def timelines(steps: list[Preview], folder: Path) -> list[Path]:
     """samples/timeline-<n>.png: prompt n's previews across the steps in one strip, the step under each."""
     count = max((len(p.images) for p in steps), default=0)
-    return [path for n in range(count)
-            if (path := timeline([(p.step, p.images[n]) for p in steps if n < len(p.images)],
-                                 folder / f"timeline-{n}.png")) is not None]
+    return [
+        path
+        for n in range(count)
+        if (path := timeline([(p.step, p.images[n]) for p in steps if n < len(p.images)], folder / f"timeline-{n}.png"))
+        is not None
+    ]
 
 
 def timeline(frames: list[tuple[int, Path]], path: Path) -> Path | None:
@@ -88,8 +98,9 @@ def timeline(frames: list[tuple[int, Path]], path: Path) -> Path | None:
     if not images:
         return None
     height = max(im.height for _, im in images)
-    strip = Image.new("RGB", (sum(im.width for _, im in images) + GAP * (len(images) + 1), height + LABEL_HEIGHT + GAP),
-                      "white")
+    strip = Image.new(
+        "RGB", (sum(im.width for _, im in images) + GAP * (len(images) + 1), height + LABEL_HEIGHT + GAP), "white"
+    )
     draw, font = ImageDraw.Draw(strip), ImageFont.load_default(size=12)
     x = GAP
     for step, image in images:

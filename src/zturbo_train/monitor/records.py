@@ -24,9 +24,11 @@ _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """Every finite number of a metrics row but its axes, whatever its key (val_loss, turbo_drift ...)."""
-    return {key: float(value) for key, value in row.items()
-            if key not in AXES and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)}
+    return {
+        key: float(value)
+        for key, value in row.items()
+        if key not in AXES and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def parse_rows(text: str) -> list[dict[str, Any]]:
@@ -63,7 +65,7 @@ class MetricsTail:
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             data = handle.read()
-        whole = data[:data.rfind(b"\n") + 1]
+        whole = data[: data.rfind(b"\n") + 1]
         self.offset += len(whole)
         return parse_rows(whole.decode("utf-8", errors="replace"))
 

@@ -67,15 +67,28 @@ def render(root: Path, status: str | None, phase: Phase) -> str:
     train = config.get("train", {})
     label, css = _status(root, config, rows, status, phase)
     name = train.get("name", root.name)
-    body = [f"<h1>{_e(name)}</h1>",
-            f'<div><span class="status {css}">{_e(label)}</span> <span class="muted">{_e(str(root))} · '
-            f'report written {time.strftime("%Y-%m-%d %H:%M:%S")}</span></div>',
-            '<div class="grid2">', _settings(root, config), _progress(config, rows, phase), "</div>",
-            "<h2>Loss</h2>", _plot(root), "<h2>Previews</h2>", _previews(root, previews(root / "samples"), config),
-            "<h2>Files</h2>", _files(root, name), "<h2>Commands</h2>", _commands(root, config)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)} · zturbo report</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>\n'
-            f'<body><main>\n' + "\n".join(body) + "\n</main></body></html>\n")
+    body = [
+        f"<h1>{_e(name)}</h1>",
+        f'<div><span class="status {css}">{_e(label)}</span> <span class="muted">{_e(str(root))} · '
+        f"report written {time.strftime('%Y-%m-%d %H:%M:%S')}</span></div>",
+        '<div class="grid2">',
+        _settings(root, config),
+        _progress(config, rows, phase),
+        "</div>",
+        "<h2>Loss</h2>",
+        _plot(root),
+        "<h2>Previews</h2>",
+        _previews(root, previews(root / "samples"), config),
+        "<h2>Files</h2>",
+        _files(root, name),
+        "<h2>Commands</h2>",
+        _commands(root, config),
+    ]
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)} · zturbo report</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>\n'
+        f"<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
 
 
 def _e(text: Any) -> str:
@@ -108,22 +121,40 @@ def _table(pairs: list[tuple[str, Any]]) -> str:
 
 def _settings(root: Path, config: dict) -> str:
     model, lora, train = config.get("model", {}), config.get("lora", {}), config.get("train", {})
-    pairs = [("base model", model.get("path", "?")),
-             ("adapter", f"{model.get('adapter', '?')} ({model.get('adapter_mode', '?')}, weight "
-                         f"{model.get('adapter_weight', '?')}), base in {model.get('dtype', '?')}"),
-             ("LoRA", f"rank {lora.get('rank', '?')}, alpha {lora.get('alpha') or lora.get('rank', '?')}, "
-                      f"dropout {lora.get('dropout', 0)}"),
-             ("targets", f"{', '.join(lora.get('targets', []))} in {', '.join(lora.get('blocks', []))}"),
-             ("training", f"{train.get('steps', '?')} steps, batch {train.get('batch_size', '?')} x accum "
-                          f"{train.get('grad_accum', '?')}, lr {train.get('lr', '?')} {train.get('lr_scheduler', '')} "
-                          f"(warm-up {train.get('warmup_steps', 0)}), {train.get('optimizer', '?')}, "
-                          f"seed {train.get('seed', '?')}, memory {train.get('memory', '?')}")]
+    pairs = [
+        ("base model", model.get("path", "?")),
+        (
+            "adapter",
+            f"{model.get('adapter', '?')} ({model.get('adapter_mode', '?')}, weight "
+            f"{model.get('adapter_weight', '?')}), base in {model.get('dtype', '?')}",
+        ),
+        (
+            "LoRA",
+            f"rank {lora.get('rank', '?')}, alpha {lora.get('alpha') or lora.get('rank', '?')}, "
+            f"dropout {lora.get('dropout', 0)}",
+        ),
+        ("targets", f"{', '.join(lora.get('targets', []))} in {', '.join(lora.get('blocks', []))}"),
+        (
+            "training",
+            f"{train.get('steps', '?')} steps, batch {train.get('batch_size', '?')} x accum "
+            f"{train.get('grad_accum', '?')}, lr {train.get('lr', '?')} {train.get('lr_scheduler', '')} "
+            f"(warm-up {train.get('warmup_steps', 0)}), {train.get('optimizer', '?')}, "
+            f"seed {train.get('seed', '?')}, memory {train.get('memory', '?')}",
+        ),
+    ]
     for n, data in enumerate(config.get("data", [])):
         pairs.append((f"data {n}" if len(config.get("data", [])) > 1 else "data", _data_line(data)))
     for row in read_history(root):  # the settings above are the latest session's; what each resume changed
-        pairs.append((f"changed at step {row['step']}", ", ".join(
-            f"{key} {_setting(change.get('from'))} -> {_setting(change.get('to'))}"
-            for key, change in row["changes"].items() if isinstance(change, dict))))
+        pairs.append(
+            (
+                f"changed at step {row['step']}",
+                ", ".join(
+                    f"{key} {_setting(change.get('from'))} -> {_setting(change.get('to'))}"
+                    for key, change in row["changes"].items()
+                    if isinstance(change, dict)
+                ),
+            )
+        )
     return "<div><h2>Run</h2>" + _table(pairs) + "</div>"
 
 
@@ -140,8 +171,10 @@ def _data_line(data: dict) -> str:
     images = f"{count} images" if count is not None else "folder not found"
     trigger = f", trigger {data['trigger_word']!r}" if data.get("trigger_word") else ""
     sizes = ", ".join(str(side) for side in data.get("resolution", [])) or "?"
-    return (f"{folder} ({images}) at {sizes} px, repeats {data.get('repeats', 1)}"
-            f"{', flipped too' if data.get('flip') else ''}{trigger}, caption dropout {data.get('caption_dropout', 0)}")
+    return (
+        f"{folder} ({images}) at {sizes} px, repeats {data.get('repeats', 1)}"
+        f"{', flipped too' if data.get('flip') else ''}{trigger}, caption dropout {data.get('caption_dropout', 0)}"
+    )
 
 
 def _progress(config: dict, rows: list[dict], phase: Phase) -> str:
@@ -152,12 +185,16 @@ def _progress(config: dict, rows: list[dict], phase: Phase) -> str:
     seconds = [r["sec_per_step"] for r in rows if isinstance(r.get("sec_per_step"), (int, float))]
     per_step = statistics.median(seconds) if seconds else None
     samples = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1))
-    pairs: list[tuple[str, Any]] = [("steps", f"{last['step']} of {total}"),
-                                    (LOSS_LABEL, _number(last.get("loss_smooth"))),
-                                    (LAST_LOSS_LABEL, _number(last.get("loss")))]
+    pairs: list[tuple[str, Any]] = [
+        ("steps", f"{last['step']} of {total}"),
+        (LOSS_LABEL, _number(last.get("loss_smooth"))),
+        (LAST_LOSS_LABEL, _number(last.get("loss"))),
+    ]
     if seconds and per_step:
-        pairs += [("training time", _duration(sum(seconds))),
-                  ("speed", f"{per_step:.3g} s/step (median), {samples / per_step:.3g} images/s per GPU")]
+        pairs += [
+            ("training time", _duration(sum(seconds))),
+            ("speed", f"{per_step:.3g} s/step (median), {samples / per_step:.3g} images/s per GPU"),
+        ]
         if phase != "ended" and last["step"] < total:
             pairs.append(("left", f"about {_duration((total - last['step']) * per_step)}"))
     peaks = [r["peak_mem_gib"] for r in rows if isinstance(r.get("peak_mem_gib"), (int, float))]
@@ -211,13 +248,19 @@ def _previews(root: Path, steps: list[Preview], config: dict) -> str:
         text = _e(prompts[n] if n < len(prompts) else f"prompt {n}")
         if timeline.is_file():
             text += f'<br><a class="muted" href="{_href(root, timeline)}">timeline</a>'
-        cells = "".join(f'<td><a href="{_href(root, p.images[n])}"><img alt="step {p.step}" '
-                        f'src="{_data_uri(p.images[n], THUMB)}"></a></td>' if n < len(p.images) else "<td></td>"
-                        for p in steps)
+        cells = "".join(
+            f'<td><a href="{_href(root, p.images[n])}"><img alt="step {p.step}" '
+            f'src="{_data_uri(p.images[n], THUMB)}"></a></td>'
+            if n < len(p.images)
+            else "<td></td>"
+            for p in steps
+        )
         lines.append(f'<tr><td class="prompt">{text}</td>{cells}</tr>')
     sample = config.get("sample", {})
-    note = (f'<p class="muted">{sample.get("steps", "?")} sampling steps, guidance {sample.get("guidance", "?")}, '
-            f'seed {sample.get("seed", "?")} + prompt number, with the training adapter removed; click to enlarge</p>')
+    note = (
+        f'<p class="muted">{sample.get("steps", "?")} sampling steps, guidance {sample.get("guidance", "?")}, '
+        f"seed {sample.get('seed', '?')} + prompt number, with the training adapter removed; click to enlarge</p>"
+    )
     return note + '<div style="overflow-x:auto"><table class="previews">' + head + "".join(lines) + "</table></div>"
 
 
@@ -231,12 +274,21 @@ def _size(path: Path) -> str:
 
 
 def _files(root: Path, name: str) -> str:
-    files = [root / f"{name}.safetensors", *sorted((root / "checkpoints").glob("*.safetensors")),
-             *sorted(p / "state.safetensors" for p in (root / "state").glob("step-*")),
-             root / "loss.png", root / "metrics.jsonl", root / RUN_TOML, root / "config.json",
-             root / HISTORY]  # not the run lock (.zturbo-train.lock): no file of the run
-    rows = [f'<tr><td><a href="{_href(root, p)}">{_e(p.relative_to(root).as_posix())}</a></td><td>{_size(p)}</td></tr>'
-            for p in files if p.is_file()]
+    files = [
+        root / f"{name}.safetensors",
+        *sorted((root / "checkpoints").glob("*.safetensors")),
+        *sorted(p / "state.safetensors" for p in (root / "state").glob("step-*")),
+        root / "loss.png",
+        root / "metrics.jsonl",
+        root / RUN_TOML,
+        root / "config.json",
+        root / HISTORY,
+    ]  # not the run lock (.zturbo-train.lock): no file of the run
+    rows = [
+        f'<tr><td><a href="{_href(root, p)}">{_e(p.relative_to(root).as_posix())}</a></td><td>{_size(p)}</td></tr>'
+        for p in files
+        if p.is_file()
+    ]
     return "<table>" + "".join(rows) + "</table>" if rows else '<p class="muted">no files yet</p>'
 
 

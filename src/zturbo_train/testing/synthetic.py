@@ -19,9 +19,21 @@ from .tiny import TINY_TRANSFORMER
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json: ~6.15 B parameters.
 ZIMAGE_CONFIG: dict[str, Any] = dict(
-    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
-    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
 )
 SYNTHETIC_MODELS = {"synthetic": "ZIMAGE_CONFIG", "synthetic:tiny": "TINY_TRANSFORMER"}
 # Hub models whose transformer config is known here, so `--dry-run` can plan before the download.
@@ -43,8 +55,13 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_synthetic(config: dict[str, Any], device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                    home: torch.device | str | None = None, seed: int = 0):
+def build_synthetic(
+    config: dict[str, Any],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    home: torch.device | str | None = None,
+    seed: int = 0,
+):
     """A seeded random ZImageTransformer2DModel in `dtype`, initialised on `device`, then
     moved part by part to `home` (default: `device`); eval mode, frozen."""
     from diffusers import ZImageTransformer2DModel

@@ -33,9 +33,21 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 TINY_TRANSFORMER = dict(
-    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
-    n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
-    axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512],
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=64,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=32,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[8, 12, 12],
+    axes_lens=[1536, 512, 512],
 )
 
 
@@ -109,20 +121,39 @@ def build_tiny_pipeline(seed: int = 0):
         transformer.x_pad_token.normal_(0, 0.02)
         transformer.cap_pad_token.normal_(0, 0.02)
         transformer.all_final_layer["2-1"].linear.weight.normal_(0, TINY_TRANSFORMER["dim"] ** -0.5)
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=TINY_TRANSFORMER["cap_feat_dim"], intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_TRANSFORMER["cap_feat_dim"],
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=4,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16], layers_per_block=1, sample_size=64,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
-    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          transformer=transformer)
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
 
 
 def build_tiny_tokenizer():
@@ -133,16 +164,23 @@ def build_tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     corpus = [
-        "a photo of a red cube on a blue floor", "a green sphere in the sky", "user assistant system",
-        "a painting of a cat, a dog, a house, a tree", "sks style portrait of a person, high quality",
+        "a photo of a red cube on a blue floor",
+        "a green sphere in the sky",
+        "user assistant system",
+        "a painting of a cat, a dog, a house, a tree",
+        "sks style portrait of a person, high quality",
     ]
     tok.train_from_iterator(corpus, trainer)
-    fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                              pad_token="<|endoftext|>", unk_token=None)
+    fast = Qwen2TokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 1024
     return fast
-

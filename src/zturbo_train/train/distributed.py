@@ -67,8 +67,10 @@ class Ranks:
         local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
         ranks = cls(_env_int(env, "RANK", 0), world, _env_int(env, "LOCAL_RANK", 0), local_world)
         if not (0 <= ranks.rank < world and 0 <= ranks.local_rank < local_world):
-            raise TrainingError(f"RANK={ranks.rank} / LOCAL_RANK={ranks.local_rank} do not fit WORLD_SIZE={world} / "
-                                f"LOCAL_WORLD_SIZE={local_world}; start the run with torchrun, which sets them")
+            raise TrainingError(
+                f"RANK={ranks.rank} / LOCAL_RANK={ranks.local_rank} do not fit WORLD_SIZE={world} / "
+                f"LOCAL_WORLD_SIZE={local_world}; start the run with torchrun, which sets them"
+            )
         return ranks
 
 
@@ -112,8 +114,10 @@ def _join(ranks: Ranks, init: bool) -> None:
     dist = torch.distributed
     if init and torch.cuda.is_available():
         if ranks.local_rank >= torch.cuda.device_count():
-            raise TrainingError(f"LOCAL_RANK {ranks.local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
-                                f"start torchrun with --nproc-per-node {torch.cuda.device_count()} or fewer")
+            raise TrainingError(
+                f"LOCAL_RANK {ranks.local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
+                f"start torchrun with --nproc-per-node {torch.cuda.device_count()} or fewer"
+            )
         torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", ranks.local_rank))
     elif init:
@@ -139,8 +143,10 @@ def _labelled(exc: Exception, ranks: Ranks) -> Exception:
         return exc
     if isinstance(exc, torch.distributed.DistError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return TrainingError(f"rank {ranks.rank} stopped: another rank failed or left ({first}); its own message "
-                             f"is above and in torchrun's summary")
+        return TrainingError(
+            f"rank {ranks.rank} stopped: another rank failed or left ({first}); its own message "
+            f"is above and in torchrun's summary"
+        )
     return exc
 
 
@@ -163,8 +169,9 @@ def _gather(value: Any) -> list[Any]:
 
 def _check(ranks: Ranks, error: BaseException | None, what: str) -> None:
     """Tell every rank whether this one failed; a rank that did not fail raises the first failure's message."""
-    messages = _gather(None if error is None else str(error) if isinstance(error, ZTurboError)
-                       else f"{type(error).__name__}: {error}")
+    messages = _gather(
+        None if error is None else str(error) if isinstance(error, ZTurboError) else f"{type(error).__name__}: {error}"
+    )
     failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
     if failed and error is None:
         rank, message = failed[0]
@@ -217,8 +224,15 @@ def prepare_dataset(cfg: Config, device: torch.device, ranks: Ranks, console, sc
         _check(ranks, None, "caching")
 
     try:
-        return prepare(cfg, device, console=console, share=(ranks.local_rank, ranks.local_world), wait=wait,
-                       rank=(ranks.rank, ranks.world), scanned=scanned)
+        return prepare(
+            cfg,
+            device,
+            console=console,
+            share=(ranks.local_rank, ranks.local_world),
+            wait=wait,
+            rank=(ranks.rank, ranks.world),
+            scanned=scanned,
+        )
     except Exception as exc:
         if not waited:
             _check(ranks, exc, "caching")
@@ -227,8 +241,11 @@ def prepare_dataset(cfg: Config, device: torch.device, ranks: Ranks, console, sc
 
 def batch_line(train: TrainConfig, ranks: Ranks, device: torch.device) -> str:
     """The effective batch, said once at the start: batch_size stays per rank."""
-    return (f"data parallel: {ranks.world} ranks ({torch.distributed.get_backend()}, {device.type}) x batch_size {train.batch_size} x "
-            f"grad_accum {train.grad_accum} = {ranks.world * train.batch_size * train.grad_accum} samples per step")
+    return (
+        f"data parallel: {ranks.world} ranks ({torch.distributed.get_backend()}, {device.type}) x batch_size "
+        f"{train.batch_size} x "
+        f"grad_accum {train.grad_accum} = {ranks.world * train.batch_size * train.grad_accum} samples per step"
+    )
 
 
 # ------------------------------------------------------------------------------ DDP

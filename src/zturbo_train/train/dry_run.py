@@ -48,10 +48,12 @@ def dry_run(cfg: Config, console) -> dict:
     plan = {
         "model": model,
         "adapter": f"{adapter} ({cfg.model.adapter_mode}, weight {cfg.model.adapter_weight:g})",
-        "images": counts["images"], "samples per epoch": counts["samples_per_epoch"],
-        "steps": cfg.train.steps, "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
+        "images": counts["images"],
+        "samples per epoch": counts["samples_per_epoch"],
+        "steps": cfg.train.steps,
+        "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
         "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
-                f"in {', '.join(cfg.lora.blocks)}",
+        f"in {', '.join(cfg.lora.blocks)}",
         "memory": memory if known is None else f"{memory}; {NOT_DOWNLOADED}",
         "output_dir": str(cfg.train.output_dir),
     }
@@ -63,8 +65,12 @@ def dry_run(cfg: Config, console) -> dict:
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if known is not None:
-        console.print(f"note: the memory figures are {NOT_DOWNLOADED}; run `zturbo download` before training",
-                      highlight=False, soft_wrap=True, markup=False)
+        console.print(
+            f"note: the memory figures are {NOT_DOWNLOADED}; run `zturbo download` before training",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     return plan
 
 
@@ -95,12 +101,16 @@ def memory_line(cfg: Config, device: torch.device | None = None, shape: ModelSha
     device = device or resolve_device()
     levers = levers_for(cfg, device, shape)
     est = estimate_for(levers, shape or model_shape(cfg.model.path), workload_of(cfg))
-    text = (f"{levers.memory}: {levers.describe()}; estimated peak {est.total:.1f} GiB (weights {est.weights:.1f}, "
-            f"LoRA and optimizer {est.lora:.1f}, activations {est.activations:.1f})")
+    text = (
+        f"{levers.memory}: {levers.describe()}; estimated peak {est.total:.1f} GiB (weights {est.weights:.1f}, "
+        f"LoRA and optimizer {est.lora:.1f}, activations {est.activations:.1f})"
+    )
     if est.host:
         text += f", plus {est.host:.1f} GiB of pinned host memory"
     budget = BUDGET_GIB.get(levers.memory)
     if budget is not None and est.total > budget:
-        text += (f"; over the {levers.memory} preset's {budget:g} GiB at this resolution/batch/rank, so pick a "
-                 f"smaller preset or lower them")
+        text += (
+            f"; over the {levers.memory} preset's {budget:g} GiB at this resolution/batch/rank, so pick a "
+            f"smaller preset or lower them"
+        )
     return text + (f" [{levers.note}]" if levers.note else "")

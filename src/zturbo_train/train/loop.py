@@ -116,8 +116,15 @@ class Session:
 # ------------------------------------------------------------------------------ setup
 
 
-def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.device | None = None,
-          ranks: distributed.Ranks | None = None, lock: RunLock | None = None) -> Session:
+def setup(
+    cfg: Config,
+    resume: bool,
+    overwrite: bool,
+    console,
+    device: torch.device | None = None,
+    ranks: distributed.Ranks | None = None,
+    lock: RunLock | None = None,
+) -> Session:
     """Caches first (one encoder at a time), then the transformer, adapter, LoRA, optimizer, state.
 
     `lock` (held by the caller for the whole run) is taken on the output folder before anything in it changes.
@@ -133,8 +140,11 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
         scanned = scan_dataset(cfg, console)
     plan = None
     with distributed.phase(ranks, "opening the output folder"):  # rank 0 checks, clears or creates it
-        run = open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name, lock) if ranks.is_main else \
-            RunFolder(cfg.train.output_dir)
+        run = (
+            open_run_folder(cfg.train.output_dir, resume, overwrite, cfg.train.name, lock)
+            if ranks.is_main
+            else RunFolder(cfg.train.output_dir)
+        )
         if resume and ranks.is_main:  # before caching: a setting that cannot change is refused in a second
             plan = plan_resume(run, cfg, latest_state(run))
             for line in plan.describe(run, cfg.train.steps) if console is not None else ():
@@ -143,19 +153,32 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     dtype = torch_dtype(cfg.model.dtype)
     levers = levers_for(cfg, device)  # quantized or offloaded bases load on the host first
     parts = load_parts(cfg.model.path, ["vae", "scheduler"], dtype=cfg.model.dtype, device=str(device))
-    parts.transformer = load_parts(cfg.model.path, ["transformer"], dtype=cfg.model.dtype,
-                                   device="cpu" if levers.loads_on_host else str(device)).transformer
+    parts.transformer = load_parts(
+        cfg.model.path, ["transformer"], dtype=cfg.model.dtype, device="cpu" if levers.loads_on_host else str(device)
+    ).transformer
     transformer = parts.transformer
     adapter = TrainingAdapter.from_config(cfg.model, transformer)
     adapter.apply()
     levers = apply_levers(transformer, levers, device, adapter, workload_of(cfg)).levers
     if console is not None:
-        console.print(f"[dim]memory {levers.memory}: {levers.describe()}{'; ' + levers.note if levers.note else ''}[/]",
-                      highlight=False, soft_wrap=True)
-    network = create_lora(transformer, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.blocks, cfg.lora.targets,
-                          cfg.lora.dropout, seed=cfg.train.seed)
-    warning = rank_warning(cfg.lora.rank, {name: (layer.up.shape[0], layer.down.shape[1])
-                                           for name, layer in zip(network.names, network.layers)})
+        console.print(
+            f"[dim]memory {levers.memory}: {levers.describe()}{'; ' + levers.note if levers.note else ''}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    network = create_lora(
+        transformer,
+        cfg.lora.rank,
+        cfg.lora.scale_alpha,
+        cfg.lora.blocks,
+        cfg.lora.targets,
+        cfg.lora.dropout,
+        seed=cfg.train.seed,
+    )
+    warning = rank_warning(
+        cfg.lora.rank,
+        {name: (layer.up.shape[0], layer.down.shape[1]) for name, layer in zip(network.names, network.layers)},
+    )
     if warning and console is not None:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     network.train()
@@ -164,10 +187,26 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
     params = network.trainable_parameters()
     optimizer = build_optimizer(param_groups(network, cfg.train.loraplus_ratio), cfg.train, device)
     step = TrainStep(transformer, params, optimizer, StepSettings.from_config(cfg.train, dtype, device), generator)
-    negative = dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
-    session = Session(cfg, run, device, transformer, parts.vae, parts.scheduler, adapter, network, step, dataset,
-                      dataset.prompt_embeddings(cfg.sample.prompts), negative, console, rank=ranks.rank,
-                      world=ranks.world)
+    negative = (
+        dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
+    )
+    session = Session(
+        cfg,
+        run,
+        device,
+        transformer,
+        parts.vae,
+        parts.scheduler,
+        adapter,
+        network,
+        step,
+        dataset,
+        dataset.prompt_embeddings(cfg.sample.prompts),
+        negative,
+        console,
+        rank=ranks.rank,
+        world=ranks.world,
+    )
     session.ema = LoraEma(params, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema else None
     session.validation = Validation.build(dataset, cfg.train.seed, cfg.train.val_every, step.settings, device)
     if resume:
@@ -183,9 +222,15 @@ def setup(cfg: Config, resume: bool, overwrite: bool, console, device: torch.dev
 def _resume(s: Session) -> None:
     """Continue from the newest state: LoRA, optimizer, RNG streams, data position, step."""
     if latest_state(s.run) is None:  # rank 0 found one: this rank's machine does not see the run folder
-        raise TrainingError(f"rank {s.rank} sees no saved state in {s.run.root}; for --resume on several machines "
-                            f"put train.output_dir on a filesystem they all see")
-    log = (lambda line: s.console.print(line, highlight=False, markup=False, soft_wrap=True)) if s.console is not None else print
+        raise TrainingError(
+            f"rank {s.rank} sees no saved state in {s.run.root}; for --resume on several machines "
+            f"put train.output_dir on a filesystem they all see"
+        )
+    log = (
+        (lambda line: s.console.print(line, highlight=False, markup=False, soft_wrap=True))
+        if s.console is not None
+        else print
+    )
     _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
     s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
     restore_optimizer(s.step.optimizer, tensors, meta)
@@ -224,25 +269,40 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str, object]:
     """`weights` (with train.ema): which weights the file holds, "ema" or "raw"."""
     cfg = s.cfg
-    which = {"ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
-             "raw": "raw (the trained weights; the EMA is the main file)"}.get(weights)
-    return {**({"weights": which} if which else {}), "base_model": cfg.model.path, "adapter": cfg.model.adapter,
-            "adapter_weight": cfg.model.adapter_weight, "rank": cfg.lora.rank, "alpha": cfg.lora.scale_alpha,
-            "targets": modules_of(s.network.names),
-            "trigger_word": cfg.data[0].trigger_word, "steps": step,
-            "resolution": sorted({r for d in cfg.data for r in d.resolution}), "zturbo_version": __version__,
-            "started_at": int(s.started_at)}
+    which = {
+        "ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
+        "raw": "raw (the trained weights; the EMA is the main file)",
+    }.get(weights)
+    return {
+        **({"weights": which} if which else {}),
+        "base_model": cfg.model.path,
+        "adapter": cfg.model.adapter,
+        "adapter_weight": cfg.model.adapter_weight,
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.scale_alpha,
+        "targets": modules_of(s.network.names),
+        "trigger_word": cfg.data[0].trigger_word,
+        "steps": step,
+        "resolution": sorted({r for d in cfg.data for r in d.resolution}),
+        "zturbo_version": __version__,
+        "started_at": int(s.started_at),
+    }
 
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
     name = s.cfg.train.name
     path = s.run.lora(name, None if final else step)
     if s.ema is not None:  # the trained weights beside the average: <name>-raw.safetensors
-        write_lora_file(s.run.lora(f"{name}-raw", None if final else step), s.network.to_lora_dict(), "comfyui",
-                        lora_metadata(s, step, "raw"))
+        write_lora_file(
+            s.run.lora(f"{name}-raw", None if final else step),
+            s.network.to_lora_dict(),
+            "comfyui",
+            lora_metadata(s, step, "raw"),
+        )
     with shown_weights(s):
-        write_lora_file(path, s.network.to_lora_dict(), "comfyui",
-                        lora_metadata(s, step, "ema" if s.ema is not None else None))
+        write_lora_file(
+            path, s.network.to_lora_dict(), "comfyui", lora_metadata(s, step, "ema" if s.ema is not None else None)
+        )
     if not final:
         prune(s.run.checkpoints, f"{name}-step*.safetensors", s.cfg.train.keep_last)
         prune(s.run.checkpoints, f"{name}-raw-step*.safetensors", s.cfg.train.keep_last)
@@ -266,8 +326,16 @@ def save_training_state(s: Session, step: int, loader) -> Path:
     for name, layer in zip(s.network.names, s.network.layers):
         lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
     extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json"), "turbo_drift_start": s.drift.start}
-    return save_state(s.run, step, lora, s.step.optimizer, capture_rng(s.step.generator), extra, s.cfg.train.keep_last,
-                      s.ema.state_tensors() if s.ema is not None else None)
+    return save_state(
+        s.run,
+        step,
+        lora,
+        s.step.optimizer,
+        capture_rng(s.step.generator),
+        extra,
+        s.cfg.train.keep_last,
+        s.ema.state_tensors() if s.ema is not None else None,
+    )
 
 
 # ------------------------------------------------------------------------------ previews
@@ -284,15 +352,28 @@ def preview(s: Session, step: int) -> list[Path]:
     s.network.eval()
     try:
         with s.adapter.inverted(), autocast(s.device, s.step.settings.autocast_dtype), shown_weights(s):
-            images = generate_images(s.transformer, s.scheduler, s.vae, s.preview_embeds, width=cfg.width,
-                                     height=cfg.height, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
-                                     negative_embeds=s.negative_embeds, device=s.device, observe=probe.observe)
+            images = generate_images(
+                s.transformer,
+                s.scheduler,
+                s.vae,
+                s.preview_embeds,
+                width=cfg.width,
+                height=cfg.height,
+                seeds=seeds,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                negative_embeds=s.negative_embeds,
+                device=s.device,
+                observe=probe.observe,
+            )
     finally:
         s.network.train()
     _report_drift(s, step, probe.value())
     folder = s.run.samples / f"step-{step:06d}"
-    paths = [write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
-             for i, im in enumerate(images)]
+    paths = [
+        write_with(folder / f"{i:02d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
+        for i, im in enumerate(images)
+    ]
     grid = make_grid([images], [f"step {step}" + (" (EMA weights)" if s.ema is not None else "")])
     paths.append(write_with(s.run.samples / f"step-{step:06d}-grid.png", lambda tmp: grid.save(tmp, format="PNG")))
     return paths
@@ -370,8 +451,15 @@ class MetricsLog:
         self.last_loss: float | None = None
         self.window_start = time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, epoch: int,
-            extra: dict[str, torch.Tensor] | None = None) -> None:
+    def add(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        epoch: int,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """`extra`: more device scalars for the step's row (val_loss), read in the same flush."""
         self.pending.append((step, loss, grad_norm, lr, epoch, extra or {}))
 
@@ -409,14 +497,26 @@ class MetricsLog:
             for what, value in (("loss", loss), ("gradient norm", norm)):
                 if not math.isfinite(value):
                     self.pending.clear()
-                    raise TrainingError(f"the {what} became {value} at step {step}; stopped without saving it. "
-                                        f"Lower train.lr or set train.max_grad_norm, then resume from the last good "
-                                        f"state with --resume")
+                    raise TrainingError(
+                        f"the {what} became {value} at step {step}; stopped without saving it. "
+                        f"Lower train.lr or set train.max_grad_norm, then resume from the last good "
+                        f"state with --resume"
+                    )
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
             self.last_loss = loss
-            row = {"step": step, "loss": loss, "loss_smooth": self.smooth, "lr": lr, "grad_norm": norm,
-                   "sec_per_step": per_step, "peak_mem_gib": peak, "epoch": epoch, "time": time.time(),
-                   **{key: float(value) for key, value in extra.items()}, **self.notes.pop(step, {})}
+            row = {
+                "step": step,
+                "loss": loss,
+                "loss_smooth": self.smooth,
+                "lr": lr,
+                "grad_norm": norm,
+                "sec_per_step": per_step,
+                "peak_mem_gib": peak,
+                "epoch": epoch,
+                "time": time.time(),
+                **{key: float(value) for key, value in extra.items()},
+                **self.notes.pop(step, {}),
+            }
             if step == hold:
                 self.held = row
             elif self.write:
@@ -425,8 +525,15 @@ class MetricsLog:
         return row
 
 
-def run(cfg: Config, *, resume: bool = False, overwrite: bool = False, console=None, quiet: bool = False,
-        device: torch.device | None = None) -> TrainResult:
+def run(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console=None,
+    quiet: bool = False,
+    device: torch.device | None = None,
+) -> TrainResult:
     """Train a LoRA as `cfg` says; returns where the results went. Under torchrun, one rank of a data-parallel run."""
     from rich.console import Console
 
@@ -455,10 +562,12 @@ def out_of_memory_message(cfg: Config, setting_up: bool = False, resume: bool = 
         kept = "nothing was trained and the saved states are untouched; run again with --resume"
     else:
         kept = "nothing was trained or saved; run the same command again"
-    return (f"out of GPU memory {where} resolution {max(r for d in cfg.data for r in d.resolution)}, batch "
-            f"{cfg.train.batch_size}; lower memory with --set train.memory=12gb (or 8gb), "
-            f"train.gradient_checkpointing=true, train.batch_size=1, train.optimizer=adamw8bit, "
-            f"a smaller data.resolution or lora.rank ({kept})")
+    return (
+        f"out of GPU memory {where} resolution {max(r for d in cfg.data for r in d.resolution)}, batch "
+        f"{cfg.train.batch_size}; lower memory with --set train.memory=12gb (or 8gb), "
+        f"train.gradient_checkpointing=true, train.batch_size=1, train.optimizer=adamw8bit, "
+        f"a smaller data.resolution or lora.rank ({kept})"
+    )
 
 
 def _preview_due(s: Session, step: int, stop_reason: str | None) -> bool:
@@ -486,23 +595,32 @@ def loop(s: Session, started: float) -> TrainResult:
         previews += preview(s, 0)
     step, due_save = s.start_step, False
     resumed_at = s.start_step if s.data_state is not None else None
-    with Monitor(s.cfg, s.run.root, resumed_at, active=s.is_main) as monitor, \
-            s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader, \
-            StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop, \
-            _progress(s, cfg.steps) as bar:
+    with (
+        Monitor(s.cfg, s.run.root, resumed_at, active=s.is_main) as monitor,
+        s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader,
+        StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop,
+        _progress(s, cfg.steps) as bar,
+    ):
         while step < cfg.steps and stop.reason is None:
             lr = lr_at(step, cfg)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            losses = [s.step.backward(b.latents, b.text, weights=b.weights, noise=b.noise, sigmas=b.sigmas)
-                      for b in batches]
+            losses = [
+                s.step.backward(b.latents, b.text, weights=b.weights, noise=b.noise, sigmas=b.sigmas) for b in batches
+            ]
             norm = s.step.update(lr)
             step += 1
             if s.ema is not None:
                 s.ema.update(step)
             stop.poll()
             due_val = s.validation is not None and s.validation.due(step, cfg.steps)
-            log.add(step, torch.stack(losses).mean() if len(losses) > 1 else losses[0], norm, lr, batches[-1].epoch,
-                    {"val_loss": validation_loss(s)} if due_val and s.is_main else None)
+            log.add(
+                step,
+                torch.stack(losses).mean() if len(losses) > 1 else losses[0],
+                norm,
+                lr,
+                batches[-1].epoch,
+                {"val_loss": validation_loss(s)} if due_val and s.is_main else None,
+            )
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason or due_val:
                 _show(bar, step, log.flush(s.device, hold=step if _preview_due(s, step, stop.reason) else None))
@@ -525,9 +643,18 @@ def loop(s: Session, started: float) -> TrainResult:
             if not interrupted:
                 previews += _preview(s, step, log)
         log.release()
-    result = TrainResult(s.run.root, lora_path if s.is_main else None, step, log.last_loss,
-                         time.perf_counter() - started, interrupted, previews, s.rank, smoothed_loss=log.smooth,
-                         turbo_drift=s.drift.last)
+    result = TrainResult(
+        s.run.root,
+        lora_path if s.is_main else None,
+        step,
+        log.last_loss,
+        time.perf_counter() - started,
+        interrupted,
+        previews,
+        s.rank,
+        smoothed_loss=log.smooth,
+        turbo_drift=s.drift.last,
+    )
     return result
 
 
@@ -539,6 +666,7 @@ def validation_loss(s: Session) -> torch.Tensor:
 
 def _warning(s: Session):
     """Library notes (the dataset changed since the saved state, ...) as one `warning:` line on our console."""
+
     def warn(message: str) -> None:
         s.console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
@@ -549,9 +677,15 @@ def _warning(s: Session):
 def _progress(s: Session, total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
-               TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[rate]} it/s"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(f"{LOSS_LABEL} {{task.fields[loss]}}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[rate]} it/s"),
+        TimeRemainingColumn(),
+    ]
     if s.validation is not None:
         columns.insert(4, TextColumn("val_loss {task.fields[val]}"))
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:

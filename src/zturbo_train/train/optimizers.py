@@ -45,8 +45,12 @@ def _prodigy(groups: list[dict], train: TrainConfig, device: torch.device):
     safeguard that keeps d from growing on the small steps of a learning-rate warm-up."""
     from prodigyopt import Prodigy
 
-    return Prodigy(groups, lr=train.lr, weight_decay=train.weight_decay,
-                   **{"use_bias_correction": True, "safeguard_warmup": True, **train.optimizer_args})
+    return Prodigy(
+        groups,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        **{"use_bias_correction": True, "safeguard_warmup": True, **train.optimizer_args},
+    )
 
 
 def _adafactor(groups: list[dict], train: TrainConfig, device: torch.device):
@@ -93,8 +97,10 @@ def missing_package(name: str) -> str | None:
     kind = OPTIMIZERS[name]
     if kind.package is None or importlib.util.find_spec(kind.package) is not None:
         return None
-    return (f'train.optimizer = "{name}" needs the {kind.pip} package, which is not installed; '
-            f'pip install "{EXTRA}" (or pip install {kind.pip})')
+    return (
+        f'train.optimizer = "{name}" needs the {kind.pip} package, which is not installed; '
+        f'pip install "{EXTRA}" (or pip install {kind.pip})'
+    )
 
 
 def check_arguments(train: TrainConfig) -> None:
@@ -107,8 +113,10 @@ def check_arguments(train: TrainConfig) -> None:
     try:
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], train, torch.device("cpu"))
     except (TypeError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"train.optimizer_args {json.dumps(train.optimizer_args)} do not fit optimizer "
-                          f"{train.optimizer} ({exc or type(exc).__name__}); fix or remove them") from None
+        raise ConfigError(
+            f"train.optimizer_args {json.dumps(train.optimizer_args)} do not fit optimizer "
+            f"{train.optimizer} ({exc or type(exc).__name__}); fix or remove them"
+        ) from None
 
 
 def param_groups(network: LoraNetwork, loraplus_ratio: float = 1.0) -> list[dict]:
@@ -119,8 +127,10 @@ def param_groups(network: LoraNetwork, loraplus_ratio: float = 1.0) -> list[dict
     if loraplus_ratio == 1.0:
         return [{"params": params}]
     ups = {id(layer.up) for layer in network.layers}
-    return [{"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
-            {"params": [p for p in params if id(p) in ups], "lr_scale": loraplus_ratio}]
+    return [
+        {"params": [p for p in params if id(p) not in ups], "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) in ups], "lr_scale": loraplus_ratio},
+    ]
 
 
 def build_optimizer(params: Sequence[Any] | list[dict], train: TrainConfig, device: torch.device):

@@ -51,8 +51,10 @@ class ResumePlan:
         """`resuming at step 40 of 60 from state/step-000040`, then one line per changed setting."""
         lines = [f"resuming at step {self.step} of {steps} from {self.state.relative_to(run.root)}"]
         if self.changes:
-            lines.append("changed since the saved run (recorded in config-history.jsonl): " + ", ".join(
-                f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in self.changes.items()))
+            lines.append(
+                "changed since the saved run (recorded in config-history.jsonl): "
+                + ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in self.changes.items())
+            )
         return lines
 
 
@@ -60,9 +62,11 @@ def plan_resume(run: "RunFolder", cfg: "Config", state: Path) -> ResumePlan:
     """Compare `cfg` with the saved run; refuse what cannot change and a step count it is already past."""
     step = int(json.loads((state / "state.json").read_text(encoding="utf-8"))["step"])
     if cfg.train.steps < step:
-        raise TrainingError(f"the run in {run.root} is already at step {step}, past train.steps = {cfg.train.steps}; "
-                            f"set train.steps above {step} to train on (e.g. --set train.steps={2 * step}), "
-                            f"or start a new run with --overwrite or another train.output_dir")
+        raise TrainingError(
+            f"the run in {run.root} is already at step {step}, past train.steps = {cfg.train.steps}; "
+            f"set train.steps above {step} to train on (e.g. --set train.steps={2 * step}), "
+            f"or start a new run with --overwrite or another train.output_dir"
+        )
     changes = config_changes(saved_config(run, state), current_config(cfg))
     frozen = [key for key in changes if key in FROZEN]
     if frozen:
@@ -70,9 +74,11 @@ def plan_resume(run: "RunFolder", cfg: "Config", state: Path) -> ResumePlan:
         was = ", ".join(f"{key} {_show(changes[key][0])}" for key in frozen)
         now = ", ".join(f"{key} = {_show(changes[key][1])}" for key in frozen)
         why = "; ".join(f"{key}: {FROZEN[key]}" for key in frozen)
-        raise error(f"the run in {run.root} was trained with {was}; this config says {now}, which cannot change on "
-                    f"resume ({why}); resume with the same [lora] settings, model and optimizer, or start a new "
-                    f"run with --overwrite or another train.output_dir")
+        raise error(
+            f"the run in {run.root} was trained with {was}; this config says {now}, which cannot change on "
+            f"resume ({why}); resume with the same [lora] settings, model and optimizer, or start a new "
+            f"run with --overwrite or another train.output_dir"
+        )
     return ResumePlan(state, step, changes)
 
 
@@ -80,9 +86,17 @@ def record_resume(run: "RunFolder", cfg: "Config", plan: ResumePlan) -> None:
     """config.json becomes what now runs; the differences get a row in config-history.jsonl."""
     if not plan.changes:
         return
-    append_line(run.config_history, json.dumps({
-        "step": plan.step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "zturbo_version": __version__,
-        "changes": {key: {"from": old, "to": new} for key, (old, new) in plan.changes.items()}}))
+    append_line(
+        run.config_history,
+        json.dumps(
+            {
+                "step": plan.step,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "zturbo_version": __version__,
+                "changes": {key: {"from": old, "to": new} for key, (old, new) in plan.changes.items()},
+            }
+        ),
+    )
     write_json(run.config, {"zturbo_version": __version__, **current_config(cfg)})
 
 

@@ -56,7 +56,11 @@ class RunFolder:
         return self.root / "state"
 
     def lora(self, name: str, step: int | None = None) -> Path:
-        return self.root / f"{name}.safetensors" if step is None else self.checkpoints / f"{name}-step{step:06d}.safetensors"
+        return (
+            self.root / f"{name}.safetensors"
+            if step is None
+            else self.checkpoints / f"{name}-step{step:06d}.safetensors"
+        )
 
     def holds_run(self) -> bool:
         return self.config.exists() or self.states.exists() or self.metrics.exists()
@@ -84,8 +88,10 @@ class RunLock:
             handle.seek(0)
             holder = _describe_holder(handle.read())
             handle.close()
-            raise TrainingError(f"train.output_dir {root} is in use by another `zturbo train` ({holder}); wait for "
-                                f"it to finish or stop it, or set train.output_dir to another folder") from None
+            raise TrainingError(
+                f"train.output_dir {root} is in use by another `zturbo train` ({holder}); wait for "
+                f"it to finish or stop it, or set train.output_dir to another folder"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
@@ -129,13 +135,19 @@ def open_run_folder(root: Path, resume: bool, overwrite: bool, name: str, lock: 
         lock.acquire(run.root)
     if run.holds_run() and not (resume or overwrite):
         if latest_state(run) is None:
-            raise TrainingError(f"output folder {run.root} holds an earlier run that saved no training state; "
-                                f"pass --overwrite to replace it, or set train.output_dir to a new folder")
-        raise TrainingError(f"output folder {run.root} holds another run; pass --resume to continue it, "
-                            f"--overwrite to replace it, or set train.output_dir to a new folder")
+            raise TrainingError(
+                f"output folder {run.root} holds an earlier run that saved no training state; "
+                f"pass --overwrite to replace it, or set train.output_dir to a new folder"
+            )
+        raise TrainingError(
+            f"output folder {run.root} holds another run; pass --resume to continue it, "
+            f"--overwrite to replace it, or set train.output_dir to a new folder"
+        )
     if resume and latest_state(run) is None:
-        raise TrainingError(f"nothing to resume in {run.root}: it has no saved training state; "
-                            f"drop --resume to start a new run (with --overwrite if the folder holds files of one)")
+        raise TrainingError(
+            f"nothing to resume in {run.root}: it has no saved training state; "
+            f"drop --resume to start a new run (with --overwrite if the folder holds files of one)"
+        )
     if overwrite and not resume:
         for path in (run.config, run.metrics, run.lora(name), run.lora(f"{name}-raw")):
             path.unlink(missing_ok=True)
@@ -170,9 +182,16 @@ def latest_state(run: RunFolder) -> Path | None:
     return done[-1] if done else None
 
 
-def save_state(run: RunFolder, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               rng: dict[str, Any], extra: dict[str, Any], keep_last: int,
-               more: dict[str, torch.Tensor] | None = None) -> Path:
+def save_state(
+    run: RunFolder,
+    step: int,
+    lora: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, Any],
+    extra: dict[str, Any],
+    keep_last: int,
+    more: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write state/step-N atomically (temp folder, then rename), then prune to the last `keep_last`.
     `more`: further tensors under their own keys (the EMA's `ema.N`)."""
     target = run.states / f"step-{step:06d}"
@@ -184,8 +203,9 @@ def save_state(run: RunFolder, step: int, lora: dict[str, torch.Tensor], optimiz
     tensors.update(rng_tensors)
     tensors.update(more or {})
     save_safetensors(tmp / "state.safetensors", {k: v.cpu() for k, v in tensors.items()})
-    write_json(tmp / "state.json", {"version": STATE_VERSION, "step": step, "optimizer": optim_meta,
-                                    "rng": rng_meta, **extra})
+    write_json(
+        tmp / "state.json", {"version": STATE_VERSION, "step": step, "optimizer": optim_meta, "rng": rng_meta, **extra}
+    )
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     prune(run.states, "step-*", keep_last)
@@ -211,8 +231,10 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (OSError, ValueError) as exc:
         raise DamagedState(f"state.json is unreadable ({exc})") from None
     if meta.get("version") != STATE_VERSION:
-        raise TrainingError(f"{path} was saved by another version of zturbo-train (state v{meta.get('version')}); "
-                            f"start a new run or use the matching version to resume")
+        raise TrainingError(
+            f"{path} was saved by another version of zturbo-train (state v{meta.get('version')}); "
+            f"start a new run or use the matching version to resume"
+        )
     try:
         tensors = load_file(str(path / "state.safetensors"))
     except (OSError, SafetensorError) as exc:
@@ -226,8 +248,11 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def load_latest_state(run: RunFolder, log: Callable[[str], None], set_aside: bool = True,
-                      ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+def load_latest_state(
+    run: RunFolder,
+    log: Callable[[str], None],
+    set_aside: bool = True,
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
     """The newest state that loads whole. A damaged newer one is reported with its reason and (with
     `set_aside`, rank 0) renamed to `state/damaged-step-N`, so pruning and later resumes skip it but nothing is lost."""
     damaged = []
@@ -240,14 +265,19 @@ def load_latest_state(run: RunFolder, log: Callable[[str], None], set_aside: boo
             if set_aside:
                 shutil.rmtree(aside, ignore_errors=True)
                 path.rename(aside)
-            log(f"warning: {path} is damaged ({exc}); " + (f"moved it to {aside.name}, " if set_aside else "")
-                + "trying the state before it")
+            log(
+                f"warning: {path} is damaged ({exc}); "
+                + (f"moved it to {aside.name}, " if set_aside else "")
+                + "trying the state before it"
+            )
             continue
         if damaged:
             log(f"resuming from {path} (step {meta['step']}), the newest intact state")
         return path, tensors, meta
-    raise TrainingError(f"no intact training state in {run.states} ({'; '.join(damaged) or 'none saved'}); "
-                        f"start the run again with --overwrite")
+    raise TrainingError(
+        f"no intact training state in {run.states} ({'; '.join(damaged) or 'none saved'}); "
+        f"start the run again with --overwrite"
+    )
 
 
 def lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -313,8 +343,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
     """Every random stream a training step draws from."""
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "train": generator.get_state(),
-                           "python": random.getstate()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "train": generator.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng

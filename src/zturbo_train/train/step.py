@@ -37,8 +37,15 @@ class StepSettings:
         check_training_dtype(base_dtype)
         # Autocast runs the frozen bf16/fp16 base and the fp32 LoRA in one low-precision dtype.
         autocast = base_dtype if base_dtype != torch.float32 else None
-        return cls(train.timestep_sampling, train.logit_mean, train.logit_std, train.timestep_shift,
-                   train.grad_accum, train.max_grad_norm, autocast)
+        return cls(
+            train.timestep_sampling,
+            train.logit_mean,
+            train.logit_std,
+            train.timestep_shift,
+            train.grad_accum,
+            train.max_grad_norm,
+            autocast,
+        )
 
 
 def check_training_dtype(dtype: torch.dtype) -> None:
@@ -51,16 +58,24 @@ def check_training_dtype(dtype: torch.dtype) -> None:
     this 6B model (Ampere and later) has bf16, and fp32 is left for one that does not.
     """
     if dtype == torch.float16:
-        raise ConfigError('model.dtype = "fp16" cannot train: fp16 overflows where Z-Image\'s bf16 weights do not, '
-                          'and there is no gradient scaler; set model.dtype = "bf16" (or "fp32" on a GPU without bf16)')
+        raise ConfigError(
+            'model.dtype = "fp16" cannot train: fp16 overflows where Z-Image\'s bf16 weights do not, '
+            'and there is no gradient scaler; set model.dtype = "bf16" (or "fp32" on a GPU without bf16)'
+        )
 
 
 class TrainStep:
     """Forward + backward of micro-batches, and the optimizer update."""
 
-    def __init__(self, transformer: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-                 optimizer: torch.optim.Optimizer, settings: StepSettings, generator: torch.Generator,
-                 model_forward=None):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        settings: StepSettings,
+        generator: torch.Generator,
+        model_forward=None,
+    ):
         self.transformer = transformer
         self.params = list(params)
         self.optimizer = optimizer
@@ -70,8 +85,14 @@ class TrainStep:
         self.device = generator.device
         self.model_dtype = next(transformer.parameters()).dtype
 
-    def loss(self, latents: Tensor, embeds: Sequence[Tensor], weights: Sequence[float] | None = None,
-             noise: Tensor | None = None, sigmas: Tensor | None = None) -> Tensor:
+    def loss(
+        self,
+        latents: Tensor,
+        embeds: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        noise: Tensor | None = None,
+        sigmas: Tensor | None = None,
+    ) -> Tensor:
         """The flow-matching loss of one micro-batch (fp32 scalar on the device).
 
         `noise` and `sigmas` come drawn with the batch (the loader's reader thread calls
@@ -84,7 +105,9 @@ class TrainStep:
             noise, sigmas = self._draw(latents)
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with autocast(self.device, self.settings.autocast_dtype):  # t stays fp32, as ZImagePipeline and our sampler pass it
+        with autocast(
+            self.device, self.settings.autocast_dtype
+        ):  # t stays fp32, as ZImagePipeline and our sampler pass it
             pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
         loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
         if weights is not None:
@@ -95,11 +118,24 @@ class TrainStep:
         """(noise, sigmas) from the step's generator, for callers whose batches carry none (the bench)."""
         s = self.settings
         noise = torch.randn(latents.shape, generator=self.generator, device=latents.device, dtype=torch.float32)
-        return noise, flow.sample_sigmas(latents.shape[0], self.generator, latents.device, s.timestep_sampling,
-                                         s.logit_mean, s.logit_std, s.timestep_shift)
+        return noise, flow.sample_sigmas(
+            latents.shape[0],
+            self.generator,
+            latents.device,
+            s.timestep_sampling,
+            s.logit_mean,
+            s.logit_std,
+            s.timestep_shift,
+        )
 
-    def backward(self, latents: Tensor, embeds: Sequence[Tensor], weights: Sequence[float] | None = None,
-                 noise: Tensor | None = None, sigmas: Tensor | None = None) -> Tensor:
+    def backward(
+        self,
+        latents: Tensor,
+        embeds: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        noise: Tensor | None = None,
+        sigmas: Tensor | None = None,
+    ) -> Tensor:
         """Loss and backward of one micro-batch, scaled for accumulation; returns the detached loss."""
         loss = self.loss(latents, embeds, weights, noise, sigmas)
         (loss / self.settings.grad_accum).backward()
@@ -117,8 +153,9 @@ class TrainStep:
         if self.settings.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm, foreach=True)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params
-                                                         if p.grad is not None]))
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None])
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -136,8 +173,17 @@ def draw_noise(seeds: Sequence[int], shape: tuple[int, ...], settings: StepSetti
     for seed in seeds:
         generator.manual_seed(seed)
         noises.append(torch.randn(shape, generator=generator, dtype=torch.float32))
-        sigmas.append(flow.sample_sigmas(1, generator, "cpu", settings.timestep_sampling, settings.logit_mean,
-                                         settings.logit_std, settings.timestep_shift))
+        sigmas.append(
+            flow.sample_sigmas(
+                1,
+                generator,
+                "cpu",
+                settings.timestep_sampling,
+                settings.logit_mean,
+                settings.logit_std,
+                settings.timestep_shift,
+            )
+        )
     return torch.stack(noises), torch.cat(sigmas)
 
 

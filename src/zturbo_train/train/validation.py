@@ -31,8 +31,9 @@ class Validation:
     every: int
 
     @classmethod
-    def build(cls, dataset: TrainDataset, seed: int, every: int, settings: StepSettings,
-              device: torch.device) -> "Validation | None":
+    def build(
+        cls, dataset: TrainDataset, seed: int, every: int, settings: StepSettings, device: torch.device
+    ) -> "Validation | None":
         """The held-out views on `device` with their keyed draws; None without a held-out set."""
         views = dataset.heldout_views()
         if not views:
@@ -42,8 +43,17 @@ class Validation:
         for latent, embed, key in views:
             generator.manual_seed(derive_seed("validation", seed, key))
             noise.append(torch.randn(latent.shape, generator=generator).to(device))
-            sigmas.append(flow.sample_sigmas(1, generator, "cpu", settings.timestep_sampling, settings.logit_mean,
-                                             settings.logit_std, settings.timestep_shift).to(device))
+            sigmas.append(
+                flow.sample_sigmas(
+                    1,
+                    generator,
+                    "cpu",
+                    settings.timestep_sampling,
+                    settings.logit_mean,
+                    settings.logit_std,
+                    settings.timestep_shift,
+                ).to(device)
+            )
             latents.append(latent.to(device))
             embeds.append(embed.to(device))
         return cls(latents, embeds, noise, sigmas, settings, every)
