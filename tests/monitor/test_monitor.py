@@ -478,3 +478,16 @@ def test_report_shows_what_a_resume_changed_and_labels_losses_as_the_summary_doe
         shown = f"{last[key]:.4f}"
         assert f"<tr><th>{label}</th><td>{shown}</td></tr>" in page, label
         assert re.search(rf"{re.escape(label)}\W+{shown}", result.output), (label, result.output)
+
+
+def test_drift_curve_starts_at_the_step_0_preview():
+    """Step 0's preview has no metrics row; its drift travels as turbo_drift_start and opens the plotted curve."""
+    from zturbo_train.monitor.plots import drift_series
+
+    rows = [
+        {"step": 1, "loss": 1.0},
+        {"step": 30, "turbo_drift": 0.27, "turbo_drift_start": 0.25},
+        {"step": 60, "turbo_drift": 0.30, "turbo_drift_start": 0.25},
+    ]
+    assert drift_series(rows) == ([0, 30, 60], [0.25, 0.27, 0.30])
+    assert drift_series([{"step": 1, "loss": 1.0}]) == ([], [])

@@ -23,6 +23,15 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 
+def drift_series(rows: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """turbo_drift per preview step, starting at step 0's preview (logged as turbo_drift_start: step 0 has no row)."""
+    steps, values = _series(rows, "turbo_drift")
+    start = next((r["turbo_drift_start"] for r in rows if isinstance(r.get("turbo_drift_start"), (int, float))), None)
+    if steps and start is not None and steps[0] > 0:
+        return [0, *steps], [float(start), *values]
+    return steps, values
+
+
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Raw and smoothed loss (and val_loss) with lr on a second axis; grad norm (and turbo_drift) below."""
     if not rows:
@@ -48,7 +57,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
     _legend(top, lr)
     bottom.plot(*_series(rows, "grad_norm"), color="#7b2cbf", linewidth=1.0, label="grad norm")
     bottom.set_ylabel("grad norm")
-    drift = _series(rows, "turbo_drift")
+    drift = drift_series(rows)
     if drift[0]:
         twin = bottom.twinx()
         twin.plot(*drift, color="#e07a5f", marker=".", linewidth=1.2, label="turbo drift")
