@@ -22,11 +22,14 @@ class LoraEma:
         self.params = list(params)
         self.decay, self.start = decay, start
         self.average = [p.detach().float().clone() for p in self.params]
+        # views of the weights, made once (the LoRA trains in fp32, so no per-step cast or copy is needed)
+        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self._weights = [p.detach() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (1-based)."""
-        weights = [p.detach().float() for p in self.params]
+        weights = self._weights if self._fp32 else [w.float() for w in self._weights]
         if step <= self.start:
             torch._foreach_copy_(self.average, weights)
         else:
