@@ -281,7 +281,7 @@ def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str
         "rank": cfg.lora.rank,
         "alpha": cfg.lora.scale_alpha,
         "targets": modules_of(s.network.names),
-        "trigger_word": cfg.data[0].trigger_word,
+        "trigger_word": cfg.train_data[0].trigger_word,
         "steps": step,
         "resolution": sorted({r for d in cfg.data for r in d.resolution}),
         "zturbo_version": __version__,
