@@ -1,7 +1,7 @@
 """Regularisation sets (`[[data]] regularisation = true`): their share of every epoch, their loss weight, captions
 without the trigger word, resume, the summary and `data inspect`, under ranks, and the config errors.
 
-Each test names the line it guards in its docstring; each was checked to fail with that line mutated.
+The tests that guard a line name it in their docstring, with the mutation they were checked to fail under.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def test_a_regularisation_set_is_its_ratio_of_every_epoch(tiny_dir, example_data
 def test_the_mix_is_fixed_by_the_seed_and_resumes_exactly(tiny_dir, example_data, reg, cache):
     """The same seed gives the same batches, another seed other reg draws; a loader restored from its state goes on
     with exactly the batches (images, captions, latents, weights) it would have given. Guards the fingerprint's mix
-    (checked: a changed ratio left out of it -> the saved position is kept for another order, no warning)."""
+    (checked: the mix left out of it -> a state saved under ratio 0.2 passes for one of ratio 0.4) and the draws
+    keyed by (seed, set, cycle) alone (checked: keyed by the object too -> two builds differ, and so does a resumed
+    training run)."""
     data = tables(example_data, reg, ratio=0.4, loss_weight=0.5)
     first, again = build(tiny_dir, cache, data), build(tiny_dir, cache, data)
     other = build(tiny_dir, cache, data, seed=4)
@@ -138,7 +140,7 @@ def test_the_mix_is_fixed_by_the_seed_and_resumes_exactly(tiny_dir, example_data
 def test_regularisation_captions_never_get_the_trigger_word(tiny_dir, example_data, reg, cache):
     """The training set's trigger is its own: every reg sample reaches the step with the class caption as written,
     and the [trigger] left in one is removed with a warning that says why. Guards the scan reading each table's
-    own trigger_word (checked: the first table's trigger applied to all -> 'sks, a square ...' in the batches)."""
+    own trigger_word (checked: 'sks' applied whatever the table -> 'sks a square ...' in the reg batches)."""
     dataset = build(tiny_dir, cache, tables(example_data, reg))
     captions = {
         (is_reg(path, reg), caption)
@@ -159,7 +161,7 @@ def test_the_loss_weight_multiplies_the_regularisation_samples_loss(
 ):
     """A batch holding a reg sample (loss_weight 0.25) and a training one: the loader gives weights [0.25, 1] in
     slot order and the step's loss is mean_i(w_i * bell(s_i) * mse_i), each term computed here by hand. Guards
-    `load_batch`'s weights (checked: loss_weights left out -> None, loss 0.87x the hand value with w = 0.25)."""
+    `load_batch`'s weights (checked: loss_weights left out -> the batch carries no weights and the test fails)."""
     dataset = build(tiny_dir, cache, tables(example_data, reg, loss_weight=0.25))
     batches = (dataset.load_batch(e, p) for e in range(4) for p in range(len(dataset.epoch_order(e))))
     batch = next(b for b in batches if len({is_reg(x, reg) for x in b.images}) == 2)
@@ -184,21 +186,24 @@ def test_the_loss_weight_multiplies_the_regularisation_samples_loss(
 
 def test_ranks_cut_the_mixed_batches_as_one_process_sees_them(tiny_dir, example_data, reg, cache):
     """Under torchrun each rank trains its slice of the global batch: two ranks at batch 1 see, slot for slot, the
-    images and loss weights of one process at batch 2 (a lone last sample: rank 0 at weight 2 w, rank 1 at 0)."""
-    data = tables(example_data, reg, ratio=0.4, loss_weight=0.5)
+    images and loss weights of one process at batch 2, and a lone last sample (a reg one here, weight w = 0.25)
+    goes to rank 0 at 2 w and is repeated on rank 1 at 0, so the ranks' mean is the batch's. Guards the rank
+    weight in `load_batch`'s weights (checked: dropped -> rank 0 trains the lone reg sample at w, not 2 w)."""
+    data = tables(example_data, reg, ratio=0.25, loss_weight=0.25)
     one = build(tiny_dir, cache, data, batch_size=2)
     ranks = [build(tiny_dir, cache, data, batch_size=1).for_rank(r, 2) for r in range(2)]
-    for p in range(one.batches_per_epoch):
-        whole = one.load_batch(1, p)
-        parts = [rank.load_batch(1, p) for rank in ranks]
-        weights = whole.weights or [1.0] * len(whole.images)
-        if len(whole.images) == 2:
-            assert [x for part in parts for x in part.images] == whole.images
-            assert [(part.weights or [1.0])[0] for part in parts] == weights
-        else:
-            assert (
-                parts[0].images == whole.images and parts[0].weights == [2 * weights[0]] and parts[1].weights == [0.0]
-            )
+    lone_reg = 0
+    for epoch in range(2):
+        for p in range(one.batches_per_epoch):
+            whole, parts = one.load_batch(epoch, p), [rank.load_batch(epoch, p) for rank in ranks]
+            weights = whole.weights or [1.0] * len(whole.images)
+            got = [(part.weights or [1.0])[0] for part in parts]
+            if len(whole.images) == 2:
+                assert [x for part in parts for x in part.images] == whole.images and got == weights
+            else:
+                assert parts[0].images == whole.images and got == [2 * weights[0], 0.0]
+                lone_reg += is_reg(whole.images[0], reg)
+    assert lone_reg  # the case that needs the rank weight was met
 
 
 def test_validation_holds_out_training_images_only(tiny_dir, example_data, reg, cache):
