@@ -28,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TARGET_CHOICES = set(TARGET_PATHS)
+DEFAULT_REG_RATIO = 0.5  # a regularisation set's share of each epoch when its table gives no ratio
 BLOCK_CHOICES = set(BLOCK_STACKS)
 # Names other trainers use for our keys, so "did you mean" points at the right one.
 KEY_SYNONYMS = {
@@ -182,13 +183,13 @@ class DataConfig(_Section):
             "mixed into each epoch at `ratio`, so the LoRA keeps the class general."
         ),
     )
-    ratio: float = Field(
-        0.5,
+    ratio: float | None = Field(
+        None,
         gt=0.0,
         lt=1.0,
         description=(
-            "Regularisation sets only: their share of each epoch's samples (0.5: one per training sample, as "
-            "kohya's reg images and ai-toolkit's every other step)."
+            f"Regularisation sets only: their share of each epoch's samples; unset: {DEFAULT_REG_RATIO} (one per "
+            f"training sample, as kohya's reg images and ai-toolkit's every other step)."
         ),
     )
     loss_weight: float = Field(
@@ -200,7 +201,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _regularisation_keys(self) -> "DataConfig":
-        if "ratio" in self.model_fields_set and not self.regularisation:
+        if self.ratio is not None and not self.regularisation:
             raise ValueError(
                 f"`ratio` applies to regularisation sets only ({self.dir}); set regularisation = true there, "
                 f"or weigh a training set with `repeats`"
@@ -216,6 +217,13 @@ class DataConfig(_Section):
                 f"repeats = {self.repeats} and set ratio (e.g. 0.5)"
             )
         return self
+
+    @property
+    def share(self) -> float:
+        """A regularisation set's share of each epoch (its ratio, or the default); 0 for a training set."""
+        if not self.regularisation:
+            return 0.0
+        return self.ratio if self.ratio is not None else DEFAULT_REG_RATIO
 
     @field_validator("dir")
     @classmethod
@@ -535,9 +543,9 @@ class Config(_Section):
                 "every [[data]] table is a regularisation set (regularisation = true): there is nothing to train "
                 "on; add a [[data]] table of your subject's images (with its trigger_word)"
             )
-        share = sum(d.ratio for d in self.data if d.regularisation)
+        share = sum(d.share for d in self.data)
         if share >= 1.0:
-            ratios = " + ".join(f"{d.ratio:g}" for d in self.data if d.regularisation)
+            ratios = " + ".join(f"{d.share:g}" for d in self.data if d.regularisation)
             raise ValueError(
                 f"the regularisation sets' ratios add up to {ratios} = {share:g}, leaving no share of an epoch to "
                 f"the training images; lower them so they add up to less than 1 (e.g. 0.25 each for two sets)"

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from train.test_loop import _interrupt_after, metrics
 from zturbo_train import flow
 from zturbo_train.cli import app
-from zturbo_train.config import load_config, validate_config
+from zturbo_train.config import Config, load_config, validate_config
 from zturbo_train.data import Encoders, prepare_dataset
 from zturbo_train.errors import ConfigError
 from zturbo_train.lora.formats import read_lora_file
@@ -333,3 +333,10 @@ def test_only_regularisation_sets_or_ratios_adding_to_one_are_refused():
         }
     )
     assert [d.regularisation for d in cfg.train_data] == [False]
+
+
+def test_a_regularisation_config_round_trips_through_config_json():
+    """config.json (model_dump) read back is the same config: a resume reads it so (the default ratio stays unset)."""
+    cfg = validate_config({"data": [{"dir": "/a"}, {"dir": "/b", "regularisation": True, "loss_weight": 0.5}]})
+    again = Config.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg and again.data[1].share == 0.5 and again.data[0].share == 0.0

@@ -44,10 +44,10 @@ class Inspection:
         """(folder, images, samples per epoch, ratio, loss weight) of each regularisation set, counted as training
         counts them (before any images are held out for validation)."""
         regs = [i for i, table in enumerate(self.datasets) if table.regularisation]
-        counts = reg_counts(sum(row[3] for row in self.bucket_rows()), [self.datasets[i].ratio for i in regs])
+        counts = reg_counts(sum(row[3] for row in self.bucket_rows()), [self.datasets[i].share for i in regs])
         images = Counter(item.dataset for item in self.scan.items)
         return [
-            (self.datasets[i].dir, images[i], count, self.datasets[i].ratio, self.datasets[i].loss_weight)
+            (self.datasets[i].dir, images[i], count, self.datasets[i].share, self.datasets[i].loss_weight)
             for i, count in zip(regs, counts)
             if images[i]
         ]

@@ -203,7 +203,7 @@ def regularisation_mixes(tables: Sequence[DataConfig], sample_tables: Sequence[i
     """Each regularisation set's mix: its samples (by their [[data]] table, `sample_tables`) and its count per
     epoch for `train` training samples per epoch."""
     regs = [i for i, table in enumerate(tables) if table.regularisation]
-    counts = reg_counts(train, [tables[i].ratio for i in regs])
+    counts = reg_counts(train, [tables[i].share for i in regs])
     pools = {i: tuple(n for n, table in enumerate(sample_tables) if table == i) for i in regs}
     return [RegMix(i, pools[i], count) for i, count in zip(regs, counts) if pools[i]]
 
