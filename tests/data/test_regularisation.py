@@ -288,6 +288,9 @@ def test_training_with_a_regularisation_set_resumes_bit_exactly(tmp_path, exampl
     a, b = read_lora_file(full.lora_path)[0], read_lora_file(resumed.lora_path)[0]
     assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a)
     assert [r["loss"] for r in metrics(full.run_dir)] == [r["loss"] for r in metrics(resumed.run_dir)]
+    header = read_lora_file(full.lora_path)[1]
+    assert json.loads(header["zturbo.regularisation"]) == [{"dir": str(reg), "ratio": 0.4, "loss_weight": 0.5}]
+    assert header["zturbo.trigger_word"] == "sks"
     plain = run(load_config(config_file(tmp_path / "c", example_data, reg, "ratio = 0.4")), quiet=True)
     assert [r["loss"] for r in metrics(plain.run_dir)] != [r["loss"] for r in metrics(full.run_dir)]
 
