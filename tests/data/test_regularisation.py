@@ -291,6 +291,8 @@ def test_training_with_a_regularisation_set_resumes_bit_exactly(tmp_path, exampl
     header = read_lora_file(full.lora_path)[1]
     assert json.loads(header["zturbo.regularisation"]) == [{"dir": str(reg), "ratio": 0.4, "loss_weight": 0.5}]
     assert header["zturbo.trigger_word"] == "sks"
+    report = (full.run_dir / "report.html").read_text()
+    assert "regularisation set (ratio 0.4 of each epoch), loss weight 0.5" in report
     plain = run(load_config(config_file(tmp_path / "c", example_data, reg, "ratio = 0.4")), quiet=True)
     assert [r["loss"] for r in metrics(plain.run_dir)] != [r["loss"] for r in metrics(full.run_dir)]
 
