@@ -491,7 +491,8 @@ def sample(
     "  zturbo merge --lora my-lora.safetensors:0.8 --out merged-turbo\n\n"
     "  zturbo merge --lora a.safetensors --lora b.safetensors:0.5 --to-lora ab.safetensors\n\n"
     "  zturbo merge --lora lora.safetensors --to-lora lora-musubi.safetensors --format musubi\n\n"
-    "  zturbo merge --adapter v2 --out z-image-dedistilled --dtype bf16"
+    "  zturbo merge --adapter v2 --out z-image-dedistilled --dtype bf16\n\n"
+    "  zturbo merge --ema output/my-run --ema-half-life 200 --to-lora my-run-ema.safetensors"
 )
 @fails_cleanly
 def merge(
@@ -515,16 +516,31 @@ def merge(
     style: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     allow_partial: bool = AllowPartialOption,
+    ema: Optional[Path] = typer.Option(
+        None, "--ema", help="A run folder: write the post-hoc EMA of its saved LoRAs (step order) to --to-lora."
+    ),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Decay per step of --ema, e.g. 0.999."),
+    ema_half_life: Optional[float] = typer.Option(
+        None, "--ema-half-life", help="Or the half-life of --ema in steps (decay^half_life = 1/2), e.g. 100."
+    ),
 ) -> None:
-    """Fold LoRAs into the base model, merge several LoRAs into one, or convert a LoRA's key style."""
+    """Fold LoRAs into the base model, merge several LoRAs into one, convert a LoRA's key style, or average a
+    run's saved LoRAs (post-hoc EMA)."""
     from .preflight import check_merge, parse_lora_spec
 
     specs = [parse_lora_spec(s) for s in loras or []]
-    check_merge(specs, out, to_lora, adapter, style, dtype)  # before torch is imported: a bad option fails in a second
+    # before torch is imported: a bad option fails in a second
+    check_merge(specs, out, to_lora, adapter, style, dtype, (ema, ema_decay, ema_half_life))
     quiet_libraries()
     from .commands.merge import merge_into_model, merge_to_lora
 
-    if to_lora is not None:
+    if ema is not None:
+        from .commands.ema import post_hoc_ema
+
+        post_hoc_ema(
+            ema, to_lora, ema_decay, ema_half_life, style or "comfyui", dtype, overwrite=overwrite, log=_report
+        )
+    elif to_lora is not None:
         merge_to_lora(
             specs,
             to_lora,

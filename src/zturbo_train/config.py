@@ -28,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TARGET_CHOICES = set(TARGET_PATHS)
+DEFAULT_REG_RATIO = 0.5  # a regularisation set's share of each epoch when its table gives no ratio
 BLOCK_CHOICES = set(BLOCK_STACKS)
 # Names other trainers use for our keys, so "did you mean" points at the right one.
 KEY_SYNONYMS = {
@@ -65,6 +66,18 @@ KEY_SYNONYMS = {
     "ema_beta": "ema_decay",
     "validation_split": "val_fraction",
     "val_split": "val_fraction",
+    "is_reg": "regularisation",
+    "is_regularisation_data": "regularisation",
+    "is_regularization_data": "regularisation",
+    "regularization": "regularisation",
+    "reg": "regularisation",
+    "prior_loss_weight": "loss_weight",
+    "reg_weight": "loss_weight",
+    "prior_reg_loss_weight": "loss_weight",
+    "reg_ratio": "ratio",
+    "regularisation_ratio": "ratio",
+    "regularization_ratio": "ratio",
+    "probability": "ratio",
 }
 
 
@@ -163,6 +176,54 @@ class DataConfig(_Section):
     repeats: int = Field(1, ge=1, description="How many times each image appears per epoch.")
     flip: bool = Field(False, description="Also train on horizontally flipped images.")
     strict: bool = Field(False, description="Turn dataset warnings (small images, default captions) into errors.")
+    regularisation: bool = Field(
+        False,
+        description=(
+            "A regularisation set: images of the class without the trigger word (captions taken as they are), "
+            "mixed into each epoch at `ratio`, so the LoRA keeps the class general."
+        ),
+    )
+    ratio: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            f"Regularisation sets only: their share of each epoch's samples; unset: {DEFAULT_REG_RATIO} (one per "
+            f"training sample, as kohya's reg images and ai-toolkit's every other step)."
+        ),
+    )
+    loss_weight: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Multiplies the loss of this table's samples (kohya's prior_loss_weight for a regularisation set).",
+    )
+
+    @model_validator(mode="after")
+    def _regularisation_keys(self) -> "DataConfig":
+        if self.ratio is not None and not self.regularisation:
+            raise ValueError(
+                f"`ratio` applies to regularisation sets only ({self.dir}); set regularisation = true there, "
+                f"or weigh a training set with `repeats`"
+            )
+        if self.regularisation and self.trigger_word:
+            raise ValueError(
+                f"a regularisation set ({self.dir}) shows the class without the trigger word, so it takes no "
+                f"trigger_word; remove trigger_word = {self.trigger_word!r} from that table"
+            )
+        if self.regularisation and self.repeats != 1:
+            raise ValueError(
+                f"a regularisation set's share of each epoch is its `ratio`, not `repeats` ({self.dir}); remove "
+                f"repeats = {self.repeats} and set ratio (e.g. 0.5)"
+            )
+        return self
+
+    @property
+    def share(self) -> float:
+        """A regularisation set's share of each epoch (its ratio, or the default); 0 for a training set."""
+        if not self.regularisation:
+            return 0.0
+        return self.ratio if self.ratio is not None else DEFAULT_REG_RATIO
 
     @field_validator("dir")
     @classmethod
@@ -347,7 +408,7 @@ class TrainConfig(_Section):
     val_dir: Path | None = Field(
         None,
         description=(
-            "Folder of held-out images with captions (read as the first [data] table's settings), never "
+            "Folder of held-out images with captions (read as the first training [data] table's settings), never "
             "trained on; their validation loss is logged as val_loss."
         ),
     )
@@ -477,14 +538,31 @@ class Config(_Section):
     def _needs_data(self) -> "Config":
         if not self.data:
             raise ValueError("no [data] table; add one with `dir` set to a folder of images with .txt captions")
+        if not self.train_data:
+            raise ValueError(
+                "every [[data]] table is a regularisation set (regularisation = true): there is nothing to train "
+                "on; add a [[data]] table of your subject's images (with its trigger_word)"
+            )
+        share = sum(d.share for d in self.data)
+        if share >= 1.0:
+            ratios = " + ".join(f"{d.share:g}" for d in self.data if d.regularisation)
+            raise ValueError(
+                f"the regularisation sets' ratios add up to {ratios} = {share:g}, leaving no share of an epoch to "
+                f"the training images; lower them so they add up to less than 1 (e.g. 0.25 each for two sets)"
+            )
         return self
 
     @property
+    def train_data(self) -> list[DataConfig]:
+        """The [[data]] tables trained on (regularisation sets left out)."""
+        return [d for d in self.data if not d.regularisation]
+
+    @property
     def val_data(self) -> DataConfig | None:
-        """train.val_dir read as a dataset with the first [data] table's settings (no repeats, flips or dropout)."""
+        """train.val_dir read as a dataset with the first training table's settings (no repeats, flips or dropout)."""
         if self.train.val_dir is None:
             return None
-        return self.data[0].model_copy(
+        return self.train_data[0].model_copy(
             update={"dir": self.train.val_dir, "repeats": 1, "flip": False, "caption_dropout": 0.0}
         )
 

@@ -144,8 +144,22 @@ def check_merge(
     adapter: str | None,
     style: str | None,
     dtype: str | None,
+    ema: tuple[Path | None, float | None, float | None] = (None, None, None),
 ) -> None:
-    """The option combinations, the LoRA files and the output's folder of `zturbo merge`."""
+    """The option combinations, the LoRA files and the output's folder of `zturbo merge`; `ema` is
+    (--ema RUN, --ema-decay, --ema-half-life)."""
+    run, decay, half_life = ema
+    if run is not None:
+        if to_lora is None or out is not None or specs or adapter is not None:
+            raise ConfigError(
+                "--ema RUN writes one LoRA from the run's own saved LoRAs: pass --to-lora FILE, "
+                "and no --lora, --out or --adapter"
+            )
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"--ema {run} is not a zturbo run folder (no config.json); pass a run's train.output_dir")
+        ema_decay(decay, half_life)
+    elif decay is not None or half_life is not None:
+        raise ConfigError("--ema-decay and --ema-half-life go with --ema RUN (a post-hoc EMA of a run's LoRAs)")
     if (out is None) == (to_lora is None):
         raise ConfigError(
             "pass exactly one of --out DIR (merge into the model) and --to-lora FILE (merge into one LoRA)"
@@ -153,8 +167,8 @@ def check_merge(
     if to_lora is not None:
         if adapter is not None:
             raise ConfigError("--adapter folds into a model; use it with --out, not --to-lora")
-        if not specs:
-            raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH]")
+        if not specs and run is None:
+            raise ConfigError("--to-lora needs at least one --lora PATH[:STRENGTH] (or --ema RUN)")
     else:
         if style is not None:
             raise ConfigError("--format sets the style of a --to-lora file; a merged model has no LoRA keys")
@@ -166,6 +180,19 @@ def check_merge(
     # both outputs are written beside themselves and renamed into place: their folder must take writes
     target, what = (out, "--out") if out is not None else (to_lora, "--to-lora")
     check_writable(target.expanduser().absolute().parent, f"the folder of {what} {target}:")
+
+
+def ema_decay(decay: float | None, half_life: float | None) -> float:
+    """`merge --ema`'s decay per step: --ema-decay, or from --ema-half-life in steps (decay^half_life = 1/2)."""
+    if (decay is None) == (half_life is None):
+        raise ConfigError("give the EMA's speed once: --ema-decay (e.g. 0.999) or --ema-half-life STEPS (e.g. 100)")
+    if half_life is not None:
+        if not half_life > 0:
+            raise ConfigError(f"--ema-half-life {half_life:g} must be a positive number of steps, e.g. 100")
+        return 0.5 ** (1.0 / half_life)
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"--ema-decay {decay:g} must be between 0 and 1 (not included), e.g. 0.999")
+    return decay
 
 
 # ------------------------------------------------------------------ zturbo train

@@ -102,17 +102,25 @@ def derive_seed(*parts: Any) -> int:
 
 
 def epoch_batches(
-    buckets: Sequence[Bucket], repeats: Sequence[int], batch_size: int, seed: int, epoch: int
+    buckets: Sequence[Bucket],
+    repeats: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    extra: Sequence[int] = (),
 ) -> list[list[int]]:
     """Sample indices in batches for one epoch: one bucket per batch, order fixed by (seed, epoch).
 
     A bucket's last batch may be smaller than batch_size: every sample is seen once per
-    repeat each epoch, none is dropped.
+    repeat each epoch, none is dropped. `extra`: more sample indices in this epoch (the
+    regularisation draws), batched with the others of their bucket.
     """
     rng = random.Random(derive_seed("order", seed, epoch))
     groups: dict[Bucket, list[int]] = {}
     for index, (bucket, times) in enumerate(zip(buckets, repeats)):
         groups.setdefault(bucket, []).extend([index] * times)
+    for index in extra:
+        groups.setdefault(buckets[index], []).append(index)
     batches: list[list[int]] = []
     for bucket in sorted(groups):
         members = groups[bucket]
@@ -120,6 +128,35 @@ def epoch_batches(
         batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+@dataclass(frozen=True)
+class RegMix:
+    """A regularisation set's part of every epoch: `count` of its samples (`pool`, indices into the dataset's
+    samples), drawn in turn from seeded shuffles of the pool, so over the epochs each is used as often as the
+    others, and the epoch's draws are a function of (seed, epoch) alone, as the rest of the order is."""
+
+    dataset: int  # the [[data]] table's index: keys its shuffles
+    pool: tuple[int, ...]
+    count: int
+
+    def draws(self, seed: int, epoch: int) -> list[int]:
+        """This epoch's samples: places epoch*count .. (epoch+1)*count of the endless run of shuffled pools."""
+        size, start = len(self.pool), epoch * self.count
+        out: list[int] = []
+        for cycle in range(start // size, (start + self.count - 1) // size + 1):
+            order = list(self.pool)
+            random.Random(derive_seed("regularisation", seed, self.dataset, cycle)).shuffle(order)
+            first, last = max(start, cycle * size), min(start + self.count, (cycle + 1) * size)
+            out += order[first - cycle * size : last - cycle * size]
+        return out
+
+
+def reg_counts(train_samples: int, ratios: Sequence[float]) -> list[int]:
+    """Samples per epoch of each regularisation set, so each has its `ratio` of the epoch's samples: with T
+    training samples and the ratios adding up to s, set i gets round(T * r_i / (1 - s)), at least one."""
+    rest = 1.0 - sum(ratios)
+    return [max(1, round(train_samples * ratio / rest)) for ratio in ratios]
 
 
 def rank_share(size: int, rank: int, world: int) -> tuple[list[int], float]:
@@ -160,13 +197,17 @@ class TrainDataset:
     rank: int = 0
     world: int = 1
     heldout: list[tuple[Sample, Path]] = field(default_factory=list)  # validation views and their latent entries
+    mixes: list[RegMix] = field(default_factory=list)  # the regularisation sets (their samples have repeats 0)
+    loss_weights: list[float] = field(default_factory=list)  # per sample (data.loss_weight); empty: all 1
     _order: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
         """The batches of `epoch` (memoised for the few epochs in use; safe to call from two threads)."""
         order = self._order.get(epoch)
         if order is None:
-            order = epoch_batches([s.bucket for s in self.samples], self.repeats, self.global_batch, self.seed, epoch)
+            extra = [index for mix in self.mixes for index in mix.draws(self.seed, epoch)]
+            buckets = [s.bucket for s in self.samples]
+            order = epoch_batches(buckets, self.repeats, self.global_batch, self.seed, epoch, extra)
             if len(self._order) >= 4:
                 self._order.clear()
             self._order[epoch] = order
@@ -189,23 +230,31 @@ class TrainDataset:
 
     @property
     def bucket_counts(self) -> dict[Bucket, int]:
+        """Training samples per epoch in each bucket; a regularisation set's buckets count 0 (its draws vary by
+        epoch)."""
         counts: dict[Bucket, int] = {}
         for sample, times in zip(self.samples, self.repeats):
             counts[sample.bucket] = counts.get(sample.bucket, 0) + times
         return dict(sorted(counts.items()))
 
     @property
+    def samples_per_epoch(self) -> int:
+        return sum(self.repeats) + sum(mix.count for mix in self.mixes)
+
+    @property
     def fingerprint(self) -> str:
-        """Changes when what a saved position points at changes (samples, repeats, batch size, seed);
-        edited pixels or captions keep it, since the order stays valid."""
-        return hashlib.sha256(repr((self._views(), self.repeats, self.global_batch, self.seed)).encode()).hexdigest()[
-            :16
-        ]
+        """Changes when what a saved position points at changes (samples, repeats, regularisation mix, batch
+        size, seed); edited pixels or captions keep it, since the order stays valid."""
+        return hashlib.sha256(repr((*self._order_inputs(), self.global_batch, self.seed)).encode()).hexdigest()[:16]
 
     @property
     def data_fingerprint(self) -> str:
         """The fingerprint without the batch size: same samples, repeats and seed, maybe grouped otherwise."""
-        return hashlib.sha256(repr((self._views(), self.repeats, self.seed)).encode()).hexdigest()[:16]
+        return hashlib.sha256(repr((*self._order_inputs(), self.seed)).encode()).hexdigest()[:16]
+
+    def _order_inputs(self) -> tuple:
+        """What the order is made of; the mix only when there is one, so runs without it keep their fingerprints."""
+        return (self._views(), self.repeats, *((self.mixes,) if self.mixes else ()))
 
     def _views(self) -> list:
         return [(self.items[s.item].path, s.resolution, s.bucket, s.flip) for s in self.samples]
@@ -218,6 +267,7 @@ class TrainDataset:
         order = self.epoch_order(epoch)[position]
         slots, weight = rank_share(len(order), self.rank, self.world)
         indices = [order[slot] for slot in slots]
+        weights = [weight * (self.loss_weights[i] if self.loss_weights else 1.0) for i in indices]
         latents, captions = [], []
         for slot, index in zip(slots, indices):
             entry = read_entry(self.latent_paths[index])
@@ -235,7 +285,7 @@ class TrainDataset:
             epoch,
             position,
             [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
-            None if weight == 1.0 else [weight] * len(slots),
+            None if all(w == 1.0 for w in weights) else weights,
         )
 
     def heldout_views(self) -> list[tuple[Any, Any, str]]:

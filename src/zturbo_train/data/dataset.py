@@ -316,16 +316,17 @@ def apply_trigger(caption: str, trigger: str) -> str:
 
 
 def _with_trigger(text: str, path: Path, cfg: DataConfig) -> tuple[str, Literal["file"], list[Problem]]:
+    """The caption with the table's trigger word applied; a regularisation set's captions never get one (its
+    table refuses a trigger_word), so a `[trigger]` in them is removed with a warning that says so."""
     problems = []
     if TRIGGER in text and not cfg.trigger_word:
-        problems.append(
-            Problem(
-                path,
-                "warn",
-                f"caption has {TRIGGER} but data.trigger_word is not set, so it is removed; set data.trigger_word",
-                "trigger",
-            )
+        fix = (
+            "a regularisation set shows the class without the trigger word; write the class there instead"
+            if cfg.regularisation
+            else "set data.trigger_word"
         )
+        reason = f"caption has {TRIGGER} but data.trigger_word is not set, so it is removed; {fix}"
+        problems.append(Problem(path, "warn", reason, "trigger"))
     return apply_trigger(text, cfg.trigger_word), "file", problems
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..config import DataConfig, apply_override, load_config, validate_config
 from ..errors import ConfigError
-from .batches import Sample
+from .batches import Sample, reg_counts
 from .dataset import Scan, scan_datasets
 from .prepare import plan_samples
 
@@ -30,22 +30,37 @@ class Inspection:
     samples: list[Sample]
 
     def bucket_rows(self) -> list[tuple[int, str, int, int]]:
-        """(resolution, bucket, images, samples per epoch) for every bucket in use."""
+        """(resolution, bucket, images, training samples per epoch) for every bucket in use."""
         images: Counter = Counter()
         per_epoch: Counter = Counter()
         for sample in self.samples:
-            item = self.scan.items[sample.item]
+            table = self.datasets[self.scan.items[sample.item].dataset]
             key = (sample.resolution, sample.bucket)
             images[key] += 0 if sample.flip else 1
-            per_epoch[key] += self.datasets[item.dataset].repeats
+            per_epoch[key] += 0 if table.regularisation else table.repeats
         return [(res, f"{b[0]}x{b[1]}", images[(res, b)], per_epoch[(res, b)]) for res, b in sorted(images)]
+
+    def regularisation_rows(self) -> list[tuple[Path, int, int, float, float]]:
+        """(folder, images, samples per epoch, ratio, loss weight) of each regularisation set, counted as training
+        counts them (before any images are held out for validation)."""
+        regs = [i for i, table in enumerate(self.datasets) if table.regularisation]
+        counts = reg_counts(sum(row[3] for row in self.bucket_rows()), [self.datasets[i].share for i in regs])
+        images = Counter(item.dataset for item in self.scan.items)
+        return [
+            (self.datasets[i].dir, images[i], count, self.datasets[i].share, self.datasets[i].loss_weight)
+            for i, count in zip(regs, counts)
+            if images[i]
+        ]
 
     def counts(self) -> dict[str, int]:
         levels = Counter(p.level for p in self.scan.problems)
         kinds = Counter(p.kind for p in self.scan.problems)
+        regs = self.regularisation_rows()
+        reg = {"regularisation_images": sum(r[1] for r in regs), "regularisation_samples": sum(r[2] for r in regs)}
         return {
             "images": len(self.scan.items),
-            "samples_per_epoch": sum(r[3] for r in self.bucket_rows()),
+            "samples_per_epoch": sum(r[3] for r in self.bucket_rows()) + reg["regularisation_samples"],
+            **(reg if regs else {}),
             "skipped": levels["skip"],
             "warnings": levels["warn"],
             "errors": levels["error"],
@@ -73,9 +88,14 @@ class Inspection:
                     "height": item.height,
                     "caption": item.caption,
                     "caption_source": item.caption_source,
+                    "regularisation": self.datasets[item.dataset].regularisation,
                     "buckets": [f"{res}:{w}x{h}" for res, (w, h) in buckets.get(i, [])],
                 }
                 for i, item in enumerate(self.scan.items)
+            ],
+            "regularisation": [
+                dict(zip(("dir", "images", "samples_per_epoch", "ratio", "loss_weight"), (str(row[0]), *row[1:])))
+                for row in self.regularisation_rows()
             ],
             "buckets": [
                 dict(zip(("resolution", "bucket", "images", "samples_per_epoch"), row)) for row in self.bucket_rows()
@@ -126,6 +146,7 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
     for row in inspection.bucket_rows():
         buckets.add_row(*map(str, row))
     console.print(buckets)
+    _regularisation_table(inspection, console, Table)
     if inspection.scan.problems:
         problems = Table(title="Skipped files and warnings", title_justify="left")
         for name in ("file", "level", "why"):
@@ -140,6 +161,20 @@ def render(inspection: Inspection, console, rows: int = 50) -> None:
     )
 
 
+def _regularisation_table(inspection: Inspection, console, table_cls) -> None:
+    """The regularisation sets (none: nothing printed): their images' share of each epoch and their loss weight."""
+    rows = inspection.regularisation_rows()
+    if not rows:
+        return
+    table = table_cls(title="Regularisation sets (no trigger word; mixed into every epoch)", title_justify="left")
+    for name, justify in (("folder", "left"), ("images", "right"), ("samples / epoch", "right"), ("ratio", "right")):
+        table.add_column(name, justify=justify, overflow="fold")
+    table.add_column("loss weight", justify="right")
+    for folder, images, count, ratio, weight in rows:
+        table.add_row(_escape(str(folder)), str(images), str(count), f"{ratio:g}", f"{weight:g}")
+    console.print(table)
+
+
 def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
     table = table_cls(title="Images", title_justify="left")
     for name in ("image", "size", "buckets", "caption"):
@@ -150,6 +185,7 @@ def _image_table(inspection: Inspection, console, rows: int, table_cls) -> None:
     for index, item in enumerate(shown):
         caption = item.caption if len(item.caption) <= _CAPTION_WIDTH else item.caption[: _CAPTION_WIDTH - 1] + "…"
         source = " [dim](default)[/]" if item.caption_source == "default" else ""
+        source += " [cyan](regularisation)[/]" if inspection.datasets[item.dataset].regularisation else ""
         sizes = " ".join(f"{w}x{h}" for _, (w, h) in buckets.get(index, []))
         table.add_row(_rel(item.path, inspection), f"{item.width}x{item.height}", sizes, _escape(caption) + source)
     if len(shown) < len(items):

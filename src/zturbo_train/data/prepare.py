@@ -14,7 +14,7 @@ from ..config import Config, DataConfig
 from ..errors import DataError
 from ..models import resolve_model_dir
 from ..paths import default_cache_dir
-from .batches import Sample, TrainDataset, derive_seed
+from .batches import RegMix, Sample, TrainDataset, derive_seed, reg_counts
 from .buckets import Fit, closest_bucket, fit
 from .cache import (
     CacheStats,
@@ -95,8 +95,12 @@ def heldout_items(scan: Scan, cfg: Config) -> set[int]:
     """The images held out for validation: train.val_dir's, and train.val_fraction of the [data] images
     (at least one), picked by a hash of (seed, content), so the choice does not depend on file order."""
     held = {i for i, item in enumerate(scan.items) if item.dataset >= len(cfg.data)}
-    if cfg.train.val_fraction > 0:
-        pool = [i for i, item in enumerate(scan.items) if item.dataset < len(cfg.data)]
+    if cfg.train.val_fraction > 0:  # from the training images: a regularisation set is not what the LoRA learns
+        pool = [
+            i
+            for i, item in enumerate(scan.items)
+            if item.dataset < len(cfg.data) and not cfg.data[item.dataset].regularisation
+        ]
         count = max(1, round(cfg.train.val_fraction * len(pool)))
         if count >= len(pool):
             raise DataError(
@@ -173,22 +177,35 @@ def prepare_dataset(
         _fill_rest(jobs, text_paths, encoders, stats, console, vae_batch_size, text_batch_size)
     held = heldout_items(scan, cfg)  # cached like the rest, never in the training order
     train = [i for i, s in enumerate(samples) if s.item not in held]
-    per_sample = [datasets[scan.items[samples[i].item].dataset] for i in train]
+    tables = [scan.items[samples[i].item].dataset for i in train]
+    per_sample = [datasets[table] for table in tables]
+    repeats = [0 if d.regularisation else d.repeats for d in per_sample]  # regularisation samples come by `mixes`
     dataset = TrainDataset(
         items=scan.items,
         samples=[samples[i] for i in train],
         latent_paths=[jobs[i].path for i in train],
         text_paths=text_paths,
-        repeats=[d.repeats for d in per_sample],
+        repeats=repeats,
         dropout=[d.caption_dropout for d in per_sample],
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         problems=scan.problems,
         stats=stats,
         heldout=[(s, job.path) for s, job in zip(samples, jobs) if s.item in held],
+        mixes=regularisation_mixes(cfg.data, tables, sum(repeats)),
+        loss_weights=[d.loss_weight for d in per_sample] if any(d.loss_weight != 1.0 for d in per_sample) else [],
     ).for_rank(*rank)
-    report_summary(dataset, console)
+    report_summary(dataset, console, cfg.data)
     return dataset
+
+
+def regularisation_mixes(tables: Sequence[DataConfig], sample_tables: Sequence[int], train: int) -> list[RegMix]:
+    """Each regularisation set's mix: its samples (by their [[data]] table, `sample_tables`) and its count per
+    epoch for `train` training samples per epoch."""
+    regs = [i for i, table in enumerate(tables) if table.regularisation]
+    counts = reg_counts(train, [tables[i].share for i in regs])
+    pools = {i: tuple(n for n, table in enumerate(sample_tables) if table == i) for i in regs}
+    return [RegMix(i, pools[i], count) for i, count in zip(regs, counts) if pools[i]]
 
 
 def _fill_rest(
@@ -238,7 +255,7 @@ def report_problems(problems: Sequence[Problem], console) -> None:
         console.print(f"[{style}]{label}:[/] {escape(problem.line())}", highlight=False, soft_wrap=True)
 
 
-def report_summary(dataset: TrainDataset, console) -> None:
+def report_summary(dataset: TrainDataset, console, tables: Sequence[DataConfig]) -> None:
     """One line on what the data is and what caching did (encoded vs reused, corrupt entries replaced)."""
     if console is None:
         return
@@ -247,10 +264,23 @@ def report_summary(dataset: TrainDataset, console) -> None:
     held = len({sample.item for sample, _ in dataset.heldout})
     held = f" ({held} held out for validation)" if held else ""
     console.print(
-        f"data: {len(dataset.items)} images{held}, {sum(dataset.repeats)} samples in "
+        f"data: {len(dataset.items)} images{held}, {dataset.samples_per_epoch} samples{_reg_part(dataset, tables)} in "
         f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
         f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
         f"encoded, {st.texts_reused} reused{corrupt}",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _reg_part(dataset: TrainDataset, tables: Sequence[DataConfig]) -> str:
+    """` (4 of them from the regularisation set /reg: ...)`, or '' without one."""
+    parts = []
+    for mix in dataset.mixes:
+        table = tables[mix.dataset]
+        images = len({dataset.samples[i].item for i in mix.pool})
+        parts.append(
+            f"{mix.count} of them from the regularisation set {table.dir}: {images} images, "
+            f"{mix.count / dataset.samples_per_epoch:.0%} of each epoch, loss weight {table.loss_weight:g}"
+        )
+    return f" ({'; '.join(parts)})" if parts else ""

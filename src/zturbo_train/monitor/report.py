@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from ..config import DEFAULT_REG_RATIO
 from ..fileio import write_text
 from .next_commands import RUN_TOML, commands
 from .records import HISTORY, LAST_LOSS_LABEL, LOSS_LABEL, Preview, previews, read_history, read_metrics
@@ -169,8 +170,14 @@ def _data_line(data: dict) -> str:
     images = f"{count} images" if count is not None else "folder not found"
     trigger = f", trigger {data['trigger_word']!r}" if data.get("trigger_word") else ""
     sizes = ", ".join(str(side) for side in data.get("resolution", [])) or "?"
+    share = (
+        f"regularisation set (ratio {data.get('ratio') or DEFAULT_REG_RATIO:g} of each epoch)"
+        if data.get("regularisation")
+        else f"repeats {data.get('repeats', 1)}"
+    )
+    weight = f", loss weight {data['loss_weight']:g}" if data.get("loss_weight", 1.0) != 1.0 else ""
     return (
-        f"{folder} ({images}) at {sizes} px, repeats {data.get('repeats', 1)}"
+        f"{folder} ({images}) at {sizes} px, {share}{weight}"
         f"{', flipped too' if data.get('flip') else ''}{trigger}, caption dropout {data.get('caption_dropout', 0)}"
     )
 

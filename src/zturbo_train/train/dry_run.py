@@ -50,6 +50,7 @@ def dry_run(cfg: Config, console) -> dict:
         "adapter": f"{adapter} ({cfg.model.adapter_mode}, weight {cfg.model.adapter_weight:g})",
         "images": counts["images"],
         "samples per epoch": counts["samples_per_epoch"],
+        **regularisation_plan(inspection),
         "steps": cfg.train.steps,
         "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
         "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
@@ -72,6 +73,19 @@ def dry_run(cfg: Config, console) -> dict:
             markup=False,
         )
     return plan
+
+
+def regularisation_plan(inspection) -> dict[str, str]:
+    """The plan's line on the regularisation sets ({} without any)."""
+    rows = inspection.regularisation_rows()
+    if not rows:
+        return {}
+    return {
+        "regularisation": "; ".join(
+            f"{folder}: {images} images, {count} samples per epoch (ratio {ratio:g}), loss weight {weight:g}"
+            for folder, images, count, ratio, weight in rows
+        )
+    }
 
 
 def _model(ref: str) -> tuple[str, dict | None]:

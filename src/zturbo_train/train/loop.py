@@ -281,12 +281,19 @@ def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str
         "rank": cfg.lora.rank,
         "alpha": cfg.lora.scale_alpha,
         "targets": modules_of(s.network.names),
-        "trigger_word": cfg.data[0].trigger_word,
+        "trigger_word": cfg.train_data[0].trigger_word,
+        **regularisation_fact(cfg),
         "steps": step,
         "resolution": sorted({r for d in cfg.data for r in d.resolution}),
         "zturbo_version": __version__,
         "started_at": int(s.started_at),
     }
+
+
+def regularisation_fact(cfg: Config) -> dict[str, object]:
+    """The regularisation sets a LoRA was trained with (its `zturbo.regularisation` metadata), {} without one."""
+    sets = [{"dir": str(d.dir), "ratio": d.share, "loss_weight": d.loss_weight} for d in cfg.data if d.regularisation]
+    return {"regularisation": sets} if sets else {}
 
 
 def save_lora(s: Session, step: int, final: bool) -> Path:
