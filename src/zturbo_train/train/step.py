@@ -18,6 +18,7 @@ from .. import flow
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..models import autocast
+from .preservation import Preservation
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TrainStep:
         settings: StepSettings,
         generator: torch.Generator,
         model_forward=None,
+        preservation: Preservation | None = None,
     ):
         self.transformer = transformer
         self.params = list(params)
@@ -84,6 +86,12 @@ class TrainStep:
         self.forward = model_forward or flow.predict
         self.device = generator.device
         self.model_dtype = next(transformer.parameters()).dtype
+        self.preservation = preservation  # train.preservation = "dop" (train/preservation.py)
+
+    @property
+    def grad_forwards(self) -> int:
+        """Forwards with gradient per micro-batch: DOP runs a second one (DDP all-reduces after the last)."""
+        return 1 if self.preservation is None else 2
 
     def loss(
         self,
@@ -140,6 +148,43 @@ class TrainStep:
         loss = self.loss(latents, embeds, weights, noise, sigmas)
         (loss / self.settings.grad_accum).backward()
         return loss.detach()
+
+    def backward_preserving(
+        self,
+        latents: Tensor,
+        embeds: Sequence[Tensor],
+        class_embeds: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        noise: Tensor | None = None,
+        sigmas: Tensor | None = None,
+        preserve: Sequence[float] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`backward`, then DOP's loss and backward on the class captions at the same noise and sigmas (why in
+        train/preservation.py); returns both losses detached, DOP's before its weight.
+
+        `preserve`: 0 for a sample whose caption has no trigger to replace (None: every sample counts)."""
+        if noise is None:
+            noise, sigmas = self._draw(latents)
+        loss = self.backward(latents, embeds, weights, noise, sigmas)
+        loss_weights = flow.loss_weights(sigmas, self.settings.timestep_sampling)
+        for extra in (weights, preserve):
+            if extra is not None:
+                loss_weights = loss_weights * to_device(extra, loss_weights.device)
+        noisy = flow.noisy_latents(latents.float(), noise, sigmas).to(self.model_dtype)
+        with autocast(self.device, self.settings.autocast_dtype):
+            dop = self.preservation.loss(
+                self.forward, self.transformer, noisy, flow.model_time(sigmas), class_embeds, loss_weights
+            )
+        (dop * (self.preservation.weight / self.settings.grad_accum)).backward()
+        return loss, dop.detach()
+
+    def backward_batch(self, batch) -> tuple[Tensor, Tensor | None]:
+        """One micro-batch from the loader: its losses (DOP's None when train.preservation is off)."""
+        if self.preservation is None:
+            return self.backward(batch.latents, batch.text, batch.weights, batch.noise, batch.sigmas), None
+        return self.backward_preserving(
+            batch.latents, batch.text, batch.class_text, batch.weights, batch.noise, batch.sigmas, batch.preserve
+        )
 
     def draw_for(self, batch):
         """The loader's `draw` hook: a batch with its keyed noise and sigmas (runs on the reader thread)."""
