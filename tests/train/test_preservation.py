@@ -262,3 +262,52 @@ def test_config_keys_and_their_errors(tmp_path):
         validate_config(_config(tmp_path, {"preservation": "dop", "preservation_weight": 0}))
     with pytest.raises(ConfigError, match=r"`train.preservation` = 'yes'"):
         validate_config(_config(tmp_path, {"preservation": "yes"}))
+
+
+def test_dry_run_states_dops_words_cost_and_memory(tmp_path, example_data):
+    """The plan has a preservation row: the words replaced, the weight, the extra passes and their cost, the
+    memory from the estimate, and which [data] table gets no DOP (no trigger word)."""
+    from typer.testing import CliRunner
+
+    from zturbo_train.cli import app
+
+    cfg = make_config(tmp_path, example_data, steps=2)
+    text = cfg.read_text().replace("[lora]", f'[[data]]\ndir = "{example_data}"\nresolution = 64\n[lora]')
+    cfg.write_text(text.replace("[data]\n", "[[data]]\n"), encoding="utf-8")
+    args = ["train", str(cfg), "--dry-run", "--set", "train.preservation=dop", "--set", "train.preservation_weight=0.5"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "preservation" in line)
+    assert "dop: 'sks' -> 'person' in each caption, weight 0.5" in row
+    assert "one more forward without gradient" in row and "about 2.3x the step time" in row
+    assert "peak memory +0.0 MiB; [data] table 1 has no trigger_word, so its images get no DOP" in row
+
+
+def test_images_without_the_trigger_are_left_out_of_dop(tmp_path, example_data):
+    """A second [[data]] table without a trigger word: its images have no class caption and weight 0 in DOP's
+    loss, their own caption standing in (any embedding would do); the triggered ones weight 1. Checked to fail
+    with the mask inverted."""
+    from zturbo_train.data.prepare import prepare_dataset
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("img_00.png", "img_01.png"):
+        (plain / name.replace("img", "other")).write_bytes((example_data / name).read_bytes())
+        (plain / name.replace("img", "other").replace(".png", ".txt")).write_text("a blue floor", encoding="utf-8")
+    raw = {
+        "model": {"path": "builtin:tiny", "dtype": "fp32"},
+        "data": [
+            {"dir": str(example_data), "trigger_word": "sks", "resolution": 64},
+            {"dir": str(plain), "resolution": 64},
+        ],
+        "train": {"preservation": "dop", "batch_size": 8, "output_dir": str(tmp_path / "run")},
+    }
+    dataset = prepare_dataset(validate_config(raw))
+    own = dataset.prompt_embeddings(["a blue floor"])[0]
+    preserve = {}
+    for position in range(dataset.batches_per_epoch):  # one batch per bucket
+        batch = dataset.load_batch(0, position)
+        preserve.update(zip([p.name for p in batch.images], batch.preserve or [1.0] * len(batch.images)))
+        for text, path in zip(batch.class_text, batch.images):
+            assert torch.equal(text, own) == path.name.startswith("other")
+    assert preserve == {**{name: 1.0 for name in CLASS_CAPTIONS}, "other_00.png": 0.0, "other_01.png": 0.0}
