@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -65,6 +65,16 @@ def check_training_dtype(dtype: torch.dtype) -> None:
         )
 
 
+class _Inputs(NamedTuple):
+    """What the model and the loss take for one micro-batch, made once (DOP reuses all of it)."""
+
+    x0: Tensor  # fp32
+    noise: Tensor
+    noisy: Tensor  # in the model's dtype
+    t: Tensor  # fp32, 1 - sigma
+    weights: Tensor  # per-sample loss weights, fp32
+
+
 class TrainStep:
     """Forward + backward of micro-batches, and the optimizer update."""
 
@@ -108,19 +118,22 @@ class TrainStep:
         micro-batch or rank it lands); without them (the bench) the step's own generator draws
         them. `weights` scale per-sample losses (data-parallel slices of a batch's last, uneven part).
         """
-        s = self.settings
         if noise is None:
             noise, sigmas = self._draw(latents)
+        return self._loss(self._inputs(latents, noise, sigmas, weights), embeds)
+
+    def _inputs(self, latents: Tensor, noise: Tensor, sigmas: Tensor, weights: Sequence[float] | None) -> _Inputs:
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with autocast(
-            self.device, self.settings.autocast_dtype
-        ):  # t stays fp32, as ZImagePipeline and our sampler pass it
-            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
-        loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
+        loss_weights = flow.loss_weights(sigmas, self.settings.timestep_sampling)
         if weights is not None:
             loss_weights = loss_weights * to_device(weights, loss_weights.device)
-        return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
+        return _Inputs(x0, noise, noisy, flow.model_time(sigmas), loss_weights)
+
+    def _loss(self, inputs: _Inputs, embeds: Sequence[Tensor]) -> Tensor:
+        with autocast(self.device, self.settings.autocast_dtype):  # t stays fp32, as ZImagePipeline passes it
+            pred = self.forward(self.transformer, inputs.noisy, inputs.t, embeds)
+        return flow.flow_loss(pred, flow.flow_target(inputs.x0, inputs.noise), inputs.weights)
 
     def _draw(self, latents: Tensor) -> tuple[Tensor, Tensor]:
         """(noise, sigmas) from the step's generator, for callers whose batches carry none (the bench)."""
@@ -165,18 +178,16 @@ class TrainStep:
         `preserve`: 0 for a sample whose caption has no trigger to replace (None: every sample counts)."""
         if noise is None:
             noise, sigmas = self._draw(latents)
-        loss = self.backward(latents, embeds, weights, noise, sigmas)
-        loss_weights = flow.loss_weights(sigmas, self.settings.timestep_sampling)
-        for extra in (weights, preserve):
-            if extra is not None:
-                loss_weights = loss_weights * to_device(extra, loss_weights.device)
-        noisy = flow.noisy_latents(latents.float(), noise, sigmas).to(self.model_dtype)
+        inputs = self._inputs(latents, noise, sigmas, weights)
+        loss = self._loss(inputs, embeds)
+        (loss / self.settings.grad_accum).backward()
+        dop_weights = inputs.weights if preserve is None else inputs.weights * to_device(preserve, self.device)
         with autocast(self.device, self.settings.autocast_dtype):
             dop = self.preservation.loss(
-                self.forward, self.transformer, noisy, flow.model_time(sigmas), class_embeds, loss_weights
+                self.forward, self.transformer, inputs.noisy, inputs.t, class_embeds, dop_weights
             )
         (dop * (self.preservation.weight / self.settings.grad_accum)).backward()
-        return loss, dop.detach()
+        return loss.detach(), dop.detach()
 
     def backward_batch(self, batch) -> tuple[Tensor, Tensor | None]:
         """One micro-batch from the loader: its losses (DOP's None when train.preservation is off)."""
