@@ -14,7 +14,8 @@ loss is, times `train.preservation_weight`, is trained beside the training loss.
   before DOP's forward, so the peak memory stays one forward and backward (memory/estimate.py), and DDP
   sees one backward per forward (train/distributed.py counts two per micro-batch).
 - The LoRA is switched off by its `enabled` flag, a Python bool its hooks read: no kernel, no host sync;
-  under torch.compile the flag is guarded, so the two states are two cached graphs.
+  under torch.compile the flag is guarded, so the two states are two cached graphs (checked by hand on the
+  CPU: 3 compiled DOP steps equal eager within 2.3e-6; not in the suite, whose compile test is 100 s alone).
 - Cost: one no-grad forward and one forward + backward more per micro-batch (BENCHMARKS.md).
 """
 
