@@ -29,6 +29,7 @@ from zturbo_train.monitor.loggers import TensorBoard
 from zturbo_train.monitor.records import LAST_LOSS_LABEL, LOSS_LABEL, MetricsTail, scalars
 from zturbo_train.train import loop as train_module
 from zturbo_train.train.loop import run
+from zturbo_train.train.state import RunLock
 from zturbo_train.train.step import TrainStep
 
 runner = CliRunner()
@@ -149,13 +150,17 @@ def _extra_keys(monkeypatch):
     monkeypatch.setattr(train_module, "append_line", append_line)
 
 
-def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, wandb_offline, monkeypatch):
+def test_tensorboard_and_wandb_record_every_metric_row(tmp_path, example_data, wandb_offline, monkeypatch, capfd):
     """Every numeric key of every metrics.jsonl row, including keys the monitor does not know, reaches both
-    loggers at its step with its value; previews arrive as images per prompt; the config as hyper-parameters."""
+    loggers at its step with its value; previews arrive as images per prompt; the config as hyper-parameters.
+    `--quiet` silences W&B's banner too (checked to fail without the silent setting)."""
     _extra_keys(monkeypatch)
+    monkeypatch.delenv("WANDB_SILENT")
     cfg = make_config(tmp_path, example_data, log={"tensorboard": True, "wandb": True, "project": "p"})
     result = runner.invoke(app, ["train", str(cfg), "-q"])
     assert result.exit_code == 0, result.output
+    printed = result.output + "".join(capfd.readouterr())
+    assert "wandb" not in printed.lower(), printed
     run_dir = tmp_path / "run"
     rows = metric_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -397,9 +402,8 @@ def test_hooks_return_at_once_while_the_plots_are_drawn(tmp_path, example_data, 
         while not pages and time.perf_counter() - started < 60:  # the page of the run in progress
             time.sleep(0.05)
     assert (root / "loss.png").is_file() and (root / "report.html").is_file()
-    # a run in progress, then the end of one that stopped early; `zturbo report` cannot tell which it is
+    # a run in progress, then the end of one that stopped early
     assert "training: step 1 of 6" in pages[0] and "stopped at step 1 of 6" in pages[-1]
-    assert "not finished: step 1 of 6 (stopped, or still training)" in report.render(root, None, "unknown")
     off = tmp_path / "off"
     off.mkdir()
     with Monitor(cfg, off, active=False) as monitor:  # ranks other than 0
@@ -433,6 +437,24 @@ def test_report_help_shows_a_runnable_example():
     assert "zturbo report output/quickstart" in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "zturbo report output/quickstart" in result.output
+
+
+def test_report_command_tells_a_run_still_training_from_a_stopped_one(tmp_path, example_data):
+    """`zturbo report` probes the run lock: held -> "training", free (or never made) -> "stopped".
+    Checked to fail: with is_held always False."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"train": {"steps": 6, "name": "lora"}}))
+    (root / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.5, "loss_smooth": 0.5}) + "\n")
+    assert not RunLock.is_held(root) and not (root / RunLock.NAME).exists()  # the probe makes no file
+    with RunLock() as lock:
+        lock.acquire(root)
+        assert RunLock.is_held(root)
+        assert runner.invoke(app, ["report", str(root), "--no-plots"]).exit_code == 0
+        assert "training: step 2 of 6" in (root / "report.html").read_text()
+    assert not RunLock.is_held(root)
+    assert runner.invoke(app, ["report", str(root), "--no-plots"]).exit_code == 0
+    assert "stopped at step 2 of 6" in (root / "report.html").read_text()
 
 
 def test_report_command_on_a_folder_that_is_no_run(tmp_path):

@@ -42,6 +42,7 @@ STYLE_ALIASES = {"kohya": "musubi"}  # the old name: musubi-tuner's (and sd-scri
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
 _FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")  # module names with `.` written as `_`
+KEY_PREFIXES = _PREFIXES + _FLAT_PREFIXES  # every key prefix the reader strips (inspect names them)
 _PARTS = {  # key suffix after the module name -> part
     "lora_A.weight": "down",
     "lora_down.weight": "down",

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import LoraError
 from .formats import (
+    KEY_PREFIXES,
     LoraDict,
     LoraWeights,
     diffusers_alphas,
@@ -91,27 +92,7 @@ def key_style(keys: list[str]) -> dict[str, Any]:
     """How a file names its keys: prefix, weight names, ComfyUI's own module names, update kinds."""
     names = {split_key(k)[0] for k in keys}
     parts = Counter(split_key(k)[1] for k in keys)
-    prefixes = sorted(
-        {
-            next(
-                (
-                    p
-                    for p in (
-                        "diffusion_model.",
-                        "transformer.",
-                        "lora_unet_",
-                        "lycoris_",
-                        "base_model.model.",
-                        "lora_transformer_",
-                        "model.",
-                    )
-                    if n.startswith(p)
-                ),
-                "",
-            )
-            for n in names
-        }
-    )
+    prefixes = sorted({next((p for p in KEY_PREFIXES if n.startswith(p)), "") for n in names})
     comfy_names = any(leaf in n for n in names for leaf in _COMFY_LEAVES)
     pair = (
         "lora_down/lora_up"

@@ -70,7 +70,7 @@ class WandB:
 
     name = "wandb"
 
-    def __init__(self, root: Path, log: Any, name: str, config: dict[str, Any], resume: bool):
+    def __init__(self, root: Path, log: Any, name: str, config: dict[str, Any], resume: bool, quiet: bool = False):
         import wandb
 
         mode = wandb.setup().settings.mode  # WANDB_MODE, or what `wandb offline` wrote
@@ -95,6 +95,7 @@ class WandB:
             resume="allow",
             config=config,
             dir=None if os.environ.get("WANDB_DIR") else str(root),
+            settings=wandb.Settings(silent=True) if quiet else None,  # `train --quiet`: no W&B banner either
         )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -51,8 +51,10 @@ class Monitor:
     loggers continue their runs without logging a step twice.
     """
 
-    def __init__(self, cfg: Config, root: Path, resume_step: int | None = None, active: bool = True):
-        self.cfg, self.root, self.resume_step = cfg, Path(root), resume_step
+    def __init__(
+        self, cfg: Config, root: Path, resume_step: int | None = None, active: bool = True, quiet: bool = False
+    ):
+        self.cfg, self.root, self.resume_step, self.quiet = cfg, Path(root), resume_step, quiet
         self.thread: threading.Thread | None = None
         if not active:
             return
@@ -133,7 +135,7 @@ class Monitor:
         log, resumed = self.cfg.log, self.resume_step is not None
         makers = {
             "tensorboard": lambda: TensorBoard(self.root, self.config, flat(self.config), self.resume_step),
-            "wandb": lambda: WandB(self.root, log, self.cfg.train.name, self.config, resumed),
+            "wandb": lambda: WandB(self.root, log, self.cfg.train.name, self.config, resumed, self.quiet),
         }
         for name, make in makers.items():
             if getattr(log, name):

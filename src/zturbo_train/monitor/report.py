@@ -25,7 +25,7 @@ from .records import HISTORY, LAST_LOSS_LABEL, LOSS_LABEL, Preview, previews, re
 
 REPORT = "report.html"
 THUMB = 192  # px, longest side of an embedded preview (shown at 144 px, sharp on high-density screens)
-Phase = Literal["running", "ended", "unknown"]
+Phase = Literal["running", "ended"]
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -110,9 +110,7 @@ def _status(root: Path, config: dict, rows: list[dict], status: str | None, phas
     final = root / f"{config.get('train', {}).get('name', 'lora')}.safetensors"
     if final.is_file() and total is not None and step >= total:
         return f"finished: {step} steps", "finished"
-    if phase == "ended":
-        return f"stopped at {where}", "stopped"
-    return f"not finished: {where} (stopped, or still training)", "stopped"
+    return f"stopped at {where}", "stopped"
 
 
 def _table(pairs: list[tuple[str, Any]]) -> str:

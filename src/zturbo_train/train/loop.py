@@ -608,7 +608,7 @@ def loop(s: Session, started: float) -> TrainResult:
     step, due_save = s.start_step, False
     resumed_at = s.start_step if s.data_state is not None else None
     with (
-        Monitor(s.cfg, s.run.root, resumed_at, active=s.is_main) as monitor,
+        Monitor(s.cfg, s.run.root, resumed_at, active=s.is_main, quiet=s.console.quiet) as monitor,
         s.dataset.loader(s.device, state=s.data_state, draw=s.step.draw_for, warn=_warning(s)) as loader,
         StopRequest(distributed.any_rank if s.world > 1 else None).installed() as stop,
         _progress(s, cfg.steps) as bar,

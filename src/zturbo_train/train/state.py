@@ -98,6 +98,27 @@ class RunLock:
         handle.flush()
         self._handle = handle
 
+    @classmethod
+    def is_held(cls, root: Path) -> bool:
+        """Whether a live `zturbo train` holds `root` now: a shared, non-blocking probe of the same lock.
+
+        A shared probe conflicts only with the trainer's exclusive lock and is dropped at once; it
+        never creates the file, so a folder that never trained stays untouched.
+        """
+        import fcntl
+
+        try:
+            handle = open(root / cls.NAME, encoding="utf-8")
+        except OSError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     def release(self) -> None:
         if self._handle is not None:
             self._handle.truncate(0)  # before unlocking, so a new holder's line is never cut
