@@ -151,3 +151,23 @@ def test_cuda_bench_reports_memory_and_offload(tmp_path):
     for row in doc["rows"]:
         assert "error" not in row and row["peak_gib"] > 0 and row["loss_finite"]
     assert doc["rows"][1]["offload"]["misses"] <= 1
+
+
+def test_bench_times_dop_steps(tmp_path, monkeypatch):
+    """`--set train.preservation=dop` times the step with DOP: every warm-up and timed step runs it. Checked to
+    fail with the bench's step ignoring DOP."""
+    from zturbo_train.train.step import TrainStep
+
+    calls = []
+    original = TrainStep.backward_preserving
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "backward_preserving", counted)
+    args = ["--model", "builtin:tiny", "--steps", "2", "--warmup", "1", "--sample-steps", "0", "--quiet"]
+    result, out = bench(tmp_path, *args, "--set", "train.preservation=dop")
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["loss_finite"] and len(calls) == 3

@@ -56,3 +56,15 @@ def test_optimizer_state_and_ema_count_in_the_lora_memory(real_shape):
             work = Workload(resolution=512, optimizer=optimizer, ema=ema)
             expected = lora_params(real_shape, work) * (8 + state + 4 * ema) / 2**30
             assert estimate(real_shape, work).lora == pytest.approx(expected)
+
+
+def test_dop_adds_its_embeddings_and_target_to_the_peak(real_shape):
+    """By hand: 1024 px batch 2 bf16 with DOP holds two class caption embeddings (128 tokens x 2560) and two base
+    predictions (16 x 128 x 128) more; its forwards add no activations (freed between the backward passes).
+    Checked to fail with DOP left out of the estimate."""
+    plain, dop = Workload(1024, batch=2), Workload(1024, batch=2, preservation=True)
+    by_hand = 2 * (128 * 2560 + 16 * 128 * 128) * 2 / 2**30
+    assert real_shape.cap_dim == 2560
+    for levers in ({"checkpointing": "full"}, {"checkpointing": "none"}):
+        added = estimate(real_shape, dop, **levers).total - estimate(real_shape, plain, **levers).total
+        assert added == pytest.approx(by_hand, rel=1e-9)

@@ -47,6 +47,28 @@ def test_checkpointing_modes_compute_the_same_step():
         assert losses == full and max_diff(weights, weights_full) == 0.0
 
 
+def test_dop_computes_the_same_step_under_every_lever():
+    """DOP's LoRA-off forward (no gradient) and its second forward and backward under checkpointing (none,
+    selective, full) and streamed blocks give bit-identical losses and LoRA, the streamer missing no block but the
+    first; fp8 storage streamed equals fp8 layerwise. DOP's loss is non-zero (the LoRA moves the class captions'
+    prediction)."""
+    full, weights_full, _ = run_steps(Levers("t", checkpointing="full"), dop=True)
+    assert all(dop > 0 for _, dop in full)
+    for levers in (
+        Levers("t", checkpointing="none"),
+        Levers("t", checkpointing="selective", checkpoint_fraction=0.5),
+        Levers("t", checkpointing="full", offload="blocks"),
+    ):
+        losses, weights, applied = run_steps(levers, dop=True)
+        assert losses == full and max_diff(weights, weights_full) == 0.0, levers
+    assert applied.streamer.stats.misses == 1  # the streamer prefetches through DOP's extra forwards too
+    fp8, fp8_weights, _ = run_steps(Levers("t", checkpointing="full", quantize="fp8"), dop=True)
+    streamed, streamed_weights, _ = run_steps(
+        Levers("t", checkpointing="full", quantize="fp8", offload="blocks"), dop=True
+    )
+    assert streamed == fp8 and max_diff(streamed_weights, fp8_weights) == 0.0
+
+
 def test_selective_checkpointing_recomputes_only_the_chosen_blocks(tiny_transformer):
     calls = [0] * len(tiny_transformer.layers)
     for index, block in enumerate(tiny_transformer.layers):
@@ -172,6 +194,34 @@ def test_cuda_step_has_no_host_sync_and_no_new_device_allocations():
             step.backward(latents, caps)
             step.backward(latents, caps, weights=[1.0, 0.5], noise=noise, sigmas=sigmas)  # the data-parallel path
             step.update(1e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+
+
+@pytest.mark.cuda
+def test_cuda_dop_step_has_no_host_sync_and_no_new_device_allocations():
+    """DOP's step (the LoRA switched off by a Python flag, a second forward and backward) syncs with the host
+    as little as the plain one: never, and allocates no new segments once warm. (Written without a GPU at hand:
+    not yet run.)"""
+    step, _, _ = make_step(Levers("t", checkpointing="full"), dtype="bf16", device=CUDA, dop=True)
+    latents, caps = batch(CUDA, torch.bfloat16)
+    noise, sigmas = (
+        t.pin_memory().to(CUDA, non_blocking=True) for t in draw_noise([1, 2], tuple(latents.shape[1:]), step.settings)
+    )
+
+    def steps():
+        for _ in range(3):
+            step.backward_preserving(latents, caps, caps[::-1], noise=noise, sigmas=sigmas, preserve=[1.0, 0.0])
+            step.update(1e-3)
+
+    steps()
+    torch.cuda.synchronize()
+    segments = torch.cuda.memory_stats()["segment.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -256,6 +256,53 @@ def test_micro_batches_before_the_last_skip_the_all_reduce(tiny_transformer, tmp
         dist.destroy_process_group()
 
 
+def test_with_dop_one_all_reduce_per_step(tiny_transformer, tmp_path):
+    """DOP runs two forwards with gradient per micro-batch: `data_parallel` counts them, so grad_accum 2 still
+    all-reduces once per step, after the last backward. Checked to fail with the count per micro-batch (an
+    all-reduce after each micro-batch's DOP backward: the same sums, twice the traffic)."""
+    import types
+
+    import torch.distributed as dist
+
+    from zturbo_train.lora.network import create_lora
+    from zturbo_train.train.preservation import Preservation
+    from zturbo_train.train.step import StepSettings, TrainStep
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        network = create_lora(tiny_transformer, 4, 4.0, ["layers"], ["to_q", "to_v"])
+        cfg = load_config(make_config(tmp_path, tmp_path, grad_accum=2))
+        settings = StepSettings.from_config(cfg.train, torch.float32, torch.device("cpu"))
+        step = TrainStep(
+            tiny_transformer,
+            network.trainable_parameters(),
+            None,
+            settings,
+            torch.Generator(),
+            None,
+            Preservation(network, 1.0),
+        )
+        session = types.SimpleNamespace(
+            step=step, transformer=tiny_transformer, network=network, device=torch.device("cpu"), cfg=cfg
+        )
+        distributed.data_parallel(session, distributed.Ranks(0, 2))
+        reduced = []
+
+        def count(state, bucket):
+            reduced.append(bucket.buffer().numel())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        step.forward.ddp.register_comm_hook(None, count)
+        for micro in range(4):
+            latents, _, embeds = _inputs(tiny_transformer, micro)
+            step.backward_preserving(latents, embeds, _inputs(tiny_transformer, micro + 9)[2])
+            assert sum(reduced) == (micro + 1) // 2 * sum(p.numel() for p in network.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def _predict(transformer, latents, t, embeds):
     from zturbo_train import flow
 
@@ -268,9 +315,10 @@ def _inputs(transformer, seed: int) -> tuple:
     return (torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen), [torch.randn(7, dim, generator=gen)])
 
 
-def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir):
+def test_two_ranks_log_val_loss_keep_an_ema_and_preserve(tmp_path, example_data, tiny_dir):
     """Validation (rank 0 evaluates, every rank flushes the log at its steps: no rank waits alone in the
-    all-reduce) and the EMA under torchrun: the run finishes and logs what one process at batch 2 logs."""
+    all-reduce), the EMA and DOP under torchrun: the run finishes and logs what one process at batch 2 logs.
+    DOP's dop_loss is every rank's, averaged as the loss is."""
     home = tmp_path / "home"
     home.mkdir()
     (home / "builtin").symlink_to(tiny_dir.parent)
@@ -280,6 +328,7 @@ def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir
         "train.log_every=3",
         "train.ema=true",
         "train.ema_decay=0.5",
+        "train.preservation=dop",
     ]
     cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
     done = torchrun(
@@ -299,3 +348,5 @@ def test_two_ranks_log_val_loss_and_keep_an_ema(tmp_path, example_data, tiny_dir
     largest, _ = lora_difference(tmp_path / "two" / "run" / "t.safetensors", one.lora_path)
     assert largest <= LORA_ATOL
     assert (tmp_path / "two" / "run" / "t-raw.safetensors").is_file()
+    assert [r["dop_loss"] for r in ours] == pytest.approx([r["dop_loss"] for r in theirs], rel=1e-4)
+    assert ours[-1]["dop_loss"] > 0

@@ -13,7 +13,9 @@ and timed steps. Sampling: the transformer's 8 Euler steps at `sample_size` thro
 sample.generate_latents (the preview/`zturbo sample` loop) with the LoRA attached, and
 again with it detached (comparable with a plain pipeline), one warm-up run, median of two.
 Inputs are random latents and caption embeddings of `caption_tokens` tokens, batch 1 by
-default; the training adapter is left out (merged, it costs nothing per step).
+default; the training adapter is left out (merged, it costs nothing per step). With
+`--set train.preservation=dop` each step also runs DOP (train/preservation.py) on a second set of
+random embeddings of the same length.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..sampling import generate_latents
 from ..testing.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_config
 from ..train.optimizers import build_optimizer
+from ..train.preservation import Preservation
 from ..train.step import StepSettings, TrainStep
 from ..zimage import SCHEDULER
 
@@ -106,7 +109,12 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 def preset_configs(settings: BenchSettings, preset: str, rank: int):
     """(model, train, lora) config sections for one preset, with the user's --set overrides."""
-    raw: dict[str, Any] = {"data": {"dir": "."}, "train": {"memory": preset}, "lora": {"rank": rank}}
+    # a trigger word, so train.preservation = "dop" (which needs one) can be timed on the random captions
+    raw: dict[str, Any] = {
+        "data": {"dir": ".", "trigger_word": "sks"},
+        "train": {"memory": preset},
+        "lora": {"rank": rank},
+    }
     if not settings.model.startswith("synthetic"):
         raw["model"] = {"path": settings.model}
     for item in settings.overrides:
@@ -139,6 +147,7 @@ def workload(
         optimizer=train.optimizer,
         caption_tokens=settings.caption_tokens,
         dtype_bytes=dtype_bytes,
+        preservation=train.preservation == "dop",
     )
 
 
@@ -161,14 +170,25 @@ def load_scheduler(model: str):
 # ------------------------------------------------------------------------------ measuring
 
 
+def train_once(step, latents, embeds, class_embeds) -> torch.Tensor:
+    """One training step (backward + update) as `zturbo train` runs it; with DOP on, `class_embeds` stand in for
+    the class captions (other embeddings of the same length). Returns the training loss."""
+    if step.preservation is not None:
+        loss = step.backward_preserving(latents, embeds, class_embeds)[0]
+    else:
+        loss = step.backward(latents, embeds)
+    step.update(1e-4)
+    return loss
+
+
 def measure_steps(step, latents, embeds, warmup: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Warm-up then timed steps of TrainStep (backward + update); median seconds and the last loss."""
     times, loss = [], None
 
+    class_embeds = [e.roll(1, 0) for e in embeds]
+
     def one():
-        out = step.backward(latents, embeds)
-        step.update(1e-4)
-        return out
+        return train_once(step, latents, embeds, class_embeds)
 
     for index in range(warmup + steps):
         seconds, loss = timed(one, device)
@@ -225,10 +245,10 @@ def profile_steps(step, latents, embeds, device: torch.device, steps: int = 2, t
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     start = time.perf_counter()
+    class_embeds = [e.roll(1, 0) for e in embeds]
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step.backward(latents, embeds)
-            step.update(1e-4)
+            train_once(step, latents, embeds, class_embeds)
         sync(device)
     wall = (time.perf_counter() - start) / steps
     events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]
@@ -368,9 +388,9 @@ def _training_step(transformer, train_cfg, lora_cfg, dtype: torch.dtype, device:
     params = network.trainable_parameters()
     optimizer = build_optimizer(params, train_cfg, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    return network, TrainStep(
-        transformer, params, optimizer, StepSettings.from_config(train_cfg, dtype, device), generator
-    )
+    settings = StepSettings.from_config(train_cfg, dtype, device)
+    preservation = Preservation.from_config(train_cfg, network)
+    return network, TrainStep(transformer, params, optimizer, settings, generator, preservation=preservation)
 
 
 def _row(

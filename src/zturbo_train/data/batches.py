@@ -66,6 +66,10 @@ class Batch:
     # the loader is given a `draw` function, so the training step does no per-sample drawing.
     noise: Any = None
     sigmas: Any = None
+    # train.preservation = "dop": each sample's class caption embedding (trigger -> class word), and
+    # 0/1 per sample where a caption has no trigger to replace (None: every sample has one)
+    class_text: list | None = None
+    preserve: list[float] | None = None
 
     def pin(self) -> "Batch":
         return replace(
@@ -74,6 +78,7 @@ class Batch:
             text=[t.pin_memory() for t in self.text],
             noise=_maybe(self.noise, lambda t: t.pin_memory()),
             sigmas=_maybe(self.sigmas, lambda t: t.pin_memory()),
+            class_text=_maybe(self.class_text, lambda texts: [t.pin_memory() for t in texts]),
         )
 
     def to(self, device, dtype=None, non_blocking: bool = True) -> "Batch":
@@ -89,6 +94,7 @@ class Batch:
             text=[move(t) for t in self.text],
             noise=_maybe(self.noise, move_fp32),
             sigmas=_maybe(self.sigmas, move_fp32),
+            class_text=_maybe(self.class_text, lambda texts: [move(t) for t in texts]),
         )
 
 
@@ -199,6 +205,7 @@ class TrainDataset:
     heldout: list[tuple[Sample, Path]] = field(default_factory=list)  # validation views and their latent entries
     mixes: list[RegMix] = field(default_factory=list)  # the regularisation sets (their samples have repeats 0)
     loss_weights: list[float] = field(default_factory=list)  # per sample (data.loss_weight); empty: all 1
+    class_captions: list[str | None] | None = None  # per item: DOP's class caption (None: no trigger in it)
     _order: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -276,7 +283,7 @@ class TrainDataset:
             latents.append(mean + std * torch.randn(mean.shape, generator=noise))
             drops = random.Random(derive_seed("dropout", self.seed, epoch, position, slot))
             captions.append(drop_caption(self.items[self.samples[index].item].caption, self.dropout[index], drops))
-        return Batch(
+        batch = Batch(
             torch.stack(latents),
             self._embeddings(captions),
             captions,
@@ -286,6 +293,19 @@ class TrainDataset:
             position,
             [derive_seed("step", self.seed, epoch, position, slot) for slot in slots],
             None if all(w == 1.0 for w in weights) else weights,
+        )
+        return batch if self.class_captions is None else self._with_class_captions(batch, indices)
+
+    def _with_class_captions(self, batch: Batch, indices: Sequence[int]) -> Batch:
+        """DOP's side of a batch: each sample's class caption, from its full caption (caption dropout is the
+        training loss's business, not preservation's); a caption without the trigger is left out (weight 0)."""
+        items = [self.items[self.samples[i].item] for i in indices]
+        classes = [self.class_captions[self.samples[i].item] for i in indices]
+        preserve = [0.0 if c is None else 1.0 for c in classes]
+        return replace(
+            batch,
+            class_text=self._embeddings([item.caption if c is None else c for item, c in zip(items, classes)]),
+            preserve=None if all(preserve) else preserve,
         )
 
     def heldout_views(self) -> list[tuple[Any, Any, str]]:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,19 @@ def apply_trigger(caption: str, trigger: str) -> str:
     if not trigger:
         return caption
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def class_caption(caption: str, trigger: str, class_word: str) -> str | None:
+    """DOP's caption: every whole-word `trigger` replaced by `class_word`; None when the caption has none.
+
+    Whole words only (not glued to letters, digits or _), so trigger "sks" leaves "asks" alone, where
+    a plain str.replace would write "aperson". Case-sensitive, as the tokenizer is.
+    """
+    if not trigger:
+        return None
+    pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)")
+    replaced, count = pattern.subn(lambda _: class_word, caption)
+    return normalise(replaced) if count else None
 
 
 def _with_trigger(text: str, path: Path, cfg: DataConfig) -> tuple[str, Literal["file"], list[Problem]]:

@@ -26,7 +26,7 @@ from .cache import (
     latent_key,
     text_key,
 )
-from .dataset import ImageItem, Problem, Scan, scan_datasets
+from .dataset import ImageItem, Problem, Scan, class_caption, scan_datasets
 
 MAX_CROPPED = 0.5  # an image losing more than this share of its area to the bucket's crop gets a warning
 
@@ -121,6 +121,21 @@ def scan_dataset(cfg: Config, console=None) -> tuple[Scan, list[Sample]]:
     return scan, samples
 
 
+def class_captions(scan: Scan, cfg: Config, held: set[int]) -> list[str | None] | None:
+    """train.preservation = "dop": per item, its caption with its [data] table's trigger word replaced by
+    train.preservation_class (None for held-out items, train.val_dir's among them, and captions without the
+    trigger); None when DOP is off.
+    Cached as captions are, by their text, so another class word is encoded anew."""
+    if cfg.train.preservation != "dop":
+        return None
+    return [
+        None
+        if index in held
+        else class_caption(item.caption, cfg.data[item.dataset].trigger_word, cfg.train.preservation_class)
+        for index, item in enumerate(scan.items)
+    ]
+
+
 def default_encoders(cfg: Config, device: Any) -> Encoders:
     """The model's own VAE (fp32: the latents are computed once, so take the accurate ones) and text encoder."""
     return Encoders(resolve_model_dir(cfg.model.path), device, vae_dtype="fp32", text_dtype=cfg.model.dtype)
@@ -165,7 +180,10 @@ def prepare_dataset(
     latent_root, text_root = root / "latents" / encoders.vae_id, root / "text" / encoders.text_id
     jobs = [_latent_job(scan, sample, latent_root) for sample in samples]
     datasets = all_datasets(cfg)
-    captions = _captions(scan, datasets, sample_prompts(cfg) if extra_prompts is None else extra_prompts)
+    held = heldout_items(scan, cfg)  # cached like the rest, never in the training order
+    classes = class_captions(scan, cfg, held)
+    extra = sample_prompts(cfg) if extra_prompts is None else extra_prompts
+    captions = _captions(scan, datasets, [*extra, *(c for c in classes or () if c is not None)])
     text_paths = {caption: entry_path(text_root, text_key(caption)) for caption in captions}
     stats = CacheStats()
     index, count = share
@@ -175,7 +193,6 @@ def prepare_dataset(
         wait()
     if count > 1:
         _fill_rest(jobs, text_paths, encoders, stats, console, vae_batch_size, text_batch_size)
-    held = heldout_items(scan, cfg)  # cached like the rest, never in the training order
     train = [i for i, s in enumerate(samples) if s.item not in held]
     tables = [scan.items[samples[i].item].dataset for i in train]
     per_sample = [datasets[table] for table in tables]
@@ -194,6 +211,7 @@ def prepare_dataset(
         heldout=[(s, job.path) for s, job in zip(samples, jobs) if s.item in held],
         mixes=regularisation_mixes(cfg.data, tables, sum(repeats)),
         loss_weights=[d.loss_weight for d in per_sample] if any(d.loss_weight != 1.0 for d in per_sample) else [],
+        class_captions=classes,
     ).for_rank(*rank)
     report_summary(dataset, console, cfg.data)
     return dataset
@@ -263,11 +281,16 @@ def report_summary(dataset: TrainDataset, console, tables: Sequence[DataConfig])
     corrupt = f", {len(st.corrupt)} corrupt cache files re-encoded" if st.corrupt else ""
     held = len({sample.item for sample, _ in dataset.heldout})
     held = f" ({held} held out for validation)" if held else ""
+    dop = ""
+    if dataset.class_captions is not None:
+        trained = {sample.item for sample in dataset.samples}
+        count = sum(dataset.class_captions[i] is not None for i in trained)
+        dop = f"; DOP: {count} of the {len(trained)} trained images have the trigger word to replace"
     console.print(
         f"data: {len(dataset.items)} images{held}, {dataset.samples_per_epoch} samples{_reg_part(dataset, tables)} in "
         f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "
         f"{st.latents_encoded} latents encoded, {st.latents_reused} reused, {st.texts_encoded} captions "
-        f"encoded, {st.texts_reused} reused{corrupt}",
+        f"encoded, {st.texts_reused} reused{corrupt}{dop}",
         highlight=False,
         soft_wrap=True,
     )

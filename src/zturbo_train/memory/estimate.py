@@ -4,7 +4,7 @@ Why an estimate: `zturbo train --dry-run` and `memory = "auto"` must say whether
 a card before 12 GB of weights are read. The model is linear in what drives memory:
 
     peak = weights (dtype, quantization, offload) + LoRA state (rank, optimizer)
-         + activations (tokens x batch x blocks that need a backward, checkpointing)
+         + activations (tokens x batch x blocks that need a backward, checkpointing; DOP's few MiB)
          + one transient weight copy (fp8 upcast, nf4/int8 dequantize)
 
 Activation constants are fitted to peaks measured with a plain diffusers + peft step on an
@@ -56,6 +56,7 @@ class ModelShape:
     quant_params: dict[str, int]  # parameters of one block's QUANT_LEAVES
     largest_linear: int  # parameters of the largest block linear (one transient copy)
     linears: dict[str, dict[str, tuple[int, int]]]  # stack -> leaf path -> (out, in)
+    cap_dim: int = 2560  # width of a caption embedding (the text encoder's hidden size)
 
     @classmethod
     def of(cls, transformer: Any) -> "ModelShape":
@@ -80,7 +81,10 @@ class ModelShape:
             quant_params[stack] = sum(o * i for o, i in quant)
             largest = max([largest] + [o * i for o, i in quant])
         total = sum(p.numel() for p in transformer.parameters())
-        return cls(int(transformer.config.dim), total, sizes, block_params, quant_params, largest, linears)
+        config = transformer.config
+        return cls(
+            int(config.dim), total, sizes, block_params, quant_params, largest, linears, int(config.cap_feat_dim)
+        )
 
     @property
     def blocks_params(self) -> int:
@@ -116,6 +120,7 @@ class Workload:
     lora_blocks: tuple[str, ...] = ("layers",)
     optimizer: str = "adamw"
     ema: bool = False  # train.ema: one more fp32 copy of the LoRA
+    preservation: bool = False  # train.preservation = "dop": two more forwards per micro-batch
     caption_tokens: int = 128
     dtype_bytes: int = 2  # the model dtype: bf16/fp16 2, fp32 4
 
@@ -218,6 +223,21 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, frac
     return work.batch * (kept + recompute + extra) + CONSTANT_GIB * GIB
 
 
+def preservation_bytes(shape: ModelShape, work: Workload) -> float:
+    """What DOP (train/preservation.py) adds to the peak: the class captions' embeddings on the device and the
+    base prediction its loss holds, in the model dtype.
+
+    Its two forwards add no activations to the peak: the LoRA-off one runs without gradient after the
+    training loss's backward freed that graph (one block's intermediates at a time, less than a block
+    recomputed under checkpointing), and its forward with gradient keeps what the training forward kept,
+    freed by its own backward. So DOP costs time (BENCHMARKS.md), not memory: about 1 MiB at 1024 px.
+    """
+    if not work.preservation:
+        return 0.0
+    latent = 16 * (work.resolution // 8) ** 2
+    return work.batch * (latent + _pad(work.caption_tokens) * shape.cap_dim) * work.dtype_bytes
+
+
 def weight_bytes(
     shape: ModelShape, work: Workload, quantize: str, offload: str, prefetch: int = 2
 ) -> tuple[float, float, float]:
@@ -254,7 +274,7 @@ def estimate(
         )
         transient += kept * shape.quant_params["layers"] * work.dtype_bytes
     lora = lora_params(shape, work) * (8 + OPTIMIZER_STATE_BYTES[work.optimizer] + 4 * work.ema)
-    acts = activation_bytes(shape, work, checkpointing, fraction)
+    acts = activation_bytes(shape, work, checkpointing, fraction) + preservation_bytes(shape, work)
     return Estimate(weights / GIB, lora / GIB, acts / GIB, transient / GIB, host / GIB)
 
 

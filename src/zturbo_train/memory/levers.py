@@ -69,6 +69,7 @@ def workload_of(cfg: Config) -> Workload:
         lora_blocks=tuple(cfg.lora.blocks),
         optimizer=cfg.train.optimizer,
         ema=cfg.train.ema,
+        preservation=cfg.train.preservation == "dop",
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
     )
 

@@ -276,6 +276,8 @@ class LoraModel(nn.Module):
 class SyncedForward:
     """TrainStep's model_forward under DDP: the all-reduce runs on the last micro-batch of each step only.
 
+    `grad_accum` counts forwards with gradient per step: micro-batches x TrainStep.grad_forwards (DOP: 2).
+
     DDP decides in forward whether backward reduces, so the k-th forward with gradients of
     each `grad_accum` group runs normally and the ones before it under `no_sync()`.
     """
@@ -304,6 +306,6 @@ def data_parallel(session: Any, ranks: Ranks) -> None:
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, model.frozen_names())
     device_ids = [session.device.index] if session.device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)  # no buffers left to sync
-    step.forward = SyncedForward(ddp, session.cfg.train.grad_accum)
+    step.forward = SyncedForward(ddp, session.cfg.train.grad_accum * step.grad_forwards)
     if not ranks.is_main:
         torch.manual_seed(derive_seed("rank", session.cfg.train.seed, ranks.rank, session.start_step))

@@ -19,7 +19,7 @@ from ..config import Config
 from ..data.inspect import check_errors, inspect_datasets, render
 from ..errors import AdapterNotDownloadedError, ModelNotDownloadedError
 from ..lora.adapter import resolve_adapter
-from ..memory.estimate import ModelShape, adapted_linears, rank_warning, shape_from_config
+from ..memory.estimate import ModelShape, adapted_linears, preservation_bytes, rank_warning, shape_from_config
 from ..memory.levers import levers_for, model_shape, workload_of
 from ..memory.presets import BUDGET_GIB, estimate_for
 from ..models import resolve_device, resolve_model_dir
@@ -56,6 +56,7 @@ def dry_run(cfg: Config, console) -> dict:
         "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
         f"in {', '.join(cfg.lora.blocks)}",
         "memory": memory if known is None else f"{memory}; {NOT_DOWNLOADED}",
+        **({"preservation": preservation_line(cfg, shape)} if cfg.train.preservation == "dop" else {}),
         "output_dir": str(cfg.train.output_dir),
     }
     table = Table(title="training plan", show_header=False)
@@ -107,6 +108,24 @@ def _adapter(ref: str, downloaded: bool) -> str:
             raise
         return f"{ref} (not downloaded yet: `zturbo download`)"
     return str(path or "none")
+
+
+# Step time with DOP over without, measured on builtin:tiny on the CPU (scripts/dop_cost.py, BENCHMARKS.md);
+# counting passes predicts 7/3 (a backward ~ two forwards): plain 1 + 2, DOP adds 1 (no grad) + 1 + 2.
+DOP_STEP_TIME = "about 2.3x the step time"
+
+
+def preservation_line(cfg: Config, shape: ModelShape) -> str:
+    """What `--dry-run` says about train.preservation = "dop": which words, its weight, its time and memory."""
+    words = ", ".join(sorted({repr(d.trigger_word) for d in cfg.data if d.trigger_word}))
+    mib = preservation_bytes(shape, workload_of(cfg)) / 2**20
+    bare = [str(i) for i, d in enumerate(cfg.data) if not d.trigger_word]
+    unused = f"; [data] table {', '.join(bare)} has no trigger_word, so its images get no DOP" if bare else ""
+    return (
+        f"dop: {words} -> {cfg.train.preservation_class!r} in each caption, weight {cfg.train.preservation_weight:g}; "
+        f"per micro-batch one more forward without gradient (the LoRA off: the target) and one more forward and "
+        f"backward on the class captions: {DOP_STEP_TIME} (builtin:tiny, CPU); peak memory +{mib:.1f} MiB{unused}"
+    )
 
 
 def memory_line(cfg: Config, device: torch.device | None = None, shape: ModelShape | None = None) -> str:

@@ -49,6 +49,7 @@ from ..sampling import generate_images
 from . import distributed
 from .ema import LoraEma
 from .optimizers import averaged_weights, build_optimizer, param_groups
+from .preservation import Preservation
 from .resume import plan_resume, record_resume
 from .state import (
     RunFolder,
@@ -186,7 +187,14 @@ def setup(
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     params = network.trainable_parameters()
     optimizer = build_optimizer(param_groups(network, cfg.train.loraplus_ratio), cfg.train, device)
-    step = TrainStep(transformer, params, optimizer, StepSettings.from_config(cfg.train, dtype, device), generator)
+    step = TrainStep(
+        transformer,
+        params,
+        optimizer,
+        StepSettings.from_config(cfg.train, dtype, device),
+        generator,
+        preservation=Preservation.from_config(cfg.train, network),
+    )
     negative = (
         dataset.prompt_embeddings([cfg.sample.negative] * len(cfg.sample.prompts)) if cfg.sample.guidance > 0 else None
     )
@@ -451,7 +459,7 @@ class MetricsLog:
     def __init__(self, path: Path, every: int, write: bool, reduce: Any = None):
         self.path, self.every, self.write = path, every, write
         self.reduce = reduce  # mean over ranks under data parallel, so every rank sees the same loss
-        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, float, dict]] = []
+        self.pending: list[tuple[int, list[torch.Tensor], float, float, dict]] = []
         self.notes: dict[int, dict] = {}  # extra fields (turbo_drift) for rows not written yet
         self.held: dict | None = None  # the row of a step whose preview is still to come
         self.smooth: float | None = None
@@ -466,9 +474,12 @@ class MetricsLog:
         lr: float,
         epoch: int,
         extra: dict[str, torch.Tensor] | None = None,
+        dop_loss: torch.Tensor | None = None,
     ) -> None:
-        """`extra`: more device scalars for the step's row (val_loss), read in the same flush."""
-        self.pending.append((step, loss, grad_norm, lr, epoch, extra or {}))
+        """`extra`: more device scalars for the step's row (val_loss, rank 0's), read in the same flush.
+        `dop_loss` (train.preservation) is every rank's, so it is averaged over the ranks as the loss is."""
+        values = [loss, grad_norm] + ([] if dop_loss is None else [dop_loss])
+        self.pending.append((step, values, lr, epoch, extra or {}))
 
     def note(self, step: int, fields: dict) -> None:
         """Add fields to step's row (held or pending); a step whose row is already written gets a row of its own."""
@@ -492,16 +503,16 @@ class MetricsLog:
         self.release()
         if not self.pending:
             return None
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g, _, _, _ in self.pending])
+        values = torch.stack([torch.stack([v.float() for v in row]) for _, row, _, _, _ in self.pending])
         values = (values if self.reduce is None else self.reduce(values)).cpu().tolist()
         now = time.perf_counter()
         per_step = (now - self.window_start) / len(self.pending)
         self.window_start = now
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         row = None
-        for (step, _, _, lr, epoch, extra), (loss, norm) in zip(self.pending, values):
+        for (step, _, lr, epoch, extra), (loss, norm, *dop) in zip(self.pending, values):
             # a non-finite gradient (finite loss) has already turned the LoRA weights into NaN in the update
-            for what, value in (("loss", loss), ("gradient norm", norm)):
+            for what, value in (("loss", loss), ("gradient norm", norm), *(("DOP loss", v) for v in dop)):
                 if not math.isfinite(value):
                     self.pending.clear()
                     raise TrainingError(
@@ -517,6 +528,7 @@ class MetricsLog:
                 "loss_smooth": self.smooth,
                 "lr": lr,
                 "grad_norm": norm,
+                **({"dop_loss": dop[0]} if dop else {}),
                 "sec_per_step": per_step,
                 "peak_mem_gib": peak,
                 "epoch": epoch,
@@ -611,9 +623,7 @@ def loop(s: Session, started: float) -> TrainResult:
         while step < cfg.steps and stop.reason is None:
             lr = lr_at(step, cfg)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            losses = [
-                s.step.backward(b.latents, b.text, weights=b.weights, noise=b.noise, sigmas=b.sigmas) for b in batches
-            ]
+            losses, dops = zip(*(s.step.backward_batch(b) for b in batches))
             norm = s.step.update(lr)
             step += 1
             if s.ema is not None:
@@ -622,11 +632,12 @@ def loop(s: Session, started: float) -> TrainResult:
             due_val = s.validation is not None and s.validation.due(step, cfg.steps)
             log.add(
                 step,
-                torch.stack(losses).mean() if len(losses) > 1 else losses[0],
+                _mean(losses),
                 norm,
                 lr,
                 batches[-1].epoch,
                 {"val_loss": validation_loss(s)} if due_val and s.is_main else None,
+                None if dops[0] is None else _mean(dops),
             )
             due_save = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps
             if step % cfg.log_every == 0 or due_save or step == cfg.steps or stop.reason or due_val:
@@ -665,6 +676,11 @@ def loop(s: Session, started: float) -> TrainResult:
     return result
 
 
+def _mean(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The step's value over its micro-batches (no new tensor for one)."""
+    return torch.stack(values).mean() if len(values) > 1 else values[0]
+
+
 def validation_loss(s: Session) -> torch.Tensor:
     """val_loss of the LoRA as it is saved (the EMA, schedule-free's average, or the trained weights), on the device."""
     with shown_weights(s):
@@ -695,8 +711,12 @@ def _progress(s: Session, total: int):
     ]
     if s.validation is not None:
         columns.insert(4, TextColumn("val_loss {task.fields[val]}"))
+    if s.step.preservation is not None:
+        columns.insert(4, TextColumn("dop {task.fields[dop]}"))
     with Progress(*columns, console=s.console, disable=not s.is_main or s.console.quiet) as progress:
-        task = progress.add_task("train", total=total, completed=s.start_step, loss="-", lr="-", rate="-", val="-")
+        task = progress.add_task(
+            "train", total=total, completed=s.start_step, loss="-", lr="-", rate="-", val="-", dop="-"
+        )
         yield _Bar(progress, task)
 
 
@@ -714,4 +734,5 @@ def _show(bar: _Bar, step: int, row: dict | None) -> None:
         return
     rate = 1.0 / row["sec_per_step"] if row["sec_per_step"] > 0 else 0.0
     val = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
-    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}", **val)
+    dop = {"dop": f"{row['dop_loss']:.2e}"} if "dop_loss" in row else {}
+    bar.update(step, loss=f"{row['loss_smooth']:.4f}", lr=f"{row['lr']:.2e}", rate=f"{rate:.2f}", **val, **dop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from .. import flow
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..models import autocast
+from .preservation import Preservation
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ def check_training_dtype(dtype: torch.dtype) -> None:
         )
 
 
+class _Inputs(NamedTuple):
+    """What the model and the loss take for one micro-batch, made once (DOP reuses all of it)."""
+
+    x0: Tensor  # fp32
+    noise: Tensor
+    noisy: Tensor  # in the model's dtype
+    t: Tensor  # fp32, 1 - sigma
+    weights: Tensor  # per-sample loss weights, fp32
+
+
 class TrainStep:
     """Forward + backward of micro-batches, and the optimizer update."""
 
@@ -75,6 +86,7 @@ class TrainStep:
         settings: StepSettings,
         generator: torch.Generator,
         model_forward=None,
+        preservation: Preservation | None = None,
     ):
         self.transformer = transformer
         self.params = list(params)
@@ -84,6 +96,12 @@ class TrainStep:
         self.forward = model_forward or flow.predict
         self.device = generator.device
         self.model_dtype = next(transformer.parameters()).dtype
+        self.preservation = preservation  # train.preservation = "dop" (train/preservation.py)
+
+    @property
+    def grad_forwards(self) -> int:
+        """Forwards with gradient per micro-batch: DOP runs a second one (DDP all-reduces after the last)."""
+        return 1 if self.preservation is None else 2
 
     def loss(
         self,
@@ -100,19 +118,22 @@ class TrainStep:
         micro-batch or rank it lands); without them (the bench) the step's own generator draws
         them. `weights` scale per-sample losses (data-parallel slices of a batch's last, uneven part).
         """
-        s = self.settings
         if noise is None:
             noise, sigmas = self._draw(latents)
+        return self._loss(self._inputs(latents, noise, sigmas, weights), embeds)
+
+    def _inputs(self, latents: Tensor, noise: Tensor, sigmas: Tensor, weights: Sequence[float] | None) -> _Inputs:
         x0 = latents.float()
         noisy = flow.noisy_latents(x0, noise, sigmas).to(self.model_dtype)
-        with autocast(
-            self.device, self.settings.autocast_dtype
-        ):  # t stays fp32, as ZImagePipeline and our sampler pass it
-            pred = self.forward(self.transformer, noisy, flow.model_time(sigmas), embeds)
-        loss_weights = flow.loss_weights(sigmas, s.timestep_sampling)
+        loss_weights = flow.loss_weights(sigmas, self.settings.timestep_sampling)
         if weights is not None:
             loss_weights = loss_weights * to_device(weights, loss_weights.device)
-        return flow.flow_loss(pred, flow.flow_target(x0, noise), loss_weights)
+        return _Inputs(x0, noise, noisy, flow.model_time(sigmas), loss_weights)
+
+    def _loss(self, inputs: _Inputs, embeds: Sequence[Tensor]) -> Tensor:
+        with autocast(self.device, self.settings.autocast_dtype):  # t stays fp32, as ZImagePipeline passes it
+            pred = self.forward(self.transformer, inputs.noisy, inputs.t, embeds)
+        return flow.flow_loss(pred, flow.flow_target(inputs.x0, inputs.noise), inputs.weights)
 
     def _draw(self, latents: Tensor) -> tuple[Tensor, Tensor]:
         """(noise, sigmas) from the step's generator, for callers whose batches carry none (the bench)."""
@@ -140,6 +161,41 @@ class TrainStep:
         loss = self.loss(latents, embeds, weights, noise, sigmas)
         (loss / self.settings.grad_accum).backward()
         return loss.detach()
+
+    def backward_preserving(
+        self,
+        latents: Tensor,
+        embeds: Sequence[Tensor],
+        class_embeds: Sequence[Tensor],
+        weights: Sequence[float] | None = None,
+        noise: Tensor | None = None,
+        sigmas: Tensor | None = None,
+        preserve: Sequence[float] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`backward`, then DOP's loss and backward on the class captions at the same noise and sigmas (why in
+        train/preservation.py); returns both losses detached, DOP's before its weight.
+
+        `preserve`: 0 for a sample whose caption has no trigger to replace (None: every sample counts)."""
+        if noise is None:
+            noise, sigmas = self._draw(latents)
+        inputs = self._inputs(latents, noise, sigmas, weights)
+        loss = self._loss(inputs, embeds)
+        (loss / self.settings.grad_accum).backward()
+        dop_weights = inputs.weights if preserve is None else inputs.weights * to_device(preserve, self.device)
+        with autocast(self.device, self.settings.autocast_dtype):
+            dop = self.preservation.loss(
+                self.forward, self.transformer, inputs.noisy, inputs.t, class_embeds, dop_weights
+            )
+        (dop * (self.preservation.weight / self.settings.grad_accum)).backward()
+        return loss.detach(), dop.detach()
+
+    def backward_batch(self, batch) -> tuple[Tensor, Tensor | None]:
+        """One micro-batch from the loader: its losses (DOP's None when train.preservation is off)."""
+        if self.preservation is None:
+            return self.backward(batch.latents, batch.text, batch.weights, batch.noise, batch.sigmas), None
+        return self.backward_preserving(
+            batch.latents, batch.text, batch.class_text, batch.weights, batch.noise, batch.sigmas, batch.preserve
+        )
 
     def draw_for(self, batch):
         """The loader's `draw` hook: a batch with its keyed noise and sigmas (runs on the reader thread)."""
