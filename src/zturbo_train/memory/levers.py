@@ -68,6 +68,10 @@ def workload_of(cfg: Config) -> Workload:
         targets=tuple(cfg.lora.targets),
         lora_blocks=tuple(cfg.lora.blocks),
         optimizer=cfg.train.optimizer,
+        network=cfg.lora.type,
+        factor=cfg.lora.factor,
+        full_matrix=cfg.lora.full_matrix,
+        decompose_both=cfg.lora.decompose_both,
         ema=cfg.train.ema,
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
     )
