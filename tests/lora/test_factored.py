@@ -44,7 +44,7 @@ def test_factorization_is_lycoris(dimension, factor):
 @pytest.mark.parametrize("rank,factor,full_matrix,decompose_both", LOKR_CASES)
 @pytest.mark.parametrize("size", SIZES)
 def test_lokr_shapes_and_scale_are_lycoris(size, rank, factor, full_matrix, decompose_both):
-    """LyCORIS' LokrModule on a meta-device linear of the tiny and the real shapes: same tensors, same alpha/rank rule."""
+    """LyCORIS' LokrModule on a meta-device linear of the tiny and real shapes: same tensors, same scale."""
     from lycoris.modules.lokr import LokrModule
 
     linear = nn.Linear(size[1], size[0], bias=False, device="meta")  # the base weight is never read

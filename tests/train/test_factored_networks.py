@@ -1,0 +1,157 @@
+"""`[lora] type = "lokr" | "loha"` end to end on builtin:tiny: train, save, reload, sample, merge, inspect, resume.
+
+diffusers (0.42) loads a LoKr file written with `diffusion_model.` + diffusers module names (its
+`_convert_non_diffusers_lokr_to_diffusers`, then peft's LoKr), so the LoKr run is held to the
+training preview through `ZImagePipeline.load_lora_weights` too; it has no LoHa conversion for
+Z-Image and refuses the file (a ValueError naming the `hada_` keys it left), which the test pins
+so that a diffusers release that adds it shows up here. Mutations checked: the LoKr rank/alpha
+scale dropped in lora/factored.py (`lokr_scale` -> 1) fails the diffusers and sample checks here;
+the state saving only LoRA parts (`state_tensors` of LoRA layers only) fails the resume test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.test_loop import _fixed_noise_loss, _interrupt_after, make_config, metrics
+from zturbo_train.config import load_config
+from zturbo_train.errors import ConfigError, LoraError
+from zturbo_train.lora.formats import read_lora_file
+from zturbo_train.train.loop import run
+
+SETTINGS = {  # alpha != rank and LoKr's w2 factored (factor 4 on the 64-wide layers), so the scale is exercised
+    "lokr": ["lora.type='lokr'", "lora.rank=2", "lora.alpha=1", "lora.factor=4", "train.lr=3e-2"],
+    "loha": ["lora.type='loha'", "lora.rank=4", "lora.alpha=2"],
+}
+
+
+@pytest.fixture(scope="module", params=["lokr", "loha"])
+def trained(request, tmp_path_factory, example_data):
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(kind)
+    cfg_path = make_config(tmp, example_data, steps=40, lr=1e-2, seed=2, save_every=20, sample_every=0, log_every=5)
+    cfg = load_config(cfg_path, SETTINGS[kind])
+    return kind, cfg_path, cfg, run(cfg, quiet=True)
+
+
+def test_trains_and_saves_lycoris_keys_with_their_metadata(trained):
+    """The loss on fixed noise falls, and the file holds LyCORIS' keys and the network in kohya's metadata."""
+    from zturbo_train.commands.inspect import inspect_file
+
+    kind, cfg_path, cfg, result = trained
+    base = _fixed_noise_loss(cfg_path, None)
+    tuned = _fixed_noise_loss(cfg_path, result.lora_path)
+    assert tuned < 0.9 * base, (base, tuned)
+    loras, meta = read_lora_file(result.lora_path)
+    assert {u.kind for u in loras.values()} == {kind} and len(loras) == 14
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == kind
+    assert meta["ss_network_dim"] == str(cfg.lora.rank) and float(meta["ss_network_alpha"]) == cfg.lora.alpha
+    report = inspect_file(result.lora_path)
+    assert report["network"].startswith(kind) and report["kinds"] == {kind: 14}
+    assert report["ranks"] == [cfg.lora.rank] and report["style"]["name"] == "lycoris"
+
+
+def _sample(cfg, tmp: Path, name: str, **kw) -> np.ndarray:
+    from zturbo_train.commands.sample import sample
+    from zturbo_train.preflight import SampleSettings
+
+    options = dict(prompts=cfg.sample.prompts, model="builtin:tiny", seed=cfg.sample.seed, width=64, height=64)
+    settings = SampleSettings(**{**options, "device": "cpu", "dtype": "fp32", "out_dir": tmp / name, **kw})
+    return np.asarray(Image.open(sample(settings)[0]), dtype=np.int16)
+
+
+def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
+    """`zturbo sample --lora` (the file read by formats.py, expanded by deltas.py) and `zturbo merge --out` give
+    the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors."""
+    from zturbo_train.commands.merge import merge_into_model, merge_to_lora
+    from zturbo_train.preflight import LoraSpec
+
+    kind, _, cfg, result = trained
+    samples = result.run_dir / "samples"
+    preview = np.asarray(Image.open(samples / "step-000040" / "00.png"), dtype=np.int16)
+    before = np.asarray(Image.open(samples / "step-000000" / "00.png"), dtype=np.int16)
+    assert np.abs(preview - before).max() > 20, "the network must change the preview for the check to mean anything"
+    assert np.abs(_sample(cfg, tmp_path, "lora", loras=[LoraSpec(result.lora_path)]) - preview).max() <= 1
+    merged = merge_into_model([LoraSpec(result.lora_path)], tmp_path / "merged", model="builtin:tiny", dtype="fp32")
+    assert np.abs(_sample(cfg, tmp_path, "merged", model=str(merged)) - preview).max() <= 1
+    copy = merge_to_lora([LoraSpec(result.lora_path)], tmp_path / "copy.safetensors", model="builtin:tiny")
+    original, copied = read_lora_file(result.lora_path)[0], read_lora_file(copy)[0]
+    assert all(copied[m].kind == kind and torch.equal(copied[m].delta(), original[m].delta()) for m in original)
+
+
+def test_diffusers_loads_lokr_and_refuses_loha(trained):
+    from diffusers import ZImagePipeline
+
+    from zturbo_train.testing.tiny import tiny_model_dir
+
+    kind, _, cfg, result = trained
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    if kind == "loha":
+        with pytest.raises(ValueError, match="hada_w1_a"):
+            pipe.load_lora_weights(str(result.lora_path))
+        return
+    pipe.load_lora_weights(str(result.lora_path))
+    image = pipe(
+        cfg.sample.prompts[0],
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(cfg.sample.seed),
+        output_type="np",
+    ).images[0]
+    preview = np.asarray(Image.open(result.run_dir / "samples" / "step-000040" / "00.png"), dtype=np.float32) / 255
+    assert np.abs(image - preview).max() <= 1.5 / 255
+
+
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("lokr", ["lora.dropout=0.3", "model.adapter_mode='live'"]),  # dropout draws resume; the live adapter
+        ("loha", ["train.ema=true", "train.ema_decay=0.5"]),  # the EMA of LoHa factors resumes
+    ],
+)
+def test_resume_is_bit_exact(kind, extra, tmp_path, example_data, monkeypatch):
+    """Stopped at step 2 of 4 and resumed: the same file, bit for bit, and the same losses; a changed
+    lora.type or LoKr factor is refused on resume with the saved value."""
+    settings = dict(steps=4, lr=1e-2, save_every=0, sample_every=0, log_every=1)
+    overrides = SETTINGS[kind] + extra
+    full = run(load_config(make_config(tmp_path / "a", example_data, **settings), overrides), quiet=True)
+    cfg = load_config(make_config(tmp_path / "b", example_data, **settings), overrides)
+    _interrupt_after(monkeypatch, 2)
+    assert run(cfg, quiet=True).steps_done == 2
+    monkeypatch.undo()
+    resumed = run(cfg, resume=True, quiet=True)
+    a, b = read_lora_file(full.lora_path)[0], read_lora_file(resumed.lora_path)[0]
+    assert a.keys() == b.keys()
+    assert all(a[m].tensors.keys() == b[m].tensors.keys() for m in a)
+    assert all(torch.equal(a[m].tensors[k], b[m].tensors[k]) for m in a for k in a[m].tensors)
+    assert any(a[m].tensors[k].abs().max() > 0 for m in a for k in ("lokr_w2_b", "hada_w2_a") if k in a[m].tensors)
+    assert [r["loss"] for r in metrics(full.run_dir)] == [r["loss"] for r in metrics(resumed.run_dir)]
+    other = "lora.type='lora'" if kind == "loha" else "lora.factor=8"
+    with pytest.raises(LoraError, match=r"cannot change on resume"):
+        run(load_config(make_config(tmp_path / "b", example_data, **settings), [*overrides, other]), resume=True)
+
+
+def test_config_errors_are_one_line_with_the_fix(tmp_path, example_data):
+    cfg = make_config(tmp_path, example_data)
+    cases = {
+        "lora.type='lokrr'": "`lora.type` = 'lokrr': input should be 'lora', 'lokr' or 'loha'",
+        "lora.factor=4": '`lora.factor` = 4 applies to lora.type = "lokr" only',
+        "lora.factor=0": "give -1 (the most balanced split",
+        "lora.lokr_factor=4": "did you mean `lora.factor`?",
+        "lora.lokr_full_rank=true": "did you mean `lora.full_matrix`?",
+        "lora.algo='lokr'": "did you mean `lora.type`?",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(cfg, [override])
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    with pytest.raises(ConfigError, match='lora.type "loha" has none; set train.loraplus_ratio = 1 or lora.type'):
+        load_config(cfg, ["lora.type='loha'", "train.loraplus_ratio=16"])
