@@ -4,9 +4,11 @@ diffusers (0.42) loads a LoKr file written with `diffusion_model.` + diffusers m
 `_convert_non_diffusers_lokr_to_diffusers`, then peft's LoKr), so the LoKr run is held to the
 training preview through `ZImagePipeline.load_lora_weights` too; it has no LoHa conversion for
 Z-Image and refuses the file (a ValueError naming the `hada_` keys it left), which the test pins
-so that a diffusers release that adds it shows up here. Mutations checked: the LoKr rank/alpha
-scale dropped in lora/factored.py (`lokr_scale` -> 1) fails the diffusers and sample checks here;
-the state saving only LoRA parts (`state_tensors` of LoRA layers only) fails the resume test.
+so that a diffusers release that adds it shows up here. Mutations checked: the branch's alpha/rank
+scale left out of the forward (`_scaled` returning its input) fails the sample and diffusers checks
+(training then differs from what the file says); the state saving LoRA layers only fails the resume
+test. (`lokr_scale` -> 1 alone passes here: the file then says alpha = rank, consistently; the shape
+and scale test against LyCORIS in tests/lora/test_factored.py is what catches it.)
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ SUPPORT: dict[str, dict[str, str]] = {
     },
     "lycoris": {
         "ComfyUI": "fully (LoKr, LoHa)",
-        "diffusers": "no: LoKr / LoHa are not converted",
+        "diffusers": "LoKr: fully from 0.42 under `diffusion_model.` + diffusers names (what `train` writes; ComfyUI's "
+        "fused or `lycoris_` names are not converted); LoHa: no: refused (`hada_` keys left unconverted)",
         "musubi-tuner": "no",
         "ai-toolkit": "LoKr: fully (inference engine; it also trains LoKr); LoHa: no: `hada_` keys are not read "
         "(a LoHa-only file is refused: matched no modules)",
@@ -82,7 +83,13 @@ def support_table_markdown() -> str:
     """The README table: key style x tool."""
     lines = ["| key style | " + " | ".join(TOOLS) + " |", "|" + " --- |" * (len(TOOLS) + 1)]
     for style, tools in SUPPORT.items():
-        label = f"`{style}`" + (" (written)" if style in WRITTEN else " (read)")
+        label = f"`{style}`" + (
+            " (written)"
+            if style in WRITTEN
+            else " (`train` writes it for LoKr / LoHa)"
+            if style == "lycoris"
+            else " (read)"
+        )
         lines.append(f"| {label} | " + " | ".join(tools[t] for t in TOOLS) + " |")
     return "\n".join(lines)
 
