@@ -157,3 +157,70 @@ def test_config_errors_are_one_line_with_the_fix(tmp_path, example_data):
         assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
     with pytest.raises(ConfigError, match='lora.type "loha" has none; set train.loraplus_ratio = 1 or lora.type'):
         load_config(cfg, ["lora.type='loha'", "train.loraplus_ratio=16"])
+
+
+def test_dry_run_names_the_network_warns_of_a_whole_w2_and_estimates_its_memory(example_data):
+    """At Z-Image's shapes (not downloaded): LoKr's default rank 32 with factor -1 keeps w2 (64 x 64) whole, which
+    the plan says; the estimate counts LoKr's tiny factors and LoHa's r^2 intermediates (measured per layer in
+    tests/lora/test_factored.py), so without checkpointing LoKr and LoHa keep more activations than a LoRA."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from zturbo_train.memory.estimate import estimate, lora_params, shape_from_config
+    from zturbo_train.memory.levers import workload_of
+    from zturbo_train.testing.synthetic import ZIMAGE_CONFIG
+    from zturbo_train.train.dry_run import dry_run
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "zimage-turbo-lora.toml"
+    data = f"data.dir={json.dumps(str(example_data))}"
+    out = StringIO()
+    plan = dry_run(load_config(config, [data, "lora.type='lokr'"]), Console(file=out, width=300))
+    assert plan["lora"].startswith("LoKr (factor -1) rank 32")
+    assert "w2 is kept whole there and alpha has no effect" in out.getvalue()
+    shape = shape_from_config(ZIMAGE_CONFIG)
+    work = {k: workload_of(load_config(config, [data, f"lora.type='{k}'"])) for k in ("lora", "lokr", "loha")}
+    params = {k: lora_params(shape, w) for k, w in work.items()}
+    assert params["lokr"] < params["lora"] / 30 and params["loha"] == 2 * params["lora"]
+    acts = {k: estimate(shape, w, checkpointing="none").activations for k, w in work.items()}
+    assert acts["lora"] < acts["lokr"] and acts["lora"] < acts["loha"], acts
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_compiled_and_quantized_bases_train_the_branch(kind):
+    """The branch is a hook of plain torch ops: the regionally compiled blocks (dynamo + AOT autograd) compute the
+    eager step, and over an int8 (bitsandbytes) base it trains (loss finite, every factor moves)."""
+    from memory.steps import CPU, TARGETS, batch
+    from zturbo_train.config import TrainConfig
+    from zturbo_train.lora.network import create_lora
+    from zturbo_train.memory.levers import apply_compile, apply_levers
+    from zturbo_train.memory.presets import Levers
+    from zturbo_train.models import load_parts
+    from zturbo_train.train.step import StepSettings, TrainStep
+
+    def steps(levers: Levers, compiled: bool = False) -> tuple[list[float], list[torch.Tensor]]:
+        transformer = load_parts("builtin:tiny", parts=["transformer"], dtype="fp32").transformer
+        apply_levers(transformer, levers, CPU)
+        if compiled:  # the regional compile, traced by AOT autograd without inductor's code generation (CI time)
+            apply_compile(transformer, backend="aot_eager")
+        network = create_lora(transformer, 2, 1.0, ["layers"], TARGETS, seed=1, kind=kind, factor=4)
+        with torch.no_grad():  # every factor non-zero, so every gradient flows
+            for index, p in enumerate(network.parameters()):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)) * 0.05)
+        params = network.trainable_parameters()
+        start = [p.detach().clone() for p in params]
+        settings = StepSettings.from_config(TrainConfig(), transformer.dtype, CPU)
+        step = TrainStep(transformer, params, torch.optim.AdamW(params), settings, torch.Generator().manual_seed(0))
+        latents, caps = batch()
+        losses = []
+        for _ in range(2):
+            losses.append(float(step.backward(latents, caps)))
+            step.update(1e-3)
+        return losses, [p.detach() - s for p, s in zip(params, start)]
+
+    eager, moved = steps(Levers("t", checkpointing="full"))
+    compiled, compiled_moved = steps(Levers("t", checkpointing="full"), compiled=True)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert max((a - b).abs().max().item() for a, b in zip(moved, compiled_moved)) < 1e-5
+    int8, int8_moved = steps(Levers("t", checkpointing="full", quantize="int8"))
+    assert all(np.isfinite(int8)) and all(m.abs().max() > 0 for m in int8_moved)

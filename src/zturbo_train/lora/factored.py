@@ -43,7 +43,7 @@ The forward never builds the (out, in) delta:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -226,3 +226,13 @@ def network_args(lora: LoraConfig) -> dict[str, str]:
     if lora.type == "lokr":
         args.update(factor=str(lora.factor), full_matrix=str(lora.full_matrix), decompose_both=str(lora.decompose_both))
     return args
+
+
+def network_label(lora: Mapping[str, Any]) -> str:
+    """`LoRA`, `LoHa`, or `LoKr (factor -1, full_matrix)` for plans and reports, from a [lora] table as saved."""
+    kind = lora.get("type", "lora")
+    name = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa"}[kind]
+    if kind != "lokr":
+        return name
+    options = [f"factor {lora.get('factor', -1)}"] + [k for k in ("full_matrix", "decompose_both") if lora.get(k)]
+    return f"{name} ({', '.join(options)})"

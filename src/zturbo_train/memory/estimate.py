@@ -130,6 +130,16 @@ class Workload:
         return {"noise_refiner": image, "context_refiner": caption, "layers": image + caption}
 
 
+def network_of(lora: Any) -> dict[str, Any]:
+    """The Workload fields a [lora] table's network type sets."""
+    return {
+        "network": lora.type,
+        "factor": lora.factor,
+        "full_matrix": lora.full_matrix,
+        "decompose_both": lora.decompose_both,
+    }
+
+
 def _pad(n: int) -> int:
     return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
