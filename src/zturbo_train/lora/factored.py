@@ -150,15 +150,15 @@ class LokrLayer(_FactoredLayer):
 
     def __init__(self, tensors: dict[str, torch.Tensor], scale: float, alpha: float, dropout: float = 0.0):
         super().__init__(tensors, scale, alpha, dropout)
-        w1 = {k: v.shape for k, v in tensors.items()}
-        self.in_m = w1["lokr_w1"][1] if "lokr_w1" in w1 else w1["lokr_w1_b"][1]
+        self.whole_w1, self.whole_w2 = "lokr_w1" in tensors, "lokr_w2" in tensors
+        self.in_m = int(tensors["lokr_w1" if self.whole_w1 else "lokr_w1_b"].shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._input(x)
         lead = x.shape[:-1]
-        w1 = self.lokr_w1 if "lokr_w1" in self.keys else self.lokr_w1_a @ self.lokr_w1_b  # (out_l, in_m)
+        w1 = self.lokr_w1 if self.whole_w1 else self.lokr_w1_a @ self.lokr_w1_b  # (out_l, in_m)
         h = x.reshape(*lead, self.in_m, -1)  # X: (in_m, in_n)
-        if "lokr_w2" in self.keys:
+        if self.whole_w2:
             h = F.linear(h, self.lokr_w2)
         else:
             h = F.linear(F.linear(h, self.lokr_w2_b), self.lokr_w2_a)  # X w2^T: (in_m, out_k)

@@ -6,7 +6,10 @@ quantization and checkpoints rely on. A hook adds `scale * up(down(x))` to a lin
 output and leaves the model untouched, so several LoRAs (the live training adapter, the
 trained LoRA, LoRAs loaded for sampling) stack, switch and scale independently, and
 detaching one restores the exact base model. The LoRA weights are fp32 over a bf16 (or
-quantized) base; under autocast the matmuls run in the autocast dtype.
+quantized) base; under autocast the matmuls run in the autocast dtype. A trained network's
+layers are LoraLayer, or with `lora.type` LoKr / LoHa the layers of lora/factored.py; every kind
+names its trained tensors (`trained()`) and gives its file form (`to_update()`), so saving,
+resume and EMA treat them alike.
 """
 
 from __future__ import annotations
