@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ KEY_SYNONYMS = {
     "network_alpha": "alpha",
     "r": "rank",
     "lora_alpha": "alpha",
+    "algo": "type",
+    "network_type": "type",
+    "lokr_factor": "factor",
+    "lokr_full_rank": "full_matrix",
+    "full_rank": "full_matrix",
     "output_path": "output_dir",
     "save_every_n_steps": "save_every",
     "sample_every_n_steps": "sample_every",
@@ -258,10 +264,39 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(32, ge=1, le=1024, description="LoRA rank.")
-    alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Unset means alpha = rank."
+    type: Literal["lora", "lokr", "loha"] = Field(
+        "lora",
+        description=(
+            "lora (low-rank pair), lokr (LyCORIS LoKr: Kronecker product) or loha (LyCORIS LoHa: Hadamard "
+            "product of two low-rank pairs); saved in the keys ComfyUI loads."
+        ),
     )
+    rank: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description=(
+            "LoRA rank; for lokr the rank of the factored w2 (whole when rank >= half its side, as LyCORIS "
+            "does), for loha the rank of each of its two pairs."
+        ),
+    )
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "LoRA alpha; the update is scaled by alpha/rank (lokr: only when a side is factored, else 1). "
+            "Unset means alpha = rank."
+        ),
+    )
+    factor: int = Field(
+        -1,
+        description=(
+            "lokr: split each side as factor x (side / factor) when factor divides it, else the most "
+            "balanced split with the small part <= factor; -1: the most balanced (LyCORIS' default)."
+        ),
+    )
+    full_matrix: bool = Field(False, description="lokr: keep w2 whole (no low-rank factoring; alpha has no effect).")
+    decompose_both: bool = Field(False, description="lokr: factor w1 as well as w2 (at lora.rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
     targets: list[str] = Field(DEFAULT_TARGETS, description=f"Linear layers to adapt, from {sorted(TARGET_CHOICES)}.")
     blocks: list[str] = Field(["layers"], description=f"Block stacks to adapt, from {sorted(BLOCK_CHOICES)}.")
@@ -275,6 +310,25 @@ class LoraConfig(_Section):
     @classmethod
     def _known_blocks(cls, value: list[str]) -> list[str]:
         return _check_choices(value, BLOCK_CHOICES)
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("give -1 (the most balanced split, LyCORIS' default) or a factor of 1 or more, e.g. 8")
+        return value
+
+    @model_validator(mode="after")
+    def _lokr_keys_need_lokr(self) -> "LoraConfig":
+        """LoKr's keys do nothing for another type: say so instead of training something else than asked."""
+        if self.type != "lokr":
+            for key, default in (("factor", -1), ("full_matrix", False), ("decompose_both", False)):
+                if getattr(self, key) != default:
+                    raise ValueError(
+                        f'`lora.{key}` = {json.dumps(getattr(self, key))} applies to lora.type = "lokr" only, and '
+                        f'lora.type is "{self.type}"; set lora.type = "lokr" or remove lora.{key}'
+                    )
+        return self
 
     @property
     def scale_alpha(self) -> float:
@@ -609,6 +663,17 @@ class Config(_Section):
                 f"`train.preservation_class` = {self.train.preservation_class!r} is the trigger word itself, so "
                 f"DOP would hold the subject's own captions to the base model; set the class the subject belongs "
                 f'to, e.g. "person"'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _loraplus_needs_pairs(self) -> "Config":
+        """LoRA+ speeds up LoRA's zero-initialised up (B) matrices; LoKr and LoHa have no such pair (LyCORIS' own
+        LoRA+ boosts only `lora_up` weights, so it leaves them at one lr too)."""
+        if self.lora.type != "lora" and self.train.loraplus_ratio != 1.0:
+            raise ValueError(
+                f"`train.loraplus_ratio` = {self.train.loraplus_ratio:g} speeds up the up (B) matrices of a LoRA, "
+                f'and lora.type "{self.lora.type}" has none; set train.loraplus_ratio = 1 or lora.type = "lora"'
             )
         return self
 

@@ -350,3 +350,28 @@ def test_two_ranks_log_val_loss_keep_an_ema_and_preserve(tmp_path, example_data,
     assert (tmp_path / "two" / "run" / "t-raw.safetensors").is_file()
     assert [r["dop_loss"] for r in ours] == pytest.approx([r["dop_loss"] for r in theirs], rel=1e-4)
     assert ours[-1]["dop_loss"] > 0
+
+
+def test_two_ranks_train_a_lokr_as_one_process_at_batch_2(tmp_path, example_data, tiny_dir):
+    """`lora.type = "lokr"` under torchrun: DDP over the LoKr factors, the same run as one process at batch 2."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "builtin").symlink_to(tiny_dir.parent)
+    extra = ["lora.type='lokr'", "lora.rank=2", "lora.alpha=1", "lora.factor=4"]
+    cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
+    done = torchrun(
+        [str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
+        {"ZTURBO_HOME": str(home)},
+        tmp_path / "logs",
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
+    one = run(
+        load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra), quiet=True
+    )
+    two, ref = read_lora_file(tmp_path / "two" / "run" / "t.safetensors")[0], read_lora_file(one.lora_path)[0]
+    assert {u.kind for u in two.values()} == {"lokr"} and two.keys() == ref.keys()
+    largest = max(float((two[m].tensors[k] - ref[m].tensors[k]).abs().max()) for m in ref for k in ref[m].tensors)
+    moved = max(float(ref[m].tensors["lokr_w2_b"].abs().max()) for m in ref)
+    assert largest <= LORA_ATOL and moved > 20 * LORA_ATOL, (largest, moved)
+    ours, theirs = metrics(tmp_path / "two" / "run"), metrics(one.run_dir)
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=LOSS_RTOL)

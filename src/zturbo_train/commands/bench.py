@@ -34,8 +34,9 @@ from .. import __version__
 from ..config import apply_override, validate_config
 from ..errors import ConfigError
 from ..fileio import write_json
+from ..lora.factored import network_options
 from ..lora.network import create_lora
-from ..memory.estimate import Workload, estimate
+from ..memory.estimate import Workload, estimate, network_of
 from ..memory.levers import apply_levers, model_shape, resolve_levers
 from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..sampling import generate_latents
@@ -145,6 +146,7 @@ def workload(
         targets=tuple(lora.targets),
         lora_blocks=tuple(lora.blocks),
         optimizer=train.optimizer,
+        **network_of(lora),
         caption_tokens=settings.caption_tokens,
         dtype_bytes=dtype_bytes,
         preservation=train.preservation == "dop",
@@ -383,7 +385,15 @@ def bench_preset(
 
 
 def _training_step(transformer, train_cfg, lora_cfg, dtype: torch.dtype, device: torch.device):
-    network = create_lora(transformer, lora_cfg.rank, lora_cfg.scale_alpha, lora_cfg.blocks, lora_cfg.targets, seed=0)
+    network = create_lora(
+        transformer,
+        lora_cfg.rank,
+        lora_cfg.scale_alpha,
+        lora_cfg.blocks,
+        lora_cfg.targets,
+        seed=0,
+        **network_options(lora_cfg),
+    )
     network.train()
     params = network.trainable_parameters()
     optimizer = build_optimizer(params, train_cfg, device)

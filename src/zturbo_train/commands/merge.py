@@ -345,7 +345,8 @@ def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bo
 
     Plain LoRA pairs: ranks concatenated, scales folded into `up`. A module only one LoRA
     touches keeps its tensors and alpha (its strength, when not 1, folded into `up`). Where
-    a full patch, LoKr or LoHa takes part, the module's sum becomes one dense `.diff` patch.
+    a full patch, LoKr or LoHa takes part, the module's sum becomes one dense `.diff` patch (a LoKr or LoHa
+    alone at strength 1 keeps its factors, unless it is a slice of ComfyUI's fused qkv).
     Returns (LoRA, whether any tensor was rescaled or expanded).
     """
     by_module: dict[str, list[tuple[Update, float]]] = {}
@@ -364,7 +365,11 @@ def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bo
 def _combine(module: str, parts: Sequence[tuple[Update, float]]) -> tuple[Update, bool]:
     """One module's updates as one (see combine_loras); (update, whether tensors changed)."""
     first, strength = parts[0]
-    if len(parts) == 1 and strength == 1.0 and (isinstance(first, LoraWeights) or first.kind == "diff"):
+    if (
+        len(parts) == 1
+        and strength == 1.0
+        and (isinstance(first, LoraWeights) or first.kind == "diff" or not first.rows)
+    ):
         return first, False
     biases = [u.bias.float() * s for u, s in parts if u.bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None

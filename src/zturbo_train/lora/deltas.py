@@ -120,16 +120,17 @@ class DeltaWeights:
         return (self.rows[1] - self.rows[0] if self.rows else out_features), in_features
 
     @property
+    def rank(self) -> int | None:
+        """The factored inner size alpha divides (None: a full patch, or a LoKr with both sides whole)."""
+        if self.kind == "lokr":
+            return lokr_rank(self.tensors)
+        return int(self.tensors["hada_w1_b"].shape[0]) if self.kind == "loha" else None
+
+    @property
     def scale(self) -> float:
         """The alpha/rank factor already inside `delta()` (for display only)."""
-        if self.alpha is None:
-            return 1.0
-        rank = (
-            lokr_rank(self.tensors)
-            if self.kind == "lokr"
-            else (self.tensors["hada_w1_b"].shape[0] if self.kind == "loha" else None)
-        )
-        return self.alpha / rank if rank else 1.0
+        rank = self.rank
+        return self.alpha / rank if self.alpha is not None and rank else 1.0
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The dense weight update (None for a bias-only patch), computed in fp32 then cast."""

@@ -401,6 +401,10 @@ def _write_comfyui(module: str, update: Update, dtype) -> dict[str, torch.Tensor
             f"{base}.lora_B.weight": _cast(update.up, dtype),
             f"{base}.alpha": _alpha(update),
         }
+    elif update.kind in ("lokr", "loha") and update.rows is None:  # LyCORIS' own keys, as ComfyUI reads them
+        out.update({f"{base}.{key}": _cast(tensor, dtype) for key, tensor in sorted(update.tensors.items())})
+        if update.alpha is not None:
+            out[f"{base}.alpha"] = torch.tensor(float(update.alpha))
     elif update.has_weight:
         out[f"{base}.diff"] = update.delta(dtype or torch.float32)
     if update.bias is not None:

@@ -62,7 +62,8 @@ SUPPORT: dict[str, dict[str, str]] = {
     },
     "lycoris": {
         "ComfyUI": "fully (LoKr, LoHa)",
-        "diffusers": "no: LoKr / LoHa are not converted",
+        "diffusers": "LoKr: fully from 0.42 under `diffusion_model.` + diffusers names (what `train` writes; ComfyUI's "
+        "fused or `lycoris_` names are not converted); LoHa: no: refused (`hada_` keys left unconverted)",
         "musubi-tuner": "no",
         "ai-toolkit": "LoKr: fully (inference engine; it also trains LoKr); LoHa: no: `hada_` keys are not read "
         "(a LoHa-only file is refused: matched no modules)",
@@ -83,7 +84,13 @@ def support_table_markdown() -> str:
     """The README table: key style x tool."""
     lines = ["| key style | " + " | ".join(TOOLS) + " |", "|" + " --- |" * (len(TOOLS) + 1)]
     for style, tools in SUPPORT.items():
-        label = f"`{style}`" + (" (written)" if style in WRITTEN else " (read)")
+        label = f"`{style}`" + (
+            " (written)"
+            if style in WRITTEN
+            else " (`train` writes it for LoKr / LoHa)"
+            if style == "lycoris"
+            else " (read)"
+        )
         lines.append(f"| {label} | " + " | ".join(tools[t] for t in TOOLS) + " |")
     return "\n".join(lines)
 
@@ -124,6 +131,20 @@ def key_style(keys: list[str]) -> dict[str, Any]:
         "alpha_keys": parts["alpha"] > 0,
         "bias_patches": parts["diff_b"],
     }
+
+
+def _network(meta: dict[str, str], loras: LoraDict) -> str:
+    """The network type: LyCORIS' `ss_network_args` (algo and options) when the writer recorded them, else the
+    kinds of update the file holds."""
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    kinds = sorted({u.kind for u in loras.values()})
+    if not isinstance(args, dict) or "algo" not in args:
+        return ", ".join(kinds)
+    options = ", ".join(f"{k} {v}" for k, v in args.items() if k != "algo")
+    return f"{args['algo']}" + (f" ({options})" if options else "")
 
 
 def _count_by(modules: list[str], part: int) -> dict[str, int]:
@@ -180,7 +201,7 @@ def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
         raise LoraError(f"{path} holds no tensors; it is not a LoRA")
     require_finite(tensors, str(path))  # as sample and merge would refuse it: say so here, naming the tensor
     loras = parse_state_dict(tensors, diffusers_alphas(meta, tensors), source=str(path))
-    pairs = [u for u in loras.values() if isinstance(u, LoraWeights)]
+    ranked = [u for u in loras.values() if isinstance(u, LoraWeights) or u.rank is not None]
     style = key_style(list(tensors))
     report = {
         "file": str(path),
@@ -192,8 +213,9 @@ def describe_file(path: str | Path) -> tuple[dict[str, Any], LoraDict]:
         "kinds": dict(Counter(u.kind for u in loras.values())),
         "by_block": _count_by(sorted(loras), 0),
         "by_target": _count_by(sorted(loras), 2),
-        "ranks": sorted({u.rank for u in pairs}),
-        "alphas": sorted({float(u.alpha if u.alpha is not None else u.rank) for u in pairs}),
+        "network": _network(meta, loras),
+        "ranks": sorted({u.rank for u in ranked}),
+        "alphas": sorted({float(u.alpha if u.alpha is not None else u.rank) for u in ranked}),
         "scales": sorted({round(u.scale, 6) for u in loras.values()}),
         "metadata": _training_facts(meta),
         "tools": SUPPORT.get(style["name"], {t: "not checked" for t in TOOLS}),
@@ -210,6 +232,7 @@ def render(report: dict[str, Any]) -> list[str]:
         f"  key style: {s['name']} (prefix {', '.join(p or '(none)' for p in s['prefixes'])}; "
         f"{s['pair_names'] or 'no LoRA pairs'}; alpha keys {'yes' if s['alpha_keys'] else 'no'}"
         f"{'; ComfyUI fused names' if s['comfyui_names'] else ''})",
+        f"  network: {report['network']}",
         f"  modules: {report['modules']} ({', '.join(f'{k} {v}' for k, v in report['kinds'].items())}); "
         f"by block: {_pairs(report['by_block'])}; by target: {_pairs(report['by_target'])}",
         f"  rank {_list(report['ranks'])}, alpha {_list(report['alphas'])}, effective scale {_list(report['scales'])}",

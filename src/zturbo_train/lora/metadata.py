@@ -28,6 +28,8 @@ ARCHITECTURE = "Z-Image/lora"  # modelspec.architecture, as musubi-tuner writes 
 IMPLEMENTATION = "https://github.com/Tongyi-MAI/Z-Image"
 SAI_MODEL_SPEC = "1.0.0"
 NETWORK_MODULE = "networks.lora"
+LYCORIS_MODULE = "lycoris.kohya"
+LYCORIS_KINDS = ("lokr", "loha")
 _LEGACY_OFFSET, _LEGACY_SIZE = 0x100000, 0x10000
 # Keys that describe a file's own layout: never carried over from a source file.
 OWN_KEYS = (
@@ -40,6 +42,7 @@ OWN_KEYS = (
     "ss_network_dim",
     "ss_network_alpha",
     "ss_network_module",
+    "ss_network_args",
     "modelspec.architecture",
     "modelspec.implementation",
     "modelspec.sai_model_spec",
@@ -84,12 +87,24 @@ def _common(values: list[float]) -> float | None:
     return max(set(values), key=values.count) if values else None
 
 
-def _network(loras, style: str) -> tuple[str | None, str | None]:
-    """(ss_network_dim, ss_network_alpha) as written: the most common rank and alpha (alpha = rank once baked)."""
+def _network(loras, style: str, facts: Mapping[str, object]) -> tuple[str | None, str | None]:
+    """(ss_network_dim, ss_network_alpha) as written: the most common rank and alpha (alpha = rank once baked).
+
+    LoKr / LoHa: their factored rank and alpha; a LoKr with both sides whole has none, so the trained
+    `lora.rank` / `lora.alpha` facts are written, as LyCORIS' kohya network writes its network_dim."""
     pairs = [u for u in loras.values() if u.kind == "lora"]
     rank = _common([u.rank for u in pairs])
     alpha = _common([float(u.rank if style == "diffusers" or u.alpha is None else u.alpha) for u in pairs])
-    return (None if rank is None else str(rank)), (None if alpha is None else f"{alpha:g}")
+    if not pairs:
+        factored = [u for u in loras.values() if u.kind in LYCORIS_KINDS and u.rank is not None]
+        rank = _common([u.rank for u in factored]) or _fact(facts, "rank")
+        alpha = _common([float(u.alpha) for u in factored if u.alpha is not None]) or _fact(facts, "alpha")
+    return (None if rank is None else str(rank)), (None if alpha is None else f"{float(alpha):g}")
+
+
+def _network_module(loras) -> str:
+    """`lycoris.kohya` for a file with LoKr / LoHa modules (as LyCORIS' kohya network writes it), else kohya's."""
+    return LYCORIS_MODULE if any(u.kind in LYCORIS_KINDS for u in loras.values()) else NETWORK_MODULE
 
 
 def build_metadata(
@@ -118,12 +133,14 @@ def build_metadata(
     trigger = _fact(facts, "trigger_word")
     started = _fact(facts, "started_at")
     resolution = _resolution(_fact(facts, "resolution"))
-    dim, alpha = _network(loras, style)
+    dim, alpha = _network(loras, style, facts)
+    args = _fact(facts, "network_args")
     ecosystem = {
         "ss_base_model_version": BASE_MODEL_VERSION,
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": _network_module(loras),
         "ss_network_dim": dim,
         "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(args) if args and _network_module(loras) == LYCORIS_MODULE else None,
         "ss_output_name": title,
         "ss_tag_frequency": json.dumps({title: {trigger: 1}}) if trigger else None,
         "ss_training_started_at": None if started is None else str(started),

@@ -6,7 +6,10 @@ quantization and checkpoints rely on. A hook adds `scale * up(down(x))` to a lin
 output and leaves the model untouched, so several LoRAs (the live training adapter, the
 trained LoRA, LoRAs loaded for sampling) stack, switch and scale independently, and
 detaching one restores the exact base model. The LoRA weights are fp32 over a bf16 (or
-quantized) base; under autocast the matmuls run in the autocast dtype.
+quantized) base; under autocast the matmuls run in the autocast dtype. A trained network's
+layers are LoraLayer, or with `lora.type` LoKr / LoHa the layers of lora/factored.py; every kind
+names its trained tensors (`trained()`) and gives its file form (`to_update()`), so saving,
+resume and EMA treat them alike.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from ..errors import LoraError
 from ..zimage import TARGET_PATHS
+from .factored import new_loha, new_lokr
 from .formats import LoraDict, LoraWeights, bias_modules, linear_shapes, require_fit
 
 
@@ -54,12 +58,24 @@ class LoraLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    kind = "lora"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.down.dtype)
         out = F.linear(F.linear(self.dropout(x), self.down), self.up)
         out = out * self.scale if self.scale != 1.0 else out  # alpha = rank: no multiply kernel (exact)
         return out if self.bias is None else out + self.bias
+
+    def trained(self) -> dict[str, nn.Parameter]:
+        """The trained matrices by part name (what the training state saves)."""
+        return {"down": self.down, "up": self.up}
+
+    def to_update(self, alpha: float | None) -> LoraWeights:
+        """Detached fp32 CPU copies in the converter's internal form."""
+        return LoraWeights(
+            down=self.down.detach().float().cpu().clone(), up=self.up.detach().float().cpu().clone(), alpha=alpha
+        )
 
 
 class DeltaLayer(nn.Module):
@@ -130,35 +146,57 @@ class LoraNetwork(nn.Module):
     # -- weights
     def to_lora_dict(self) -> LoraDict:
         """The trained weights in the converter's internal form (detached fp32 copies on CPU)."""
-        return {
-            name: LoraWeights(
-                down=layer.down.detach().float().cpu().clone(),
-                up=layer.up.detach().float().cpu().clone(),
-                alpha=self.alphas[name],
-            )
-            for name, layer in zip(self.names, self.layers)
-        }
+        return {name: layer.to_update(self.alphas[name]) for name, layer in zip(self.names, self.layers)}
 
     def load_lora_dict(self, loras: LoraDict) -> None:
         """Copy weights in place (resume), keeping the parameters the optimizer holds."""
-        if set(loras) != set(self.names):
+        self.load_parts({name: _parts(update) for name, update in loras.items()})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """`module.part` -> the trained tensor (down/up for LoRA, the file keys for LoKr / LoHa), for the state."""
+        return {
+            f"{name}.{part}": tensor.detach()
+            for name, layer in zip(self.names, self.layers)
+            for part, tensor in layer.trained().items()
+        }
+
+    def load_state_tensors(self, flat: dict[str, torch.Tensor]) -> None:
+        """The inverse of `state_tensors`: copy a saved state's tensors in place."""
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in flat.items():
+            name, part = key.rsplit(".", 1)
+            grouped.setdefault(name, {})[part] = tensor
+        self.load_parts(grouped)
+
+    def load_parts(self, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Copy `{module: {part: tensor}}` in place after checking that every module and shape matches."""
+        if set(saved) != set(self.names):
             raise LoraError("the saved LoRA targets other modules than this run; resume with the same [lora] settings")
         for name, layer in zip(self.names, self.layers):
-            saved = loras[name]
-            if saved.down.shape != layer.down.shape or saved.up.shape != layer.up.shape:
+            ours = {part: tuple(t.shape) for part, t in layer.trained().items()}
+            theirs = {part: tuple(t.shape) for part, t in saved[name].items()}
+            if ours != theirs:
                 raise LoraError(
-                    f"the saved LoRA has rank {saved.down.shape[0]} at {name} (shapes "
-                    f"{tuple(saved.down.shape)}, {tuple(saved.up.shape)}), this run lora.rank = "
-                    f"{layer.down.shape[0]} (shapes {tuple(layer.down.shape)}, {tuple(layer.up.shape)}); "
-                    f"resume with the same [lora] settings and model"
+                    f"the saved LoRA has {_describe(theirs)} at {name}, this run's [lora] settings make "
+                    f"{_describe(ours)} (lora.type {layer.kind}); resume with the same [lora] settings and model"
                 )
         with torch.no_grad():
             for name, layer in zip(self.names, self.layers):
-                layer.down.copy_(loras[name].down)
-                layer.up.copy_(loras[name].up)
+                for part, tensor in layer.trained().items():
+                    tensor.copy_(saved[name][part])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _parts(update) -> dict[str, torch.Tensor]:
+    return {"down": update.down, "up": update.up} if isinstance(update, LoraWeights) else dict(update.tensors)
+
+
+def _describe(shapes: dict[str, tuple[int, ...]]) -> str:
+    """`rank 8 (down (8, 64), up (64, 8))` for a LoRA, the factor shapes for LoKr / LoHa."""
+    parts = ", ".join(f"{part} {shape}" for part, shape in shapes.items())
+    return f"rank {shapes['down'][0]} ({parts})" if "down" in shapes else parts
 
 
 def create_lora(
@@ -170,19 +208,34 @@ def create_lora(
     dropout: float = 0.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    kind: str = "lora",
+    factor: int = -1,
+    full_matrix: bool = False,
+    decompose_both: bool = False,
 ) -> LoraNetwork:
-    """A new trainable LoRA: down Kaiming-uniform (as peft), up zero, so step 0 equals the base model."""
+    """A new trainable network whose update starts at zero, so step 0 equals the base model.
+
+    `kind` lora: down Kaiming-uniform (as peft), up zero. lokr / loha: LyCORIS' shapes and
+    initialisation (lora/factored.py); `factor`, `full_matrix`, `decompose_both` are LoKr's.
+    """
     shapes = linear_shapes(transformer)
     device = next(transformer.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     layers, alphas = {}, {}
     for name in target_modules(transformer, blocks, targets):
         out_features, in_features = shapes[name]
-        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear and peft
-        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-        up = torch.zeros(out_features, rank)
-        layers[name] = LoraLayer(down.to(device, dtype), up.to(device, dtype), alpha / rank, dropout)
-        alphas[name] = float(alpha)
+        if kind == "lokr":
+            layer = new_lokr(
+                out_features, in_features, rank, alpha, generator, factor, full_matrix, decompose_both, dropout
+            )
+        elif kind == "loha":
+            layer = new_loha(out_features, in_features, rank, alpha, generator, dropout)
+        else:
+            bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear and peft
+            down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+            layer = LoraLayer(down, torch.zeros(out_features, rank), alpha / rank, dropout)
+        layers[name] = layer.to(device, dtype)
+        alphas[name] = float(getattr(layer, "alpha", alpha))
     return LoraNetwork(layers, alphas).attach(transformer)
 
 

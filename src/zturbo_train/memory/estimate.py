@@ -119,6 +119,10 @@ class Workload:
     targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
     lora_blocks: tuple[str, ...] = ("layers",)
     optimizer: str = "adamw"
+    network: str = "lora"  # lora.type; lokr's shape options below
+    factor: int = -1
+    full_matrix: bool = False
+    decompose_both: bool = False
     ema: bool = False  # train.ema: one more fp32 copy of the LoRA
     preservation: bool = False  # train.preservation = "dop": two more forwards per micro-batch
     caption_tokens: int = 128
@@ -129,6 +133,16 @@ class Workload:
         image = _pad((self.resolution // SIZE_MULTIPLE) ** 2)  # one token per 16x16 pixels
         caption = _pad(self.caption_tokens)
         return {"noise_refiner": image, "context_refiner": caption, "layers": image + caption}
+
+
+def network_of(lora: Any) -> dict[str, Any]:
+    """The Workload fields a [lora] table's network type sets."""
+    return {
+        "network": lora.type,
+        "factor": lora.factor,
+        "full_matrix": lora.full_matrix,
+        "decompose_both": lora.decompose_both,
+    }
 
 
 def _pad(n: int) -> int:
@@ -166,15 +180,44 @@ def checkpointed_layers(n_layers: int, checkpointing: str, fraction: float) -> s
 
 
 def lora_params(shape: ModelShape, work: Workload) -> int:
-    """Trainable LoRA parameters: rank x (in + out) per adapted linear."""
+    """Trainable parameters: rank x (in + out) per adapted linear for LoRA, twice that for LoHa, LoKr's factors."""
     total = 0
     for stack in work.lora_blocks:
-        leaves = shape.linears.get(stack, {})
-        per_block = sum(
-            work.rank * (o + i) for t in work.targets if (p := TARGET_PATHS[t]) in leaves for o, i in [leaves[p]]
-        )
+        per_block = sum(_branch(work, o, i)[0] for o, i in _adapted(shape, work, stack))
         total += per_block * shape.stack_sizes.get(stack, 0)
     return total
+
+
+def _adapted(shape: ModelShape, work: Workload, stack: str) -> list[tuple[int, int]]:
+    """(out, in) of each linear the network adapts in one block of `stack`."""
+    leaves = shape.linears.get(stack, {})
+    return [leaves[p] for t in work.targets if (p := TARGET_PATHS[t]) in leaves]
+
+
+def _branch(work: Workload, out_features: int, in_features: int) -> tuple[int, int, int]:
+    """One adapted linear's (parameters, values kept per token, values kept per block) for backward, beyond what
+    a rank-32 LoRA keeps (the fitted constants include that). Measured with saved_tensors_hooks on the layers
+    (tests/lora/test_factored.py): LoKr keeps its reshaped (in_m x out_k) intermediate (+ in_m x rank when w2 is
+    factored); LoHa its rank^2-wide intermediate and its two Khatri-Rao factors."""
+    from ..lora.factored import lokr_shapes
+
+    if work.network == "lokr":
+        shapes = lokr_shapes(out_features, in_features, work.rank, work.factor, work.full_matrix, work.decompose_both)
+        in_m = shapes["lokr_w1"][1] if "lokr_w1" in shapes else shapes["lokr_w1_b"][1]
+        out_k = shapes["lokr_w2"][0] if "lokr_w2" in shapes else shapes["lokr_w2_a"][0]
+        per_token = in_m * out_k + (0 if "lokr_w2" in shapes else in_m * work.rank)
+        return sum(a * b for a, b in shapes.values()), per_token, 0
+    if work.network == "loha":
+        square = work.rank * work.rank
+        return 2 * work.rank * (out_features + in_features), square, square * (out_features + in_features)
+    return work.rank * (out_features + in_features), 0, 0
+
+
+def branch_activations(shape: ModelShape, work: Workload, stack: str) -> tuple[float, float]:
+    """(vectors of `dim` per token, bytes) one block of `stack` keeps for its LoKr / LoHa branches (0 for LoRA)."""
+    kept = [_branch(work, o, i) for o, i in _adapted(shape, work, stack)] if stack in work.lora_blocks else []
+    per_token = sum(k[1] for k in kept) / shape.dim
+    return per_token, sum(k[2] for k in kept) * work.dtype_bytes
 
 
 def adapted_linears(shape: ModelShape, blocks: Iterable[str], targets: Iterable[str]) -> dict[str, tuple[int, int]]:
@@ -212,13 +255,15 @@ def activation_bytes(shape: ModelShape, work: Workload, checkpointing: str, frac
     kept = recompute = 0.0
     ckpt_layers = checkpointed_layers(shape.stack_sizes["layers"], checkpointing, fraction)
     for stack in grad_stacks:
+        branch_vectors, branch_bytes = branch_activations(shape, work, stack)
+        block = tokens[stack] * (BLOCK_VECTORS + branch_vectors) * vector + branch_bytes / work.batch
         for index in range(shape.stack_sizes.get(stack, 0)):
             checkpointed = index in ckpt_layers if stack == "layers" else checkpointing != "none"
             if checkpointed:
                 kept += tokens[stack] * vector
-                recompute = max(recompute, tokens[stack] * BLOCK_VECTORS * vector)
+                recompute = max(recompute, block)
             else:
-                kept += tokens[stack] * BLOCK_VECTORS * vector
+                kept += block
     extra = tokens["layers"] * EXTRA_VECTORS * vector
     return work.batch * (kept + recompute + extra) + CONSTANT_GIB * GIB
 
@@ -298,3 +343,24 @@ def reference_workloads() -> Iterable[tuple[str, Workload, dict[str, Any], float
     yield "512 ckpt", Workload(512, lora_blocks=every), {"checkpointing": "full"}, 13.3
     yield "1024 fp8", w1024, {"checkpointing": "full", "quantize": "fp8"}, 9.5
     yield "1024 nf4", w1024, {"checkpointing": "full", "quantize": "nf4"}, 6.4
+
+
+def network_warning(lora: Any, linears: dict[str, tuple[int, int]], adapted: Iterable[str]) -> str | None:
+    """What a [lora] table's rank does not do on these layers: rank above a layer's width (LoRA, LoHa), or a LoKr
+    rank so large that w2 stays whole (as LyCORIS decides; alpha then has no effect there)."""
+    from ..lora.factored import lokr_shapes
+
+    sizes = {name: linears[name] for name in adapted}
+    if lora.type != "lokr":
+        return rank_warning(lora.rank, sizes)
+    if lora.full_matrix:
+        return None
+    kinds = {re.sub(r"\.\d+\.", ".*.", name): size for name, size in sizes.items()}
+    whole = sorted(k for k, (o, i) in kinds.items() if "lokr_w2" in lokr_shapes(o, i, lora.rank, lora.factor))
+    if not whole:
+        return None
+    return (
+        f"lora.rank {lora.rank} is at least half the side of LoKr's w2 in {len(whole)} of the {len(kinds)} kinds of "
+        f"adapted layer (e.g. {whole[0]}), so w2 is kept whole there and alpha has no effect, as LyCORIS does; "
+        f"set lora.full_matrix = true to say so, or a smaller lora.rank or larger lora.factor to factor it"
+    )

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..models import resolve_model_dir
 from ..testing.synthetic import SYNTHETIC_MODELS, synthetic_config
 from .attention import apply_attention
-from .estimate import ModelShape, Workload, checkpointed_layers, shape_from_config
+from .estimate import ModelShape, Workload, checkpointed_layers, network_of, shape_from_config
 from .offload import stream_blocks
 from .presets import Levers, choose
 from .quantize import apply_quantization
@@ -68,6 +68,7 @@ def workload_of(cfg: Config) -> Workload:
         targets=tuple(cfg.lora.targets),
         lora_blocks=tuple(cfg.lora.blocks),
         optimizer=cfg.train.optimizer,
+        **network_of(cfg.lora),
         ema=cfg.train.ema,
         preservation=cfg.train.preservation == "dop",
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],

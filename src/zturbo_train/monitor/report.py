@@ -129,7 +129,7 @@ def _settings(root: Path, config: dict) -> str:
         ),
         (
             "LoRA",
-            f"rank {lora.get('rank', '?')}, alpha {lora.get('alpha') or lora.get('rank', '?')}, "
+            f"{_network(lora)}rank {lora.get('rank', '?')}, alpha {lora.get('alpha') or lora.get('rank', '?')}, "
             f"dropout {lora.get('dropout', 0)}",
         ),
         ("targets", f"{', '.join(lora.get('targets', []))} in {', '.join(lora.get('blocks', []))}"),
@@ -299,3 +299,10 @@ def _files(root: Path, name: str) -> str:
 
 def _commands(root: Path, config: dict) -> str:
     return "".join(f"<div>{_e(what)}</div><pre>{_e(line)}</pre>" for what, line in commands(root, config).items())
+
+
+def _network(lora: dict[str, Any]) -> str:
+    """`LoKr (factor 4), ` before the rank for a LyCORIS network; nothing for a plain LoRA (or an older run)."""
+    from ..lora.factored import network_label
+
+    return "" if lora.get("type", "lora") == "lora" else f"{network_label(lora)}, "

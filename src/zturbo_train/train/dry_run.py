@@ -19,7 +19,8 @@ from ..config import Config
 from ..data.inspect import check_errors, inspect_datasets, render
 from ..errors import AdapterNotDownloadedError, ModelNotDownloadedError
 from ..lora.adapter import resolve_adapter
-from ..memory.estimate import ModelShape, adapted_linears, preservation_bytes, rank_warning, shape_from_config
+from ..lora.factored import network_label
+from ..memory.estimate import ModelShape, adapted_linears, network_warning, preservation_bytes, shape_from_config
 from ..memory.levers import levers_for, model_shape, workload_of
 from ..memory.presets import BUDGET_GIB, estimate_for
 from ..models import resolve_device, resolve_model_dir
@@ -53,8 +54,8 @@ def dry_run(cfg: Config, console) -> dict:
         **regularisation_plan(inspection),
         "steps": cfg.train.steps,
         "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
-        "lora": f"rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, {', '.join(cfg.lora.targets)} "
-        f"in {', '.join(cfg.lora.blocks)}",
+        "lora": f"{network_label(cfg.lora.model_dump())} rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, "
+        f"{', '.join(cfg.lora.targets)} in {', '.join(cfg.lora.blocks)}",
         "memory": memory if known is None else f"{memory}; {NOT_DOWNLOADED}",
         **({"preservation": preservation_line(cfg, shape)} if cfg.train.preservation == "dop" else {}),
         "output_dir": str(cfg.train.output_dir),
@@ -63,7 +64,8 @@ def dry_run(cfg: Config, console) -> dict:
     for key, value in plan.items():
         table.add_row(key, escape(str(value)))  # the memory line ends in [a note], which is not markup
     console.print(table)
-    warning = rank_warning(cfg.lora.rank, adapted_linears(shape, cfg.lora.blocks, cfg.lora.targets))
+    adapted = adapted_linears(shape, cfg.lora.blocks, cfg.lora.targets)
+    warning = network_warning(cfg.lora, adapted, adapted)
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if known is not None:

@@ -37,9 +37,10 @@ from ..errors import TrainingError
 from ..fileio import append_line, write_json, write_text, write_with
 from ..images import make_grid
 from ..lora.adapter import TrainingAdapter
-from ..lora.formats import LoraWeights, modules_of, write_lora_file
+from ..lora.factored import network_args, network_options
+from ..lora.formats import linear_shapes, modules_of, write_lora_file
 from ..lora.network import LoraNetwork, create_lora
-from ..memory.estimate import rank_warning
+from ..memory.estimate import network_warning
 from ..memory.levers import apply_levers, levers_for, workload_of
 from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..monitor import Monitor
@@ -175,11 +176,9 @@ def setup(
         cfg.lora.targets,
         cfg.lora.dropout,
         seed=cfg.train.seed,
+        **network_options(cfg.lora),
     )
-    warning = rank_warning(
-        cfg.lora.rank,
-        {name: (layer.up.shape[0], layer.down.shape[1]) for name, layer in zip(network.names, network.layers)},
-    )
+    warning = network_warning(cfg.lora, linear_shapes(transformer), network.names)
     if warning and console is not None:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     network.train()
@@ -240,7 +239,7 @@ def _resume(s: Session) -> None:
         else print
     )
     _, tensors, meta = load_latest_state(s.run, log, set_aside=s.is_main)
-    s.network.load_lora_dict({name: LoraWeights(t[0], t[1]) for name, t in _pairs(lora_tensors(tensors)).items()})
+    s.network.load_state_tensors(lora_tensors(tensors))
     restore_optimizer(s.step.optimizer, tensors, meta)
     if s.ema is not None:
         s.ema.load(tensors)
@@ -249,11 +248,6 @@ def _resume(s: Session) -> None:
     if s.is_main:
         _truncate_metrics(s.run.metrics, s.start_step)
         s.drift.start = meta.get("turbo_drift_start")  # the run's own step 0, not the first preview after resuming
-
-
-def _pairs(flat: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    names = {k.rsplit(".", 1)[0] for k in flat}
-    return {n: (flat[f"{n}.down"], flat[f"{n}.up"]) for n in names}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -288,6 +282,7 @@ def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str
         "adapter_weight": cfg.model.adapter_weight,
         "rank": cfg.lora.rank,
         "alpha": cfg.lora.scale_alpha,
+        **({"network_args": network_args(cfg.lora)} if cfg.lora.type != "lora" else {}),
         "targets": modules_of(s.network.names),
         "trigger_word": cfg.train_data[0].trigger_word,
         **regularisation_fact(cfg),
@@ -337,9 +332,7 @@ def shown_weights(s: Session) -> Iterator[None]:
 
 
 def save_training_state(s: Session, step: int, loader) -> Path:
-    lora = {}
-    for name, layer in zip(s.network.names, s.network.layers):
-        lora[f"{name}.down"], lora[f"{name}.up"] = layer.down.detach(), layer.up.detach()
+    lora = s.network.state_tensors()
     extra = {"data": loader.state_dict(), "config": s.cfg.model_dump(mode="json"), "turbo_drift_start": s.drift.start}
     return save_state(
         s.run,

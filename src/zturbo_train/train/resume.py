@@ -27,7 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
 FROZEN = {
     "model.path": "the LoRA was trained on that base",
     "model.adapter": "the LoRA was trained on that de-distilled base",
+    "lora.type": "the saved LoRA and optimizer state are of that network",
     "lora.rank": "the saved LoRA and optimizer state have that shape",
+    "lora.factor": "the saved LoKr factors have that shape",
+    "lora.full_matrix": "the saved LoKr factors have that shape",
+    "lora.decompose_both": "the saved LoKr factors have that shape",
     "lora.alpha": "it scales the saved LoRA",
     "lora.targets": "the saved LoRA adapts those layers",
     "lora.blocks": "the saved LoRA adapts those blocks",
@@ -125,12 +129,20 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tupl
     return {key: (old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)}
 
 
+# [lora] keys added after runs were saved, at the value those runs trained with (a LoRA).
+_LORA_BEFORE = {"type": "lora", "factor": -1, "full_matrix": False, "decompose_both": False}
+
+
 def _effective(doc: dict[str, Any]) -> dict[str, Any]:
-    """lora.alpha unset means alpha = rank: compare the scale, not how it was written."""
+    """lora.alpha unset means alpha = rank: compare the scale, not how it was written; keys a run saved before
+    they existed compare as the value it trained with."""
     lora = doc.get("lora")
-    if isinstance(lora, dict) and lora.get("alpha") is None and "rank" in lora:
-        return {**doc, "lora": {**lora, "alpha": float(lora["rank"])}}
-    return doc
+    if not isinstance(lora, dict):
+        return doc
+    lora = {**_LORA_BEFORE, **lora}
+    if lora.get("alpha") is None and "rank" in lora:
+        lora["alpha"] = float(lora["rank"])
+    return {**doc, "lora": lora}
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
