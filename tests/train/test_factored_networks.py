@@ -226,3 +226,21 @@ def test_compiled_and_quantized_bases_train_the_branch(kind):
     assert max((a - b).abs().max().item() for a, b in zip(moved, compiled_moved)) < 1e-5
     int8, int8_moved = steps(Levers("t", checkpointing="full", quantize="int8"))
     assert all(np.isfinite(int8)) and all(m.abs().max() > 0 for m in int8_moved)
+
+
+def test_merge_ema_averages_the_factors_of_a_lokr_or_loha_run(trained, tmp_path):
+    """`zturbo merge --ema` over the run's saves (steps 20 and 40): every factor tensor of the written file is
+    the hand-weighted sum 0.9^20 w_20 + (1 - 0.9^20) w_40, and the file is the run's network (checked to fail
+    with the weights swapped)."""
+    from zturbo_train.commands.ema import post_hoc_ema
+
+    kind, _, _, result = trained
+    saves = [result.run_dir / "checkpoints" / "t-step000020.safetensors", result.lora_path]
+    out = post_hoc_ema(result.run_dir, tmp_path / "ema.safetensors", decay=0.9)
+    (early, _), (late, _), (ema, _) = (read_lora_file(p) for p in (*saves, out))
+    assert ema.keys() == late.keys() and {u.kind for u in ema.values()} == {kind}
+    for module, update in ema.items():
+        for name, tensor in update.tensors.items():
+            expected = 0.9**20 * early[module].tensors[name].float() + (1 - 0.9**20) * late[module].tensors[name]
+            assert torch.allclose(tensor.float(), expected.float(), atol=1e-6), (module, name)
+    assert not all(torch.equal(early[m].tensors[k], late[m].tensors[k]) for m in late for k in late[m].tensors)

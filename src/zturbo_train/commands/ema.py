@@ -7,9 +7,10 @@ decay b per step of that piecewise-constant path, started from the first file, i
     ema = b^(s_n - s_1) w_1 + sum_{i >= 2} (b^(s_n - s_i) - b^(s_n - s_{i-1})) w_i,
 
 weights that add up to 1 (the same as folding the files in one by one with ema <- lerp(ema, w_i,
-1 - b^(s_i - s_{i-1}))). Like train.ema it averages the LoRA factors (down and up), so the file has
-the run's rank. A run trained with train.ema saved its trained weights as `<name>-raw`: those are
-averaged, never the EMA files. Only the checkpoints `train.keep_last` kept are there to average.
+1 - b^(s_i - s_{i-1}))). Like train.ema it averages the trained factors (a LoRA's down and up, a LoKr's
+or LoHa's factor tensors), so the file has the run's network and rank. A run trained with train.ema saved
+its trained weights as `<name>-raw`: those are averaged, never the EMA files. Only the checkpoints
+`train.keep_last` kept are there to average.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from ..errors import ConfigError, LoraError
 from ..fileio import safetensors_header
+from ..lora.deltas import DeltaWeights
 from ..lora.files import LoadedLora, LoraSpec, read_loras
 from ..lora.formats import LoraDict, LoraWeights, resolve_style, write_lora_file
 from ..models import torch_dtype
@@ -85,27 +87,44 @@ def saved_loras(run: Path) -> list[Saved]:
 
 def average(loras: Sequence[LoadedLora], weights: Sequence[float]) -> LoraDict:
     """The weighted sum of the LoRAs' factors, module by module, in fp32; the files must match in layout."""
-    first = loras[0]
     out: LoraDict = {}
-    for module, update in first.weights.items():
+    for module in loras[0].weights:
         parts = [item.weights.get(module) for item in loras]
-        if not all(isinstance(p, LoraWeights) for p in parts):
-            raise LoraError(
-                f"{module}: a post-hoc EMA averages LoRA factors (down, up); a file lacks the module or holds "
-                f"another kind of update there ({', '.join(str(i.spec.path.name) for i in loras)})"
-            )
-        if len({(p.down.shape, p.up.shape, p.alpha, p.bias is None) for p in parts}) != 1:
-            raise LoraError(f"{module}: the run's files differ in rank, alpha or layout; they are not of one run")
-        down = sum(w * p.down.float() for w, p in zip(weights, parts))
-        up = sum(w * p.up.float() for w, p in zip(weights, parts))
-        bias = None if update.bias is None else sum(w * p.bias.float() for w, p in zip(weights, parts))
-        out[module] = LoraWeights(down, up, update.alpha, bias)
+        if any(p is None for p in parts):
+            raise LoraError(f"{module} is missing from some of the run's files; they are not of one run")
+        out[module] = _average_module(module, parts, weights, loras)
     extra = {m for item in loras for m in item.weights} - set(out)
     if extra:
         raise LoraError(
             f"{sorted(extra)[0]} is in some of the run's files and not in the first; they are not of one run"
         )
     return out
+
+
+def _average_module(module: str, parts: list, weights: Sequence[float], loras: Sequence[LoadedLora]):
+    """One module's factors averaged: a LoRA's down and up, or a LoKr's / LoHa's factor tensors (as train.ema
+    averages the trained parameters of either network)."""
+    if all(isinstance(p, LoraWeights) for p in parts):
+        if len({(p.down.shape, p.up.shape, p.alpha, p.bias is None) for p in parts}) != 1:
+            raise LoraError(f"{module}: the run's files differ in rank, alpha or layout; they are not of one run")
+        down = sum(w * p.down.float() for w, p in zip(weights, parts))
+        up = sum(w * p.up.float() for w, p in zip(weights, parts))
+        bias = None if parts[0].bias is None else sum(w * p.bias.float() for w, p in zip(weights, parts))
+        return LoraWeights(down, up, parts[0].alpha, bias)
+    if all(isinstance(p, DeltaWeights) and p.kind in ("lokr", "loha") and p.rows is None for p in parts):
+        layouts = {
+            (p.kind, p.alpha, p.bias is None, tuple((k, tuple(t.shape)) for k, t in sorted(p.tensors.items())))
+            for p in parts
+        }
+        if len(layouts) != 1:
+            raise LoraError(f"{module}: the run's files differ in network, rank or layout; they are not of one run")
+        tensors = {k: sum(w * p.tensors[k].float() for w, p in zip(weights, parts)) for k in parts[0].tensors}
+        bias = None if parts[0].bias is None else sum(w * p.bias.float() for w, p in zip(weights, parts))
+        return DeltaWeights(parts[0].kind, tensors, parts[0].alpha, None, bias, parts[0].source)
+    raise LoraError(
+        f"{module}: a post-hoc EMA averages the factors of a LoRA, LoKr or LoHa run; a file holds another kind of "
+        f"update there ({', '.join(str(i.spec.path.name) for i in loras)})"
+    )
 
 
 def post_hoc_ema(
