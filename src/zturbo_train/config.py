@@ -70,6 +70,9 @@ KEY_SYNONYMS = {
     "validation_every": "val_every",
     "use_ema": "ema",
     "ema_beta": "ema_decay",
+    "ema_update_interval": "ema_every",
+    "ema_interval": "ema_every",
+    "ema_on_cpu": "ema_device",
     "validation_split": "val_fraction",
     "val_split": "val_fraction",
     "is_reg": "regularisation",
@@ -455,7 +458,7 @@ class TrainConfig(_Section):
     ema: bool = Field(
         False,
         description=(
-            "Keep an EMA of the LoRA weights (on the LoRA's device); the saved <name>.safetensors and the "
+            "Keep an EMA of the LoRA weights (on ema_device); the saved <name>.safetensors and the "
             "previews use it, <name>-raw.safetensors holds the trained weights."
         ),
     )
@@ -464,6 +467,18 @@ class TrainConfig(_Section):
     )
     ema_start: int = Field(
         0, ge=0, description="Steps before the EMA starts averaging (until then it follows the weights)."
+    )
+    ema_device: Literal["gpu", "cpu"] = Field(
+        "gpu",
+        description=(
+            "Where the EMA lives: gpu (beside the LoRA on the training device; no host sync) or cpu (host memory, "
+            "none of the GPU's; each update copies the LoRA to the host, so raise ema_every)."
+        ),
+    )
+    ema_every: int = Field(
+        1,
+        ge=1,
+        description="Update the EMA every N steps, with decay^N, so it averages over the same steps (cpu: 5-10).",
     )
     val_dir: Path | None = Field(
         None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import zturbo_train.train.loop as loop_module
@@ -51,12 +52,40 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
     assert labels == [["step 0 (EMA weights)"], ["step 6 (EMA weights)"]]
 
 
-def test_ema_resumes_bit_exactly(tmp_path, example_data, monkeypatch):
+def test_an_ema_on_the_host_updated_every_third_step_is_the_hand_computed_one(tmp_path, example_data, monkeypatch):
+    """ema_device = "cpu", ema_every = 3, ema_start = 3 over 7 steps: the average (on the host) follows the
+    weights at step 3 (<= start: a copy), takes e <- d^3 e + (1 - d^3) w at step 6 and nothing at 7. Checked to
+    fail with decay^every replaced by decay, and with every step updating."""
+    recorded = []
+    original = TrainStep.update
+
+    def update(self, lr):
+        norm = original(self, lr)
+        recorded.append([p.detach().clone() for p in self.params])
+        return norm
+
+    monkeypatch.setattr(TrainStep, "update", update)
+    averages = []
+    monkeypatch.setattr(loop_module.LoraEma, "state_tensors", lambda self: averages.append(self.average) or {})
+    host = ["train.ema_device='cpu'", "train.ema_every=3", "train.ema_start=3", "train.ema_decay=0.6", "train.ema=true"]
+    cfg = load_config(make_config(tmp_path, example_data, steps=7, save_every=0, sample_every=0, lr=5e-3), host)
+    run(cfg, quiet=True)
+    d3 = cfg.train.ema_decay**3
+    expected = [d3 * a + (1 - d3) * b for a, b in zip(recorded[2], recorded[5])]
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in averages[-1])
+    for got, want in zip(averages[-1], expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(got, w, atol=1e-7) for got, w in zip(averages[-1], recorded[-1]))
+
+
+@pytest.mark.parametrize("ema", [EMA, [*EMA, "train.ema_device='cpu'", "train.ema_every=3"]], ids=["gpu", "cpu"])
+def test_ema_resumes_bit_exactly(tmp_path, example_data, monkeypatch, ema):
     """A run without saves equals one saving at steps 2 and 4 (the average swapped in and out), stopped at 4 and
-    resumed (the average from the state). Checked to fail with swapped_in not putting the trained weights back."""
+    resumed (the average from the state); on the host with updates every 3 steps too. Checked to fail with
+    swapped_in not putting the trained weights back."""
     settings = dict(steps=6, sample_every=0, lr=5e-3)
-    full = run(load_config(make_config(tmp_path / "a", example_data, save_every=0, **settings), EMA), quiet=True)
-    cfg = load_config(make_config(tmp_path / "b", example_data, save_every=2, **settings), EMA)
+    full = run(load_config(make_config(tmp_path / "a", example_data, save_every=0, **settings), ema), quiet=True)
+    cfg = load_config(make_config(tmp_path / "b", example_data, save_every=2, **settings), ema)
     _interrupt_after(monkeypatch, 4)
     assert run(cfg, quiet=True).steps_done == 4
     monkeypatch.undo()

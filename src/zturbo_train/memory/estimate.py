@@ -123,7 +123,7 @@ class Workload:
     factor: int = -1
     full_matrix: bool = False
     decompose_both: bool = False
-    ema: bool = False  # train.ema: one more fp32 copy of the LoRA
+    ema: bool = False  # train.ema on the GPU: one more fp32 copy of the LoRA (on the host: none)
     preservation: bool = False  # train.preservation = "dop": two more forwards per micro-batch
     caption_tokens: int = 128
     dtype_bytes: int = 2  # the model dtype: bf16/fp16 2, fp32 4

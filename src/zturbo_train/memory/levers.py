@@ -69,7 +69,7 @@ def workload_of(cfg: Config) -> Workload:
         lora_blocks=tuple(cfg.lora.blocks),
         optimizer=cfg.train.optimizer,
         **network_of(cfg.lora),
-        ema=cfg.train.ema,
+        ema=cfg.train.ema and cfg.train.ema_device == "gpu",  # an EMA on the host takes no GPU memory
         preservation=cfg.train.preservation == "dop",
         dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
     )

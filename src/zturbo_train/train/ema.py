@@ -1,7 +1,10 @@
-"""EMA of the LoRA weights (train.ema): an fp32 copy on the LoRA's device, updated after each optimizer step.
+"""EMA of the LoRA weights (train.ema): an fp32 copy, updated after every `ema_every`-th optimizer step.
 
-Up to `ema_start` the average is the weights themselves; after it, ema <- ema + (1 - decay)(w - ema), one
-fused lerp over all tensors with no host sync. Saving and previews swap the average in and put the
+Up to `ema_start` the average is the weights themselves; after it, ema <- ema + (1 - decay^every)(w - ema),
+one fused lerp over all tensors. On the LoRA's device (`ema_device = "gpu"`) that is no host sync; on the
+host (`"cpu"`, for a GPU too small to hold the copy) each update first copies the weights to host
+buffers made once, which waits for the GPU: one sync per update, so updates are spaced by `ema_every`
+(decay^every keeps the average's span in steps the same). Saving and previews swap the average in and put the
 trained weights back exactly (`swapped_in`); the average rides in the training state, so a resume
 continues it bit for bit.
 """
@@ -18,22 +21,36 @@ PREFIX = "ema."  # keys of the average in state.safetensors, by parameter index
 
 
 class LoraEma:
-    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float, start: int):
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], decay: float, start: int, device: str = "gpu", every: int = 1
+    ):
         self.params = list(params)
-        self.decay, self.start = decay, start
-        self.average = [p.detach().float().clone() for p in self.params]
+        self.decay, self.start, self.every = decay, start, every
+        self.host = device == "cpu"
+        self.average = [self._home(p) for p in self.params]
         # views of the weights, made once (the LoRA trains in fp32, so no per-step cast or copy is needed)
         self._fp32 = all(p.dtype == torch.float32 for p in self.params)
         self._weights = [p.detach() for p in self.params]
+        # ema_device = "cpu": host buffers the weights are copied into before the lerp, made once
+        self._staging = [torch.empty_like(a) for a in self.average] if self.host else None
+
+    def _home(self, tensor: Tensor) -> Tensor:
+        """An fp32 copy of `tensor` where the average lives."""
+        return tensor.detach().to("cpu" if self.host else tensor.device, torch.float32, copy=True)
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """After optimizer step `step` (1-based)."""
+        """After optimizer step `step` (1-based); only every `every`-th step does anything."""
+        if step % self.every:
+            return
         weights = self._weights if self._fp32 else [w.float() for w in self._weights]
+        if self._staging is not None:
+            torch._foreach_copy_(self._staging, weights)
+            weights = self._staging
         if step <= self.start:
             torch._foreach_copy_(self.average, weights)
         else:
-            torch._foreach_lerp_(self.average, weights, 1.0 - self.decay)
+            torch._foreach_lerp_(self.average, weights, 1.0 - self.decay**self.every)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -55,6 +72,6 @@ class LoraEma:
     def load(self, tensors: dict[str, Tensor]) -> None:
         """From a saved state; a state saved without EMA (turned on at resume) starts it from the weights."""
         if f"{PREFIX}0" not in tensors:
-            self.average = [p.detach().float().clone() for p in self.params]
+            self.average = [self._home(p) for p in self.params]
             return
-        self.average = [tensors[f"{PREFIX}{i}"].to(p.device, torch.float32) for i, p in enumerate(self.params)]
+        self.average = [self._home(tensors[f"{PREFIX}{i}"].to(p.device)) for i, p in enumerate(self.params)]

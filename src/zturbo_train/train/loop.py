@@ -214,7 +214,8 @@ def setup(
         rank=ranks.rank,
         world=ranks.world,
     )
-    session.ema = LoraEma(params, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema else None
+    t = cfg.train
+    session.ema = LoraEma(params, t.ema_decay, t.ema_start, t.ema_device, t.ema_every) if t.ema else None
     session.validation = Validation.build(dataset, cfg.train.seed, cfg.train.val_every, step.settings, device)
     if resume:
         _resume(session)
