@@ -333,6 +333,20 @@ def test_real_config_dry_run_against_tiny(example_data):
     )
     assert result.exit_code == 0, result.output
     assert "training plan" in result.output and "rank 32" in result.output
+    assert "adamw, lr 0.0001 constant" in result.output and "val_loss" not in result.output
+
+
+def test_dry_run_states_the_optimizer_the_ema_and_the_validation(tmp_path, example_data):
+    """The plan says what the run does with each step beyond the LoRA: optimizer and schedule, EMA, val_loss."""
+    extra = ["train.ema=true", "train.ema_device='cpu'", "train.ema_every=5", "train.val_fraction=0.2"]
+    extra += ["train.warmup_steps=10", "train.lr_scheduler='cosine'", "train.loraplus_ratio=16"]
+    cfg = make_config(tmp_path, example_data)
+    result = runner.invoke(app, ["train", str(cfg), "--dry-run", *[a for e in extra for a in ("--set", e)]])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "optimizer adamw, lr 0.002 cosine, warm-up 10, LoRA+ ratio 16" in text
+    assert "ema decay 0.999 from step 0, in host memory, updated every 5 steps; the main file is the EMA" in text
+    assert "validation 20% of the training images held out, val_loss every 100 steps" in text
 
 
 def test_out_of_memory_names_the_settings_that_lower_memory(tmp_path, example_data, monkeypatch):

@@ -54,6 +54,7 @@ def dry_run(cfg: Config, console) -> dict:
         **regularisation_plan(inspection),
         "steps": cfg.train.steps,
         "effective batch": cfg.train.batch_size * cfg.train.grad_accum,
+        **training_plan(cfg),
         "lora": f"{network_label(cfg.lora.model_dump())} rank {cfg.lora.rank}, alpha {cfg.lora.scale_alpha:g}, "
         f"{', '.join(cfg.lora.targets)} in {', '.join(cfg.lora.blocks)}",
         "memory": memory if known is None else f"{memory}; {NOT_DOWNLOADED}",
@@ -76,6 +77,28 @@ def dry_run(cfg: Config, console) -> dict:
             markup=False,
         )
     return plan
+
+
+def training_plan(cfg: Config) -> dict[str, str]:
+    """The optimizer and schedule, and the EMA and validation when on: what the run does with each step."""
+    t = cfg.train
+    warmup = f", warm-up {t.warmup_steps}" if t.warmup_steps else ""
+    extras = "".join(
+        [
+            f", LoRA+ ratio {t.loraplus_ratio:g}" if t.loraplus_ratio != 1.0 else "",
+            f", {t.optimizer_args}" if t.optimizer_args else "",
+        ]
+    )
+    rows = {"optimizer": f"{t.optimizer}, lr {t.lr:g} {t.lr_scheduler}{warmup}{extras}"}
+    if t.ema:
+        where = "in host memory" if t.ema_device == "cpu" else "on the training device"
+        every = f", updated every {t.ema_every} steps" if t.ema_every > 1 else ""
+        rows["ema"] = f"decay {t.ema_decay:g} from step {t.ema_start}, {where}{every}; the main file is the EMA"
+    fraction = f"{t.val_fraction:.0%} of the training images" if t.val_fraction else ""
+    held = [str(t.val_dir) if t.val_dir else "", fraction]
+    if any(held):
+        rows["validation"] = f"{' and '.join(h for h in held if h)} held out, val_loss every {t.val_every} steps"
+    return rows
 
 
 def regularisation_plan(inspection) -> dict[str, str]:
