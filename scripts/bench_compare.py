@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 # (preset, resolution, s/step target, peak GiB target or None, ratio to the plain step the issue names)
-TRAIN_TARGETS = [("high", 1024, 0.25, None, "2.6x"), ("high", 512, 0.10, None, "6x"),
-                 ("16gb", 1024, 0.35, 15.0, None), ("8gb", 1024, 0.9, 8.0, None)]
+TRAIN_TARGETS = [
+    ("high", 1024, 0.25, None, "2.6x"),
+    ("high", 512, 0.10, None, "6x"),
+    ("16gb", 1024, 0.35, 15.0, None),
+    ("8gb", 1024, 0.9, 8.0, None),
+]
 SAMPLING_TARGET = (1024, 0.8)  # 8 steps at 1024 px in <= 0.8 s of transformer time
 
 
@@ -28,15 +32,21 @@ def load_plain(path: Path | None) -> list[dict[str, Any]]:
 
 def plain_step(plain: list[dict[str, Any]], resolution: int, checkpointing: bool = True) -> float | None:
     for row in plain:
-        if (row.get("what") == "train_step" and row.get("tag") == "eager" and row.get("res") == resolution
-                and row.get("grad_ckpt") == checkpointing and "s_per_step" in row):
+        if (
+            row.get("what") == "train_step"
+            and row.get("tag") == "eager"
+            and row.get("res") == resolution
+            and row.get("grad_ckpt") == checkpointing
+            and "s_per_step" in row
+        ):
             return row["s_per_step"]
     return None
 
 
 def plain_sampling(plain: list[dict[str, Any]], resolution: int) -> float | None:
-    return next((r["seconds"] for r in plain if r.get("what") == "sample_transformer" and r.get("res") == resolution),
-                None)
+    return next(
+        (r["seconds"] for r in plain if r.get("what") == "sample_transformer" and r.get("res") == resolution), None
+    )
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
@@ -52,18 +62,30 @@ def merge(paths: list[Path]) -> dict[str, Any]:
 
 
 def find_row(doc: dict[str, Any], preset: str, resolution: int) -> dict[str, Any] | None:
-    rows = [r for r in doc["rows"] if r["preset"] == preset and r["resolution"] == resolution and r["rank"] == 32
-            and r["batch"] == 1 and not r.get("variant")]
+    rows = [
+        r
+        for r in doc["rows"]
+        if r["preset"] == preset
+        and r["resolution"] == resolution
+        and r["rank"] == 32
+        and r["batch"] == 1
+        and not r.get("variant")
+    ]
     return rows[0] if rows else None
 
 
 def judge(doc: dict[str, Any], plain: list[dict[str, Any]]) -> list[str]:
-    lines = ["| target | measured | plain step, same run | speed-up vs plain | verdict |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| target | measured | plain step, same run | speed-up vs plain | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for preset, resolution, seconds, peak, ratio in TRAIN_TARGETS:
         row = find_row(doc, preset, resolution)
-        want = f"`{preset}` {resolution} px: <= {seconds} s/step" + (f", <= {peak:g} GiB" if peak else "") + (
-            f" ({ratio} the plain step)" if ratio else "")
+        want = (
+            f"`{preset}` {resolution} px: <= {seconds} s/step"
+            + (f", <= {peak:g} GiB" if peak else "")
+            + (f" ({ratio} the plain step)" if ratio else "")
+        )
         base = plain_step(plain, resolution)
         if row is None or "error" in row:
             lines.append(f"| {want} | {'not run' if row is None else row['error']} | {_s(base)} | - | not measured |")
@@ -84,7 +106,7 @@ def _sampling_line(doc: dict[str, Any], plain: list[dict[str, Any]]) -> str:
     if not runs:
         return f"| {want} | not run | {_s(base)} | - | not measured |"
     best = min(runs, key=lambda s: s["seconds_no_lora"])
-    got = (f"{best['seconds_no_lora']:.3f} s without LoRA, {best['seconds']:.3f} s with (`{best['preset']}`)")
+    got = f"{best['seconds_no_lora']:.3f} s without LoRA, {best['seconds']:.3f} s with (`{best['preset']}`)"
     speedup = f"{base / best['seconds_no_lora']:.2f}x" if base else "-"
     verdict = "met" if best["seconds_no_lora"] <= seconds else f"MISSED by {best['seconds_no_lora'] / seconds - 1:.0%}"
     return f"| {want} | {got} | {_s(base)} | {speedup} | {verdict} |"
@@ -104,8 +126,10 @@ def _miss(row: dict[str, Any], seconds: float, peak: float | None) -> str:
 
 
 def all_rows(doc: dict[str, Any], plain: list[dict[str, Any]]) -> list[str]:
-    lines = ["| preset | levers | px | s/step | peak GiB | est. GiB | vs plain | device busy | by kernel class |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| preset | levers | px | s/step | peak GiB | est. GiB | vs plain | device busy | by kernel class |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for row in doc["rows"]:
         if "error" in row:
             lines.append(f"| {_name(row)} | | {row['resolution']} | {row['error']} | | | | | |")
@@ -115,12 +139,16 @@ def all_rows(doc: dict[str, Any], plain: list[dict[str, Any]]) -> list[str]:
         busy = profile.get("device_busy_s")
         classes = ", ".join(f"{k} {v:.3f}" for k, v in (profile.get("by_class_s") or {}).items())
         lever = row["levers"]
-        short = f"ckpt {lever['checkpointing']}, {'compiled' if lever['compile'] else 'eager'}, {lever['quantize']}, " \
-                f"{lever['attention_backend']}{', offload' if lever['offload'] != 'none' else ''}"
+        short = (
+            f"ckpt {lever['checkpointing']}, {'compiled' if lever['compile'] else 'eager'}, {lever['quantize']}, "
+            f"{lever['attention_backend']}{', offload' if lever['offload'] != 'none' else ''}"
+        )
         speedup = f"{base / row['s_per_step']:.2f}x" if base else "-"
         busy_text = "-" if busy is None else f"{busy:.3f} s"
-        lines.append(f"| {_name(row)} | {short} | {row['resolution']} | {row['s_per_step']:.4f} | {row['peak_gib']} "
-                     f"| {row['estimate_gib']} | {speedup} | {busy_text} | {classes} |")
+        lines.append(
+            f"| {_name(row)} | {short} | {row['resolution']} | {row['s_per_step']:.4f} | {row['peak_gib']} "
+            f"| {row['estimate_gib']} | {speedup} | {busy_text} | {classes} |"
+        )
     return lines
 
 

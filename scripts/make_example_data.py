@@ -5,8 +5,8 @@ Run once; the output is committed under examples/data. Every picture shows the s
 sizes, so a LoRA has one clear thing to learn.
 """
 
-from pathlib import Path
 import random
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -32,7 +32,8 @@ def main() -> None:
     places = ["on a blue floor", "in the middle", "near the corner", "on blue ground", "centered", "alone"]
     for i, size in enumerate(SIZES):
         draw(i, size, rng).save(OUT / f"img_{i:02d}.png")
-        (OUT / f"img_{i:02d}.txt").write_text(f"[trigger] a red square with a yellow dot {places[i]}\n", encoding="utf-8")
+        caption = f"[trigger] a red square with a yellow dot {places[i]}\n"
+        (OUT / f"img_{i:02d}.txt").write_text(caption, encoding="utf-8")
 
 
 if __name__ == "__main__":
