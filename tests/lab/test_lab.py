@@ -71,6 +71,7 @@ def test_lab_folder_is_usable_by_the_ordinary_commands(smoke_lab):
     quality = smoke_lab.info["quality"]
     assert set(quality["student"]) == {"1", "2", "4", "8", "30"} and 0 <= quality["student"]["2"]["blur"]
     assert quality["teacher_drift"]["old"] > 0 and quality["student_adapter_drift"]["new"] > 0
+    assert quality["ideal"]["1"]["blur"] == pytest.approx(0.5, abs=1e-3)  # a perfect teacher's 1 step: the modes' mean
 
 
 def test_mode_latents_are_what_the_training_cache_encodes(smoke_lab):

@@ -4,6 +4,7 @@
     metric.py      precision, coverage and blur of sampled latents against the modes' latents
     measure.py     sampling through sampling.generate_latents, scored with metric.py
     build.py       VAE fit, teacher (flow matching), Turbo student (reflow), de-distill adapter
+    ideal.py       the concepts' exact flow-matching field: how blurry a perfect teacher is per step count
     experiment.py  user LoRAs trained with the real `zturbo train`, measured at 1-30 steps
     report.py      the TURBO.md tables (mean and min-max over seeds) and curves
 

@@ -432,12 +432,14 @@ def save_lab(
 
 def quality_report(lab: Lab, n: int, log: Log) -> dict:
     """Teacher, student and student + adapter on the old concepts, and the student on the unseen new one,
-    with each one's turbo_drift (8 steps) on the old concepts and on the new one."""
+    with each one's turbo_drift (8 steps) on the old concepts and on the new one; and the exact field's
+    samples (ideal.py: what a perfect teacher would do) as the yardstick for the teacher's blur."""
     from ..lora.formats import read_lora_file
     from ..lora.network import load_lora
     from ..models import load_parts
+    from .ideal import ideal_curve
 
-    report = {}
+    report = {"ideal": ideal_curve(lab.embeds, lab.modes, lab.old_captions, EVAL_STEPS, n)}
     for name, path in (("teacher", lab.teacher), ("student", lab.student)):
         parts = load_parts(str(path), ["transformer", "scheduler"], dtype="fp32", device="cpu")
         result = measure(
@@ -457,6 +459,10 @@ def quality_report(lab: Lab, n: int, log: Log) -> dict:
             result = measure(parts.transformer, parts.scheduler, lab.embeds, lab.modes, lab.old_captions, EVAL_STEPS, n)
             report["student_adapter"] = averaged(result, lab.old_captions)
             report["student_adapter_drift"] = model_drift(parts.transformer, parts.scheduler, lab, n)
+    log(
+        "ideal (exact field) blur on old concepts by steps: "
+        + " ".join(f"{k}:{v['blur']:.3f}" for k, v in report["ideal"].items())
+    )
     for name in ("teacher", "student", "student_adapter"):
         log(f"{name} turbo_drift (8 steps): {report[f'{name}_drift']}")
         blur = " ".join(f"{k}:{v['blur']:.3f}" for k, v in report[name].items())
