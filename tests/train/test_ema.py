@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zturbo_train.train.loop as loop_module
-from train.test_loop import _interrupt_after, make_config
+from train.test_loop import _interrupt_after, make_config, metrics
 from zturbo_train.config import load_config
 from zturbo_train.images import make_grid
 from zturbo_train.lora.formats import read_lora_file
@@ -93,3 +93,39 @@ def test_ema_resumes_bit_exactly(tmp_path, example_data, monkeypatch, ema):
     for name in ("t.safetensors", "t-raw.safetensors"):
         a, b = read_lora_file(full.run_dir / name)[0], read_lora_file(resumed.run_dir / name)[0]
         assert all(torch.equal(a[k].down, b[k].down) and torch.equal(a[k].up, b[k].up) for k in a), name
+
+
+def test_ema_weights_are_smoother_and_no_worse_on_held_out_images(tmp_path, example_data, monkeypatch):
+    """What an EMA is for, on the tiny model at a noisy lr (2e-2, decay 0.9, 40 steps): its step-to-step
+    jitter (the energy of second differences over steps 20-40, which a steady drift does not contribute) is a
+    small fraction of the trained weights', and its val_loss at the end is no worse than the same run without
+    EMA (the trained weights are the same in both runs). Measured over seeds 1-3: jitter ratio 0.040-0.042,
+    final val_loss ratio 0.988-1.011; asserted < 0.2 and < 1.03. Checked to fail with decay^every -> 0 (the
+    average is the weights: jitter ratio 1) and with the lerp's weight 1 - decay -> decay (ratio 0.83)."""
+    trained, averaged = [], []
+    original_update, original_ema = TrainStep.update, loop_module.LoraEma.update
+
+    def update(self, lr):
+        norm = original_update(self, lr)
+        trained.append(torch.cat([p.detach().flatten() for p in self.params]))
+        return norm
+
+    def ema_update(self, step):
+        original_ema(self, step)
+        averaged.append(torch.cat([a.flatten() for a in self.average]))
+
+    monkeypatch.setattr(TrainStep, "update", update)
+    monkeypatch.setattr(loop_module.LoraEma, "update", ema_update)
+    settings = dict(steps=40, lr=2e-2, save_every=0, sample_every=0, log_every=10)
+    val = ["train.val_fraction=0.34", "train.val_every=10"]
+    plain = run(load_config(make_config(tmp_path / "plain", example_data, **settings), val), quiet=True)
+    trained.clear()
+    ema = ["train.ema=true", "train.ema_decay=0.9"]
+    smoothed = run(load_config(make_config(tmp_path / "ema", example_data, **settings), val + ema), quiet=True)
+
+    def jitter(weights: list[torch.Tensor]) -> float:
+        return float(sum(((weights[i] - 2 * weights[i - 1] + weights[i - 2]) ** 2).sum() for i in range(20, 40)))
+
+    assert jitter(averaged) < 0.2 * jitter(trained), (jitter(averaged), jitter(trained))
+    last = [metrics(r.run_dir)[-1]["val_loss"] for r in (plain, smoothed)]
+    assert last[1] < 1.03 * last[0], last
