@@ -16,11 +16,9 @@ from zturbo_train.train.step import TrainStep
 EMA = ["train.ema=true", "train.ema_decay=0.6", "train.ema_start=2"]
 
 
-def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_path, example_data, monkeypatch):
-    """The weights after every step are recorded; an EMA computed here by hand (follow until ema_start, then
-    e <- d e + (1 - d) w) equals the saved <name>.safetensors, and <name>-raw.safetensors is the last step's
-    weights; the previews' grid says it shows the EMA. Checked to fail with ema_start ignored."""
-    recorded = []
+def record_weights(monkeypatch) -> list[list[torch.Tensor]]:
+    """The LoRA's weights after every optimizer step, in the step's parameter order (filled as the run goes)."""
+    recorded: list[list[torch.Tensor]] = []
     original = TrainStep.update
 
     def update(self, lr):
@@ -29,6 +27,14 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
         return norm
 
     monkeypatch.setattr(TrainStep, "update", update)
+    return recorded
+
+
+def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_path, example_data, monkeypatch):
+    """The weights after every step are recorded; an EMA computed here by hand (follow until ema_start, then
+    e <- d e + (1 - d) w) equals the saved <name>.safetensors, and <name>-raw.safetensors is the last step's
+    weights; the previews' grid says it shows the EMA. Checked to fail with ema_start ignored."""
+    recorded = record_weights(monkeypatch)
     labels = []
     monkeypatch.setattr(
         loop_module, "make_grid", lambda rows, names: labels.append(list(names)) or make_grid(rows, names)
@@ -56,15 +62,7 @@ def test_an_ema_on_the_host_updated_every_third_step_is_the_hand_computed_one(tm
     """ema_device = "cpu", ema_every = 3, ema_start = 3 over 7 steps: the average (on the host) follows the
     weights at step 3 (<= start: a copy), takes e <- d^3 e + (1 - d^3) w at step 6 and nothing at 7. Checked to
     fail with decay^every replaced by decay, and with every step updating."""
-    recorded = []
-    original = TrainStep.update
-
-    def update(self, lr):
-        norm = original(self, lr)
-        recorded.append([p.detach().clone() for p in self.params])
-        return norm
-
-    monkeypatch.setattr(TrainStep, "update", update)
+    recorded = record_weights(monkeypatch)
     averages = []
     monkeypatch.setattr(loop_module.LoraEma, "state_tensors", lambda self: averages.append(self.average) or {})
     host = ["train.ema_device='cpu'", "train.ema_every=3", "train.ema_start=3", "train.ema_decay=0.6", "train.ema=true"]
@@ -102,30 +100,25 @@ def test_ema_weights_are_smoother_and_no_worse_on_held_out_images(tmp_path, exam
     EMA (the trained weights are the same in both runs). Measured over seeds 1-3: jitter ratio 0.040-0.042,
     final val_loss ratio 0.988-1.011; asserted < 0.2 and < 1.03. Checked to fail with decay^every -> 0 (the
     average is the weights: jitter ratio 1) and with the lerp's weight 1 - decay -> decay (ratio 0.83)."""
-    trained, averaged = [], []
-    original_update, original_ema = TrainStep.update, loop_module.LoraEma.update
-
-    def update(self, lr):
-        norm = original_update(self, lr)
-        trained.append(torch.cat([p.detach().flatten() for p in self.params]))
-        return norm
+    averaged: list[torch.Tensor] = []
+    original_ema = loop_module.LoraEma.update
 
     def ema_update(self, step):
         original_ema(self, step)
         averaged.append(torch.cat([a.flatten() for a in self.average]))
 
-    monkeypatch.setattr(TrainStep, "update", update)
     monkeypatch.setattr(loop_module.LoraEma, "update", ema_update)
     settings = dict(steps=40, lr=2e-2, save_every=0, sample_every=0, log_every=10)
     val = ["train.val_fraction=0.34", "train.val_every=10"]
     plain = run(load_config(make_config(tmp_path / "plain", example_data, **settings), val), quiet=True)
-    trained.clear()
+    recorded = record_weights(monkeypatch)  # the second run's (the same trained weights as the first's)
     ema = ["train.ema=true", "train.ema_decay=0.9"]
     smoothed = run(load_config(make_config(tmp_path / "ema", example_data, **settings), val + ema), quiet=True)
 
     def jitter(weights: list[torch.Tensor]) -> float:
         return float(sum(((weights[i] - 2 * weights[i - 1] + weights[i - 2]) ** 2).sum() for i in range(20, 40)))
 
+    trained = [torch.cat([w.flatten() for w in weights]) for weights in recorded]
     assert jitter(averaged) < 0.2 * jitter(trained), (jitter(averaged), jitter(trained))
     last = [metrics(r.run_dir)[-1]["val_loss"] for r in (plain, smoothed)]
     assert last[1] < 1.03 * last[0], last
