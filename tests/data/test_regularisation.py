@@ -340,6 +340,24 @@ def test_only_regularisation_sets_or_ratios_adding_to_one_are_refused():
     assert [d.regularisation for d in cfg.train_data] == [False]
 
 
+@pytest.mark.parametrize(
+    "train_dir, reg_dir, where",
+    [("/d/me", "/d/me/reg", "is in"), ("/d/me", "/d/me", "is"), ("/d/people/me", "/d/people", "holds")],
+)
+def test_a_regularisation_set_overlapping_a_training_folder_is_refused(train_dir, reg_dir, where):
+    """Folders are searched recursively, so a reg set inside the training folder was also trained as the subject,
+    its captions given the trigger word (`DOP: 8 of the 10 trained images have the trigger word` for 6 training and
+    2 reg images), and one around it trained the subject as the class: refused in one line with the fix; a folder
+    beside it (`/d/me-reg`, a name that merely starts alike) passes. Checked to fail with the check removed."""
+    raw = {"data": [{"dir": train_dir, "trigger_word": "sks"}, {"dir": reg_dir, "regularisation": True}]}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    message = str(err.value)
+    assert f"the regularisation set {reg_dir} {where} the training folder {train_dir}" in message
+    assert "move the regularisation images to a folder of their own" in message and "\n" not in message
+    validate_config({"data": [{"dir": "/d/me", "trigger_word": "sks"}, {"dir": "/d/me-reg", "regularisation": True}]})
+
+
 def test_a_regularisation_config_round_trips_through_config_json():
     """config.json (model_dump) read back is the same config: a resume reads it so (the default ratio stays unset)."""
     cfg = validate_config({"data": [{"dir": "/a"}, {"dir": "/b", "regularisation": True, "loss_weight": 0.5}]})
