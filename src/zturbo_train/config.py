@@ -663,6 +663,21 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _regularisation_apart(self) -> "Config":
+        """Folders are searched recursively: a regularisation set inside a training folder (or around one, or the
+        same) would train its class images with the trigger word too (or the subject's as the class)."""
+        for reg in (d for d in self.data if d.regularisation):
+            for train in self.train_data:
+                if reg.dir.is_relative_to(train.dir) or train.dir.is_relative_to(reg.dir):
+                    where = "is" if reg.dir == train.dir else "holds" if train.dir.is_relative_to(reg.dir) else "is in"
+                    raise ValueError(
+                        f"the regularisation set {reg.dir} {where} the training folder {train.dir}, and folders are "
+                        f"searched recursively, so the same images would be trained both with and without the "
+                        f"trigger word; move the regularisation images to a folder of their own beside it"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _preservation_has_a_trigger(self) -> "Config":
         """DOP replaces the trigger word by the class word: it needs a trigger, and one that is not the class."""
         if self.train.preservation != "dop":

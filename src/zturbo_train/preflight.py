@@ -187,9 +187,13 @@ def ema_decay(decay: float | None, half_life: float | None) -> float:
     if (decay is None) == (half_life is None):
         raise ConfigError("give the EMA's speed once: --ema-decay (e.g. 0.999) or --ema-half-life STEPS (e.g. 100)")
     if half_life is not None:
-        if not half_life > 0:
-            raise ConfigError(f"--ema-half-life {half_life:g} must be a positive number of steps, e.g. 100")
-        return 0.5 ** (1.0 / half_life)
+        decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 0.0
+        if not 0.0 < decay < 1.0:  # a half-life too long or short for a float decay (inf, 1e20, 1e-4) is none
+            raise ConfigError(
+                f"--ema-half-life {half_life:g} must be a positive, finite number of steps whose decay per step "
+                f"0.5^(1/half-life) lies strictly between 0 and 1, e.g. 100"
+            )
+        return decay
     if not 0.0 < decay < 1.0:
         raise ConfigError(f"--ema-decay {decay:g} must be between 0 and 1 (not included), e.g. 0.999")
     return decay

@@ -118,3 +118,18 @@ def test_refusals_are_one_line(tmp_path):
     (run_dir / "checkpoints" / "t-step000004.safetensors").unlink()
     with pytest.raises(ConfigError, match="needs at least two saved LoRAs; .* has 1 of `t`"):
         post_hoc_ema(run_dir, tmp_path / "ema.safetensors", decay=0.9)
+
+
+@pytest.mark.parametrize("half_life", ["inf", "1e20", "1e-4"])
+def test_a_half_life_whose_decay_is_not_between_0_and_1_is_refused_before_writing(tmp_path, half_life):
+    """A half-life so long (or short) that decay = 0.5^(1/half_life) rounds to 1 (or 0) is refused in one line,
+    and nothing is written: it used to write the file, then stop on a ZeroDivisionError (math.log(1)) or a
+    ValueError (math.log(0)) in the report line. Checked to fail with the range check in `ema_decay` removed."""
+    run_dir = fake_run(tmp_path / "run")
+    out = tmp_path / "ema.safetensors"
+    result = runner.invoke(app, ["merge", "--ema", str(run_dir), "--ema-half-life", half_life, "--to-lora", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"--ema-half-life {float(half_life):g}" in result.output and "e.g. 100" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

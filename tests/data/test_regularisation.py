@@ -227,6 +227,23 @@ def test_the_data_summary_names_the_regularisation_set(tiny_dir, example_data, r
     )
 
 
+def test_with_dop_the_summary_and_the_dry_run_do_not_count_the_set_as_images_missing_a_trigger(
+    tmp_path, tiny_dir, example_data, reg, cache
+):
+    """A reg set has no trigger by design (refused), so DOP's part of the summary counts the training images only
+    (it said `6 of the 10 trained images have the trigger word`, as if four lacked one) and the dry run's
+    preservation row does not list the set as a table without a trigger_word (it said `[data] table 1 has no
+    trigger_word`). Checked to fail with either line counting the set again."""
+    out = io.StringIO()
+    build(tiny_dir, cache, tables(example_data, reg), Console(file=out, width=400), preservation="dop")
+    assert "; DOP: 6 of the 6 training images have the trigger word to replace" in out.getvalue()
+    cfg = config_file(tmp_path, example_data, reg, preservation="dop")
+    dry = runner.invoke(app, ["train", str(cfg), "--dry-run"], env={"COLUMNS": "400"})
+    assert dry.exit_code == 0, dry.output
+    row = next(line for line in dry.output.splitlines() if "dop: 'sks' -> 'person'" in line)
+    assert "no trigger_word" not in row
+
+
 def config_file(tmp_path: Path, example_data: Path, reg: Path, reg_keys: str = "", **train) -> Path:
     settings = {
         "steps": 6,
@@ -338,6 +355,24 @@ def test_only_regularisation_sets_or_ratios_adding_to_one_are_refused():
         }
     )
     assert [d.regularisation for d in cfg.train_data] == [False]
+
+
+@pytest.mark.parametrize(
+    "train_dir, reg_dir, where",
+    [("/d/me", "/d/me/reg", "is in"), ("/d/me", "/d/me", "is"), ("/d/people/me", "/d/people", "holds")],
+)
+def test_a_regularisation_set_overlapping_a_training_folder_is_refused(train_dir, reg_dir, where):
+    """Folders are searched recursively, so a reg set inside the training folder was also trained as the subject,
+    its captions given the trigger word (`DOP: 8 of the 10 trained images have the trigger word` for 6 training and
+    2 reg images), and one around it trained the subject as the class: refused in one line with the fix; a folder
+    beside it (`/d/me-reg`, a name that merely starts alike) passes. Checked to fail with the check removed."""
+    raw = {"data": [{"dir": train_dir, "trigger_word": "sks"}, {"dir": reg_dir, "regularisation": True}]}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    message = str(err.value)
+    assert f"the regularisation set {reg_dir} {where} the training folder {train_dir}" in message
+    assert "move the regularisation images to a folder of their own" in message and "\n" not in message
+    validate_config({"data": [{"dir": "/d/me", "trigger_word": "sks"}, {"dir": "/d/me-reg", "regularisation": True}]})
 
 
 def test_a_regularisation_config_round_trips_through_config_json():

@@ -283,9 +283,10 @@ def report_summary(dataset: TrainDataset, console, tables: Sequence[DataConfig])
     held = f" ({held} held out for validation)" if held else ""
     dop = ""
     if dataset.class_captions is not None:
-        trained = {sample.item for sample in dataset.samples}
+        reg = {dataset.samples[i].item for mix in dataset.mixes for i in mix.pool}  # no trigger by design
+        trained = {sample.item for sample in dataset.samples} - reg
         count = sum(dataset.class_captions[i] is not None for i in trained)
-        dop = f"; DOP: {count} of the {len(trained)} trained images have the trigger word to replace"
+        dop = f"; DOP: {count} of the {len(trained)} training images have the trigger word to replace"
     console.print(
         f"data: {len(dataset.items)} images{held}, {dataset.samples_per_epoch} samples{_reg_part(dataset, tables)} in "
         f"{len(dataset.bucket_counts)} buckets, {dataset.batches_per_epoch} batches per epoch; cache: "

@@ -144,7 +144,8 @@ def preservation_line(cfg: Config, shape: ModelShape) -> str:
     """What `--dry-run` says about train.preservation = "dop": which words, its weight, its time and memory."""
     words = ", ".join(sorted({repr(d.trigger_word) for d in cfg.data if d.trigger_word}))
     mib = preservation_bytes(shape, workload_of(cfg)) / 2**20
-    bare = [str(i) for i, d in enumerate(cfg.data) if not d.trigger_word]
+    # a regularisation set never has a trigger (refused): only a training table without one is news
+    bare = [str(i) for i, d in enumerate(cfg.data) if not d.trigger_word and not d.regularisation]
     unused = f"; [data] table {', '.join(bare)} has no trigger_word, so its images get no DOP" if bare else ""
     return (
         f"dop: {words} -> {cfg.train.preservation_class!r} in each caption, weight {cfg.train.preservation_weight:g}; "
