@@ -80,8 +80,13 @@ def test_missing_data_and_missing_file(tmp_path):
         load_config(write(tmp_path, "[data]\nresolution = 512\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError, match="is not valid TOML"):
+    with pytest.raises(ConfigError, match="is not valid TOML") as plain:
         load_config(write(tmp_path, "[model\n"))
+    assert "[[data]]" not in str(plain.value)
+    # a regularisation set added as [[data]] under a first table written [data]: TOML's own message is cryptic
+    mixed = '[data]\ndir = "a"\n# a comment\n[[data]]  # the set\ndir = "b"\nregularisation = true\n'
+    with pytest.raises(ConfigError, match=r"write each one as \[\[data\]\], the first too"):
+        load_config(write(tmp_path, mixed))
 
 
 def test_set_overrides_any_key(tmp_path):

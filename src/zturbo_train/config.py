@@ -743,10 +743,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{path} is not valid TOML: {exc}{_toml_hint(path)}") from None
     for item in overrides:
         apply_override(raw, item, base_dir=Path.cwd())
     return validate_config(raw, base_dir=path.parent.resolve())
+
+
+def _toml_hint(path: Path) -> str:
+    """What most often breaks a config's TOML here: a table written both as [data] and [[data]]."""
+    try:
+        lines = {line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()}
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if "[data]" in lines and "[[data]]" in lines:
+        return "; with several data sets write each one as [[data]], the first too (not [data])"
+    return ""
 
 
 def validate_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
