@@ -72,7 +72,8 @@ def _sample(cfg, tmp: Path, name: str, **kw) -> np.ndarray:
 
 def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     """`zturbo sample --lora` (the file read by formats.py, expanded by deltas.py) and `zturbo merge --out` give
-    the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors."""
+    the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors, and
+    its line says so (it said "ranks ; 14 full patches" before: checked to fail with that line back)."""
     from zturbo_train.commands.merge import merge_into_model, merge_to_lora
     from zturbo_train.preflight import LoraSpec
 
@@ -84,9 +85,14 @@ def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     assert np.abs(_sample(cfg, tmp_path, "lora", loras=[LoraSpec(result.lora_path)]) - preview).max() <= 1
     merged = merge_into_model([LoraSpec(result.lora_path)], tmp_path / "merged", model="builtin:tiny", dtype="fp32")
     assert np.abs(_sample(cfg, tmp_path, "merged", model=str(merged)) - preview).max() <= 1
-    copy = merge_to_lora([LoraSpec(result.lora_path)], tmp_path / "copy.safetensors", model="builtin:tiny")
+    lines: list[str] = []
+    copy = merge_to_lora(
+        [LoraSpec(result.lora_path)], tmp_path / "copy.safetensors", model="builtin:tiny", log=lines.append
+    )
     original, copied = read_lora_file(result.lora_path)[0], read_lora_file(copy)[0]
     assert all(copied[m].kind == kind and torch.equal(copied[m].delta(), original[m].delta()) for m in original)
+    name = {"lokr": "LoKr", "loha": "LoHa"}[kind]  # what the file holds, not "full patches" (a review found that)
+    assert lines[-1].endswith(f"(comfyui style, 14 modules, 14 {name} of rank {cfg.lora.rank})"), lines[-1]
 
 
 def test_diffusers_loads_lokr_and_refuses_loha(trained):

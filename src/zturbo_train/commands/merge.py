@@ -423,7 +423,7 @@ def merge_to_lora(
     torch_type = _lora_dtype(dtype, rescaled)
     metadata = _merged_metadata(loras)
     write_lora_file(out, combined, style=style, metadata=metadata, dtype=torch_type)
-    log(f"wrote {out} ({style} style, {len(combined)} modules, {'ranks ' + _ranks(combined)})")
+    log(f"wrote {out} ({style} style, {len(combined)} modules, {_ranks(combined)})")
     return out
 
 
@@ -470,7 +470,16 @@ def _merged_metadata(loras: Sequence[LoadedLora]) -> dict[str, object]:
     return meta
 
 
+_KIND_NAMES = {"lokr": "LoKr", "loha": "LoHa", "diff": "full patches"}
+
+
 def _ranks(loras: LoraDict) -> str:
+    """`ranks 8, 16; 3 LoKr of rank 4; 2 full patches`: what the written file holds, by kind."""
     ranks = sorted({u.rank for u in loras.values() if isinstance(u, LoraWeights)})
-    dense = sum(1 for u in loras.values() if not isinstance(u, LoraWeights))
-    return ", ".join(map(str, ranks)) + (f"; {dense} full patches" if dense else "")
+    parts = ["ranks " + ", ".join(map(str, ranks))] if ranks else []
+    for kind, name in _KIND_NAMES.items():
+        group = [u for u in loras.values() if not isinstance(u, LoraWeights) and u.kind == kind]
+        inner = sorted({u.rank for u in group if u.rank is not None})
+        if group:
+            parts.append(f"{len(group)} {name}" + (f" of rank {', '.join(map(str, inner))}" if inner else ""))
+    return "; ".join(parts)
