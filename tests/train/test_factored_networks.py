@@ -14,6 +14,7 @@ and scale test against LyCORIS in tests/lora/test_factored.py is what catches it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from train.test_loop import _fixed_noise_loss, _interrupt_after, make_config, metrics
 from zturbo_train.config import load_config
 from zturbo_train.errors import ConfigError, LoraError
+from zturbo_train.lora.factored import lokr_shapes
 from zturbo_train.lora.formats import read_lora_file
 from zturbo_train.train.loop import run
 
@@ -186,6 +188,11 @@ def test_dry_run_names_the_network_warns_of_a_whole_w2_and_estimates_its_memory(
     plan = dry_run(load_config(config, [data, "lora.type='lokr'"]), Console(file=out, width=300))
     assert plan["lora"].startswith("LoKr (factor -1) rank 32")
     assert "w2 is kept whole there and alpha has no effect" in out.getvalue()
+    # the fix it names factors w2 at every adapted shape (it said "a larger lora.factor", and factor 100 there
+    # leaves the 60 x 64 split as it is: checked to fail with that advice back)
+    suggested = int(re.search(r"lora\.factor = (\d+) \(a smaller w1", " ".join(out.getvalue().split())).group(1))
+    for size in ((3840, 3840), (10240, 3840), (3840, 10240)):
+        assert "lokr_w2" not in lokr_shapes(*size, 32, suggested), (size, suggested)
     shape = shape_from_config(ZIMAGE_CONFIG)
     work = {k: workload_of(load_config(config, [data, f"lora.type='{k}'"])) for k in ("lora", "lokr", "loha")}
     params = {k: lora_params(shape, w) for k, w in work.items()}
