@@ -75,7 +75,8 @@ def _sample(cfg, tmp: Path, name: str, **kw) -> np.ndarray:
 def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     """`zturbo sample --lora` (the file read by formats.py, expanded by deltas.py) and `zturbo merge --out` give
     the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors, and
-    its line says so (it said "ranks ; 14 full patches" before: checked to fail with that line back)."""
+    its line says so (it said "ranks ; 14 full patches" before: checked to fail with that line back); at strength
+    0.5 it keeps them too, w1 scaled (checked to fail with that branch of merge._combine removed)."""
     from zturbo_train.commands.merge import merge_into_model, merge_to_lora
     from zturbo_train.preflight import LoraSpec
 
@@ -95,6 +96,11 @@ def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     assert all(copied[m].kind == kind and torch.equal(copied[m].delta(), original[m].delta()) for m in original)
     name = {"lokr": "LoKr", "loha": "LoHa"}[kind]  # what the file holds, not "full patches" (a review found that)
     assert lines[-1].endswith(f"(comfyui style, 14 modules, 14 {name} of rank {cfg.lora.rank})"), lines[-1]
+    half = read_lora_file(
+        merge_to_lora([LoraSpec(result.lora_path, 0.5)], tmp_path / "half.safetensors", model="builtin:tiny")
+    )[0]
+    for m in original:  # at a strength it keeps its factors too (it became a dense patch of every layer before)
+        assert half[m].kind == kind and torch.allclose(half[m].delta(), 0.5 * original[m].delta(), atol=1e-7)
 
 
 def test_diffusers_loads_lokr_and_refuses_loha(trained):
