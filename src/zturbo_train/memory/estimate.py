@@ -377,7 +377,8 @@ def _factoring_factor(sizes: list[tuple[int, int]], rank: int) -> int | None:
     from ..lora.factored import factorization, lokr_shapes
 
     balanced = max(factorization(side)[0] for size in sizes for side in size)
-    for factor in range(balanced, 1, -1):
+    divisors = {d for size in sizes for side in size for d in range(2, balanced + 1) if side % d == 0}
+    for factor in sorted(divisors, reverse=True):  # a divisor splits as named (3 on a 64-wide side acts as 2)
         if all("lokr_w2" not in lokr_shapes(o, i, rank, factor) for o, i in sizes):
             return factor
     return None
