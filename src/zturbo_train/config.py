@@ -478,7 +478,10 @@ class TrainConfig(_Section):
     ema_every: int = Field(
         1,
         ge=1,
-        description="Update the EMA every N steps, with decay^N, so it averages over the same steps (cpu: 5-10).",
+        description=(
+            "Update the EMA every N steps, with decay^N, so it averages over the same steps (cpu: 5-10); a LoRA "
+            "saved between updates (e.g. the last step) takes the steps since the last update in."
+        ),
     )
     val_dir: Path | None = Field(
         None,

@@ -61,19 +61,27 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
 def test_an_ema_on_the_host_updated_every_third_step_is_the_hand_computed_one(tmp_path, example_data, monkeypatch):
     """ema_device = "cpu", ema_every = 3, ema_start = 3 over 7 steps: the average (on the host) follows the
     weights at step 3 (<= start: a copy), takes e <- d^3 e + (1 - d^3) w at step 6 and nothing at 7. Checked to
-    fail with decay^every replaced by decay, and with every step updating."""
+    fail with decay^every replaced by decay, and with every step updating. The saved LoRA is the average as of
+    step 7, d e + (1 - d) w7 (step 7 was lost before a review: checked to fail with swapped_in's catch-up
+    removed), while the state keeps the average of step 6."""
     recorded = record_weights(monkeypatch)
     averages = []
     monkeypatch.setattr(loop_module.LoraEma, "state_tensors", lambda self: averages.append(self.average) or {})
     host = ["train.ema_device='cpu'", "train.ema_every=3", "train.ema_start=3", "train.ema_decay=0.6", "train.ema=true"]
     cfg = load_config(make_config(tmp_path, example_data, steps=7, save_every=0, sample_every=0, lr=5e-3), host)
-    run(cfg, quiet=True)
-    d3 = cfg.train.ema_decay**3
-    expected = [d3 * a + (1 - d3) * b for a, b in zip(recorded[2], recorded[5])]
+    result = run(cfg, quiet=True)
+    d = cfg.train.ema_decay
+    expected = [d**3 * a + (1 - d**3) * b for a, b in zip(recorded[2], recorded[5])]
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in averages[-1])
     for got, want in zip(averages[-1], expected):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(got, w, atol=1e-7) for got, w in zip(averages[-1], recorded[-1]))
+    saved, raw = (read_lora_file(result.run_dir / n)[0] for n in ("t.safetensors", "t-raw.safetensors"))
+    flat_saved = [t for name in saved for t in (saved[name].down, saved[name].up)]
+    flat_raw = [t for name in raw for t in (raw[name].down, raw[name].up)]
+    order = [next(i for i, w in enumerate(recorded[-1]) if torch.equal(w, t)) for t in flat_raw]  # file -> param
+    for t, i in zip(flat_saved, order):
+        assert torch.allclose(t, d * expected[i] + (1 - d) * recorded[6][i], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("ema", [EMA, [*EMA, "train.ema_device='cpu'", "train.ema_every=3"]], ids=["gpu", "cpu"])

@@ -14,6 +14,7 @@ and scale test against LyCORIS in tests/lora/test_factored.py is what catches it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 from train.test_loop import _fixed_noise_loss, _interrupt_after, make_config, metrics
 from zturbo_train.config import load_config
 from zturbo_train.errors import ConfigError, LoraError
+from zturbo_train.lora.factored import lokr_shapes
 from zturbo_train.lora.formats import read_lora_file
 from zturbo_train.train.loop import run
 
@@ -72,7 +74,9 @@ def _sample(cfg, tmp: Path, name: str, **kw) -> np.ndarray:
 
 def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     """`zturbo sample --lora` (the file read by formats.py, expanded by deltas.py) and `zturbo merge --out` give
-    the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors."""
+    the final preview to one 8-bit level; `merge --to-lora` of the file alone keeps its LyCORIS factors, and
+    its line says so (it said "ranks ; 14 full patches" before: checked to fail with that line back); at strength
+    0.5 it keeps them too, w1 scaled (checked to fail with that branch of merge._combine removed)."""
     from zturbo_train.commands.merge import merge_into_model, merge_to_lora
     from zturbo_train.preflight import LoraSpec
 
@@ -84,9 +88,19 @@ def test_sample_and_merge_give_the_training_preview(trained, tmp_path):
     assert np.abs(_sample(cfg, tmp_path, "lora", loras=[LoraSpec(result.lora_path)]) - preview).max() <= 1
     merged = merge_into_model([LoraSpec(result.lora_path)], tmp_path / "merged", model="builtin:tiny", dtype="fp32")
     assert np.abs(_sample(cfg, tmp_path, "merged", model=str(merged)) - preview).max() <= 1
-    copy = merge_to_lora([LoraSpec(result.lora_path)], tmp_path / "copy.safetensors", model="builtin:tiny")
+    lines: list[str] = []
+    copy = merge_to_lora(
+        [LoraSpec(result.lora_path)], tmp_path / "copy.safetensors", model="builtin:tiny", log=lines.append
+    )
     original, copied = read_lora_file(result.lora_path)[0], read_lora_file(copy)[0]
     assert all(copied[m].kind == kind and torch.equal(copied[m].delta(), original[m].delta()) for m in original)
+    name = {"lokr": "LoKr", "loha": "LoHa"}[kind]  # what the file holds, not "full patches" (a review found that)
+    assert lines[-1].endswith(f"(comfyui style, 14 modules, 14 {name} of rank {cfg.lora.rank})"), lines[-1]
+    half = read_lora_file(
+        merge_to_lora([LoraSpec(result.lora_path, 0.5)], tmp_path / "half.safetensors", model="builtin:tiny")
+    )[0]
+    for m in original:  # at a strength it keeps its factors too (it became a dense patch of every layer before)
+        assert half[m].kind == kind and torch.allclose(half[m].delta(), 0.5 * original[m].delta(), atol=1e-7)
 
 
 def test_diffusers_loads_lokr_and_refuses_loha(trained):
@@ -180,6 +194,11 @@ def test_dry_run_names_the_network_warns_of_a_whole_w2_and_estimates_its_memory(
     plan = dry_run(load_config(config, [data, "lora.type='lokr'"]), Console(file=out, width=300))
     assert plan["lora"].startswith("LoKr (factor -1) rank 32")
     assert "w2 is kept whole there and alpha has no effect" in out.getvalue()
+    # the fix it names factors w2 at every adapted shape (it said "a larger lora.factor", and factor 100 there
+    # leaves the 60 x 64 split as it is: checked to fail with that advice back)
+    suggested = int(re.search(r"lora\.factor = (\d+) \(a smaller w1", " ".join(out.getvalue().split())).group(1))
+    for size in ((3840, 3840), (10240, 3840), (3840, 10240)):
+        assert "lokr_w2" not in lokr_shapes(*size, 32, suggested), (size, suggested)
     shape = shape_from_config(ZIMAGE_CONFIG)
     work = {k: workload_of(load_config(config, [data, f"lora.type='{k}'"])) for k in ("lora", "lokr", "loha")}
     params = {k: lora_params(shape, w) for k, w in work.items()}

@@ -346,7 +346,7 @@ def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bo
     Plain LoRA pairs: ranks concatenated, scales folded into `up`. A module only one LoRA
     touches keeps its tensors and alpha (its strength, when not 1, folded into `up`). Where
     a full patch, LoKr or LoHa takes part, the module's sum becomes one dense `.diff` patch (a LoKr or LoHa
-    alone at strength 1 keeps its factors, unless it is a slice of ComfyUI's fused qkv).
+    alone keeps its factors, its strength folded into w1, unless it is a slice of ComfyUI's fused qkv).
     Returns (LoRA, whether any tensor was rescaled or expanded).
     """
     by_module: dict[str, list[tuple[Update, float]]] = {}
@@ -362,6 +362,10 @@ def combine_loras(items: Sequence[tuple[LoraDict, float]]) -> tuple[LoraDict, bo
     return out, rescaled
 
 
+# A LoKr or LoHa alone at a strength: that factor scaled keeps the file its size (a dense patch of Z-Image is GBs).
+_SCALED_FACTOR = {"lokr": ("lokr_w1", "lokr_w1_a"), "loha": ("hada_w1_a",)}
+
+
 def _combine(module: str, parts: Sequence[tuple[Update, float]]) -> tuple[Update, bool]:
     """One module's updates as one (see combine_loras); (update, whether tensors changed)."""
     first, strength = parts[0]
@@ -373,6 +377,10 @@ def _combine(module: str, parts: Sequence[tuple[Update, float]]) -> tuple[Update
         return first, False
     biases = [u.bias.float() * s for u, s in parts if u.bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None
+    if len(parts) == 1 and isinstance(first, DeltaWeights) and first.kind in _SCALED_FACTOR and not first.rows:
+        key = next(k for k in _SCALED_FACTOR[first.kind] if k in first.tensors)  # the update is linear in it
+        tensors = {**first.tensors, key: first.tensors[key].float() * strength}
+        return DeltaWeights(first.kind, tensors, first.alpha, bias=bias, source=first.source), True
     if all(isinstance(u, LoraWeights) for u, _ in parts):
         if len(parts) == 1:
             return LoraWeights(first.down, first.up.float() * strength, first.alpha, bias, first.source), True
@@ -423,7 +431,7 @@ def merge_to_lora(
     torch_type = _lora_dtype(dtype, rescaled)
     metadata = _merged_metadata(loras)
     write_lora_file(out, combined, style=style, metadata=metadata, dtype=torch_type)
-    log(f"wrote {out} ({style} style, {len(combined)} modules, {'ranks ' + _ranks(combined)})")
+    log(f"wrote {out} ({style} style, {len(combined)} modules, {_ranks(combined)})")
     return out
 
 
@@ -470,7 +478,16 @@ def _merged_metadata(loras: Sequence[LoadedLora]) -> dict[str, object]:
     return meta
 
 
+_KIND_NAMES = {"lokr": "LoKr", "loha": "LoHa", "diff": "full patches"}
+
+
 def _ranks(loras: LoraDict) -> str:
+    """`ranks 8, 16; 3 LoKr of rank 4; 2 full patches`: what the written file holds, by kind."""
     ranks = sorted({u.rank for u in loras.values() if isinstance(u, LoraWeights)})
-    dense = sum(1 for u in loras.values() if not isinstance(u, LoraWeights))
-    return ", ".join(map(str, ranks)) + (f"; {dense} full patches" if dense else "")
+    parts = ["ranks " + ", ".join(map(str, ranks))] if ranks else []
+    for kind, name in _KIND_NAMES.items():
+        group = [u for u in loras.values() if not isinstance(u, LoraWeights) and u.kind == kind]
+        inner = sorted({u.rank for u in group if u.rank is not None})
+        if group:
+            parts.append(f"{len(group)} {name}" + (f" of rank {', '.join(map(str, inner))}" if inner else ""))
+    return "; ".join(parts)

@@ -359,8 +359,26 @@ def network_warning(lora: Any, linears: dict[str, tuple[int, int]], adapted: Ite
     whole = sorted(k for k, (o, i) in kinds.items() if "lokr_w2" in lokr_shapes(o, i, lora.rank, lora.factor))
     if not whole:
         return None
+    factor = _factoring_factor(list(kinds.values()), lora.rank)
+    fix = f"lora.factor = {factor} (a smaller w1, so a larger w2)" if factor else "a smaller lora.rank"
     return (
         f"lora.rank {lora.rank} is at least half the side of LoKr's w2 in {len(whole)} of the {len(kinds)} kinds of "
         f"adapted layer (e.g. {whole[0]}), so w2 is kept whole there and alpha has no effect, as LyCORIS does; "
-        f"set lora.full_matrix = true to say so, or a smaller lora.rank or larger lora.factor to factor it"
+        f"set lora.full_matrix = true to say so, or {fix} to factor it"
     )
+
+
+def _factoring_factor(sizes: list[tuple[int, int]], rank: int) -> int | None:
+    """The largest lora.factor, up to the widest balanced split, that factors w2 at `rank` in all these (out, in)
+    layers (None: only 1 would, which leaves w1 a scalar: a plain LoRA).
+
+    A factor bounds w1's side, so w2 grows; one above the balanced split changes nothing unless it divides the
+    side (then it acts as side / factor), so "a larger factor" is no advice: the message names one."""
+    from ..lora.factored import factorization, lokr_shapes
+
+    balanced = max(factorization(side)[0] for size in sizes for side in size)
+    divisors = {d for size in sizes for side in size for d in range(2, balanced + 1) if side % d == 0}
+    for factor in sorted(divisors, reverse=True):  # a divisor splits as named (3 on a 64-wide side acts as 2)
+        if all("lokr_w2" not in lokr_shapes(o, i, rank, factor) for o, i in sizes):
+            return factor
+    return None

@@ -6,7 +6,10 @@ host (`"cpu"`, for a GPU too small to hold the copy) each update first copies th
 buffers made once, which waits for the GPU: one sync per update, so updates are spaced by `ema_every`
 (decay^every keeps the average's span in steps the same). Saving and previews swap the average in and put the
 trained weights back exactly (`swapped_in`); the average rides in the training state, so a resume
-continues it bit for bit.
+continues it bit for bit. With `every` > 1, what is swapped in at a step that is not a multiple of it (the
+last step of a run of 1003 steps at every 10, a stop, a checkpoint) takes the steps since the last update in
+too, with decay^(steps since): the file holds the average as of its own step, while the stored average, and so
+the run's course, do not depend on when files were written.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class LoraEma:
         self._weights = [p.detach() for p in self.params]
         # ema_device = "cpu": host buffers the weights are copied into before the lerp, made once
         self._staging = [torch.empty_like(a) for a in self.average] if self.host else None
+        self.seen = self.updated = 0  # the last step update() was called for, the last that updated the average
 
     def _home(self, tensor: Tensor) -> Tensor:
         """An fp32 copy of `tensor` where the average lives."""
@@ -41,8 +45,10 @@ class LoraEma:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step `step` (1-based); only every `every`-th step does anything."""
+        self.seen = step
         if step % self.every:
             return
+        self.updated = step
         weights = self._weights if self._fp32 else [w.float() for w in self._weights]
         if self._staging is not None:
             torch._foreach_copy_(self._staging, weights)
@@ -56,9 +62,14 @@ class LoraEma:
     def swapped_in(self) -> Iterator[None]:
         """The LoRA holds the average inside; the trained weights are put back after."""
         kept = [p.detach().clone() for p in self.params]
+        since = self.seen - self.updated  # steps not yet in the average (every > 1)
         with torch.no_grad():
             for param, average in zip(self.params, self.average):
                 param.copy_(average)
+            if since and self.seen <= self.start:  # it follows the weights until ema_start
+                torch._foreach_copy_(self._weights, kept)
+            elif since:
+                torch._foreach_lerp_(self._weights, kept, 1.0 - self.decay**since)
         try:
             yield
         finally:
@@ -69,8 +80,9 @@ class LoraEma:
     def state_tensors(self) -> dict[str, Tensor]:
         return {f"{PREFIX}{i}": t for i, t in enumerate(self.average)}
 
-    def load(self, tensors: dict[str, Tensor]) -> None:
-        """From a saved state; a state saved without EMA (turned on at resume) starts it from the weights."""
+    def load(self, tensors: dict[str, Tensor], step: int) -> None:
+        """From a state saved at `step`; a state saved without EMA (turned on at resume) starts it from the weights."""
+        self.seen, self.updated = step, step - step % self.every
         if f"{PREFIX}0" not in tensors:
             self.average = [self._home(p) for p in self.params]
             return

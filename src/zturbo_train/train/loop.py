@@ -243,7 +243,7 @@ def _resume(s: Session) -> None:
     s.network.load_state_tensors(lora_tensors(tensors))
     restore_optimizer(s.step.optimizer, tensors, meta)
     if s.ema is not None:
-        s.ema.load(tensors)
+        s.ema.load(tensors, meta["step"])
     restore_rng(s.step.generator, tensors, meta)
     s.start_step, s.data_state = meta["step"], meta["data"]
     if s.is_main:
