@@ -513,3 +513,20 @@ def test_drift_curve_starts_at_the_step_0_preview():
     ]
     assert drift_series(rows) == ([0, 30, 60], [0.25, 0.27, 0.30])
     assert drift_series([{"step": 1, "loss": 1.0}]) == ([], [])
+
+
+def test_loss_png_draws_each_logged_loss_it_has():
+    """val_loss gets its line beside the loss when the rows have it; DOP's dop_loss (far below the training
+    loss) a panel of its own, at its steps and values; a run without them draws neither."""
+    from zturbo_train.monitor.plots import loss_figure
+
+    rows = [{"step": s, "loss": 1.0 / s, "loss_smooth": 1.0, "lr": 1e-3, "grad_norm": 0.5} for s in (1, 2, 3)]
+    plain = loss_figure(rows)
+    assert len(plain.axes) == 3 and {line.get_label() for line in plain.axes[0].get_lines()} == {"loss", LOSS_LABEL}
+    rows[2]["val_loss"] = 0.7
+    for row in rows:
+        row["dop_loss"] = 0.1 * row["step"]
+    fig = loss_figure(rows)  # axes: loss, grad norm, DOP, then the lr twin
+    assert {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()}["validation loss"] == [3]
+    (dop,) = fig.axes[2].get_lines()
+    assert dop.get_label() == "preservation loss (DOP)" and list(dop.get_ydata()) == pytest.approx([0.1, 0.2, 0.3])

@@ -33,15 +33,24 @@ def drift_series(rows: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Raw and smoothed loss (and val_loss) with lr on a second axis; grad norm (and turbo_drift) below."""
+    """loss.png: `loss_figure` of the rows, written atomically (None without rows)."""
     if not rows:
         return None
+    fig = loss_figure(rows)
+    return write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def loss_figure(rows: list[dict[str, Any]]):
+    """Raw and smoothed loss (and val_loss) with lr on a second axis; grad norm (and turbo_drift) below; DOP's
+    dop_loss on a third panel when the run has it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 5.2), dpi=100, layout="constrained")
+    dop = _series(rows, "dop_loss")  # on a panel of its own: it starts at 0, far below the training loss
+    panels = 3 if dop[0] else 2
+    fig = Figure(figsize=(10, 5.2 + 1.6 * (panels - 2)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    top, bottom, *extra = fig.subplots(panels, 1, sharex=True, height_ratios=[2, 1, 1][:panels])
     top.plot(*_series(rows, "loss"), color="#9db4d9", linewidth=0.8, label="loss")
     top.plot(*_series(rows, "loss_smooth"), color="#1f4e9c", linewidth=1.8, label=LOSS_LABEL)
     val = _series(rows, "val_loss")
@@ -65,10 +74,14 @@ def plot_loss(rows: list[dict[str, Any]], path: Path) -> Path | None:
         _legend(bottom, twin)
     else:
         _legend(bottom, None)
-    bottom.set_xlabel("step")
-    for axis in (top, bottom):
+    for axis in extra:
+        axis.plot(*dop, color="#f4a261", linewidth=1.0, label="preservation loss (DOP)")
+        axis.set_ylabel("DOP loss")
+        _legend(axis, None)
+    (extra or [bottom])[-1].set_xlabel("step")
+    for axis in (top, bottom, *extra):
         axis.grid(alpha=0.3)
-    return write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig
 
 
 def _legend(axis, twin) -> None:
