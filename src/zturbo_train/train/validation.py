@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import flow
 from ..data.batches import TrainDataset, derive_seed
 from ..models import autocast
-from .step import StepSettings
+from .step import StepSettings, draw_noise
 
 
 @dataclass
@@ -39,21 +39,10 @@ class Validation:
         if not views:
             return None
         latents, embeds, noise, sigmas = [], [], [], []
-        generator = torch.Generator()
-        for latent, embed, key in views:
-            generator.manual_seed(derive_seed("validation", seed, key))
-            noise.append(torch.randn(latent.shape, generator=generator).to(device))
-            sigmas.append(
-                flow.sample_sigmas(
-                    1,
-                    generator,
-                    "cpu",
-                    settings.timestep_sampling,
-                    settings.logit_mean,
-                    settings.logit_std,
-                    settings.timestep_shift,
-                ).to(device)
-            )
+        for latent, embed, key in views:  # the training step's keyed draw, keyed by the view instead
+            drawn_noise, drawn_sigma = draw_noise([derive_seed("validation", seed, key)], latent.shape[1:], settings)
+            noise.append(drawn_noise.to(device))
+            sigmas.append(drawn_sigma.to(device))
             latents.append(latent.to(device))
             embeds.append(embed.to(device))
         return cls(latents, embeds, noise, sigmas, settings, every)
