@@ -36,8 +36,9 @@ from ..errors import ConfigError
 from ..fileio import write_json
 from ..lora.factored import network_options
 from ..lora.network import create_lora
-from ..memory.estimate import Workload, estimate, network_of
+from ..memory.estimate import Workload, network_of
 from ..memory.levers import apply_levers, model_shape, resolve_levers
+from ..memory.presets import estimate_for
 from ..models import autocast, load_parts, resolve_device, torch_dtype
 from ..sampling import generate_latents
 from ..testing.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_config
@@ -355,14 +356,7 @@ def bench_preset(
         for resolution in settings.resolved_resolutions():
             for batch in settings.batches:
                 work = workload(settings, lora_cfg, train_cfg, dtype_bytes, resolution, batch, rank)
-                est = estimate(
-                    shape,
-                    work,
-                    checkpointing=levers.checkpointing,
-                    fraction=levers.checkpoint_fraction,
-                    quantize=levers.quantize,
-                    offload=levers.offload,
-                )
+                est = estimate_for(levers, shape, work)
                 row = {
                     **base,
                     "resolution": resolution,
