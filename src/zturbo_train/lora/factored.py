@@ -38,8 +38,9 @@ The forward never builds the (out, in) delta:
   Kronecker product, so LoHa runs as a LoRA of rank r^2: factors of (out + in) * r^2, an
   r^2-wide intermediate per token. Below r ~ sqrt(out * in / (out + in)) (44 for Z-Image's
   3840 x 3840) that is smaller than the dense delta; above, larger (the estimate counts it).
-Measured on one 3840 x 3840 layer, 1024 tokens, forward + backward (fp32, 2 CPU threads): LoKr
-0.2-0.4 s, LoHa at rank 8-16 0.3-0.4 s, against 2.6 s through the dense delta.
+Measured on one 3840 x 3840 layer, 1024 tokens, forward + backward (fp32, 2 CPU threads, quiet;
+scripts/factored_cost.py, BENCHMARKS.md): LoKr 0.06-0.09 s, LoHa at rank 8-16 0.04-0.09 s, against
+0.53-0.81 s through a dense delta built from the same factors.
 """
 
 from __future__ import annotations
