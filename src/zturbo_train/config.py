@@ -256,8 +256,8 @@ class DataConfig(_Section):
         if not value:
             raise ValueError("give at least one resolution")
         for side in value:
-            if side < 64 or side % SIZE_MULTIPLE:
-                raise ValueError(f"{side} is not allowed; use multiples of 16 of at least 64, e.g. 512 or 1024")
+            if side < 2 * SIZE_MULTIPLE or side % SIZE_MULTIPLE:
+                raise ValueError(f"{side} is not allowed; use multiples of 16 of at least 32, e.g. 512 or 1024")
         return sorted(set(value))
 
     @field_validator("caption_ext")
@@ -597,8 +597,8 @@ class SampleConfig(_Section):
     steps: int = Field(8, ge=1, le=200, description="Sampling steps (Turbo: 8).")
     guidance: float = Field(0.0, ge=0.0, description="Classifier-free guidance scale (Turbo: 0, no CFG).")
     seed: int = Field(42, ge=0, description="Seed of the first preview; prompt i uses seed + i.")
-    width: int = Field(1024, ge=64, multiple_of=16, description="Preview width in pixels (multiple of 16).")
-    height: int = Field(1024, ge=64, multiple_of=16, description="Preview height in pixels (multiple of 16).")
+    width: int = Field(1024, ge=32, multiple_of=16, description="Preview width in pixels (multiple of 16).")
+    height: int = Field(1024, ge=32, multiple_of=16, description="Preview height in pixels (multiple of 16).")
     negative: str = Field("", description="Negative prompt (used only when guidance > 0).")
 
 

@@ -13,10 +13,13 @@ import torch
 
 
 def _two_modes(separation: float) -> torch.Tensor:
-    """Two (16, 8, 8) modes `separation` apart (L2, noise units), symmetric around a fixed centre."""
+    """Two modes of the lab's latent size `separation` apart (L2, noise units), around a fixed centre."""
+    from zturbo_train.lab.concepts import SIZE
+
     gen = torch.Generator().manual_seed(0)
-    centre = torch.randn(16, 8, 8, generator=gen) * 0.5
-    direction = torch.randn(16, 8, 8, generator=gen)
+    shape = (16, SIZE // 8, SIZE // 8)
+    centre = torch.randn(shape, generator=gen) * 0.5
+    direction = torch.randn(shape, generator=gen)
     direction /= direction.norm()
     return torch.stack([centre - direction * separation / 2, centre + direction * separation / 2])
 
@@ -28,7 +31,7 @@ def test_exact_field_by_hand():
     modes = _two_modes(4.0)
     caption = torch.ones(3, 32)
     field = IdealField([(caption, modes)])
-    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(*modes.shape[1:2], 1, *modes.shape[2:], generator=torch.Generator().manual_seed(1))
     (out,) = field([x], torch.tensor([0.0]), [caption])[0]  # t = 1 - s = 0: pure noise
     assert torch.allclose(out, modes.mean(0)[:, None] - x, atol=1e-5)  # (x0 - x_t) / s with s = 1
     s = 0.01

@@ -27,7 +27,7 @@ from ..errors import DataError
 from .progress import progress
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-MIN_SIDE = 64
+MIN_SIDE = 64  # smaller images are left out, unless the config trains below it (the Turbo lab's 32 px)
 TRIGGER = "[trigger]"
 Level = Literal["error", "skip", "warn", "note"]
 # What every zturbo run folder holds beside config.json (checkpoint.RunFolder): such a folder
@@ -237,12 +237,13 @@ def scan_image(path: Path, cfg: DataConfig, index: int) -> tuple[ImageItem | Non
             Problem(path, "skip", f"cannot be read ({exc.strerror or exc}); check its permissions", "bad_image")
         ]
     problems: list[Problem] = []
-    if min(width, height) < MIN_SIDE:
+    smallest = min(MIN_SIDE, *cfg.resolution)
+    if min(width, height) < smallest:
         problems.append(
             Problem(
                 path,
                 "skip",
-                f"is {width}x{height} px, smaller than the {MIN_SIDE} px minimum, left out; use a larger image",
+                f"is {width}x{height} px, smaller than the {smallest} px minimum, left out; use a larger image",
                 "small_image",
             )
         )

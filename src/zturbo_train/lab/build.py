@@ -1,12 +1,14 @@
 """`zturbo lab build`: a distilled tiny Z-Image made on the CPU in minutes.
 
 Four stages, each with the real classes and the project's own code:
-1. VAE: builtin:tiny's AutoencoderKL fitted briefly to the lab images as a deterministic
+1. VAE: builtin:tiny's AutoencoderKL fitted briefly to the lab's tiles as a deterministic
    autoencoder (log-variance pinned near zero std), so the latents `zturbo train` caches
-   are exactly the modes' latents and decoded previews are recognisable.
+   are exactly the modes' latents and decoded previews are recognisable; the fit also
+   places the tiles' latents (`fit_vae`): the modes a few noise units apart, in one token.
 2. Teacher: the tiny ZImageTransformer2DModel trained from random init with flow.py's
-   loss (the project's `weighted` sigmas and loss weights) on the old concepts. Many
-   sampler steps follow its curved paths; one or two steps land between modes (blur).
+   loss on the old concepts, sigmas uniform (the decision between modes is made at high
+   noise, where the `weighted` bell gives almost no weight). Many sampler steps follow its
+   curved paths; one or two steps land between modes (blur).
 3. Turbo student: reflow. The teacher's many-step samples from known noise give
    (noise, sample) pairs; the student (initialised from the teacher) is trained with the
    same flow loss on those pairs instead of independent noise, which straightens its paths
@@ -14,11 +16,11 @@ Four stages, each with the real classes and the project's own code:
    the cheapest distillation on a CPU: the teacher runs once to make the pairs, then
    training is the ordinary flow step (progressive distillation needs teacher calls in
    every step of several rounds, consistency distillation a teacher ODE step per batch
-   plus an EMA target). Sigmas are uniform and unweighted here: 1- and 2-step sampling
-   evaluate at sigma 1 and 0.75, where the `weighted` bell gives almost no weight.
+   plus an EMA target). Sigmas uniform, as for the teacher: 1- and 2-step sampling
+   evaluate at sigma 1 and 0.75.
 4. De-distillation adapter, made the way ostris made the real one: a LoRA on the student
-   trained with the ordinary flow-matching loss (independent noise, `weighted`) on the
-   student's own 8-step generations, at a low learning rate. Saved with the real
+   trained with the ordinary flow-matching loss (independent noise, uniform sigmas) on the
+   student's own 8-step generations, at half the user LoRA's learning rate. Saved with the real
    adapter's keys (`diffusion_model.layers.N.<module>.lora_A/B.weight`, no alpha).
 
 The output folder: `student/` and `teacher/` (diffusers folders, usable as model.path),
@@ -39,7 +41,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .concepts import NEW_CONCEPT, OLD_CONCEPTS, images_of, write_dataset
+from .concepts import (
+    CENTRE,
+    NEW_CONCEPT,
+    OLD_CONCEPTS,
+    PLANE_RADIUS,
+    TILE,
+    colour_at,
+    images_of,
+    palette,
+    render,
+    write_dataset,
+)
 from .measure import SIDE, averaged, measure, sample_latents
 
 Log = Callable[[str], None]
@@ -52,18 +65,19 @@ class LabSettings:
     """Iteration counts and rates of the build; `quick()` is the CI-sized variant of the same code."""
 
     vae_steps: int = 150
-    teacher_steps: int = 800
-    teacher_lr: float = 1e-3
+    vae_palette: int = 24  # extra tiles of random plane colours, so the fit covers the plane between modes
+    teacher_steps: int = 2000
+    teacher_lr: float = 2e-3
     pair_steps: int = 30  # sampler steps of the teacher's samples the student is distilled on
-    pairs_per_concept: int = 48
-    student_steps: int = 500
-    student_lr: float = 5e-4
-    adapter_rank: int = 8
-    adapter_steps: int = 400
-    adapter_lr: float = 1e-3  # half the user LoRA's 2e-3; 2e-4 (200 steps) left the student as it was
+    pairs_per_concept: int = 64
+    student_steps: int = 800
+    student_lr: float = 1e-3
+    adapter_rank: int = 16
+    adapter_steps: int = 800
+    adapter_lr: float = 1e-3  # half the user LoRA's 2e-3
     adapter_samples_per_concept: int = 32
     batch: int = 32
-    eval_samples: int = 16
+    eval_samples: int = 32
     seed: int = 0
 
     @classmethod
@@ -109,6 +123,18 @@ class Lab:
         return NEW_CONCEPT.caption
 
 
+def build_fingerprint() -> str:
+    """sha256 of the code that decides what a build makes (this file and concepts.py), kept in lab.json so a
+    lab built by older code is recognisable (the claim tests' committed lab must match the code)."""
+    import hashlib
+
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("build.py", "concepts.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_lab(root: Path) -> Lab:
     from safetensors.torch import load_file
 
@@ -143,18 +169,27 @@ def pin_deterministic(vae) -> None:
         conv.bias[half:].fill_(-30.0)
 
 
-def fit_vae(vae, pixels: Tensor, steps: int, seed: int, log: Log) -> dict[str, float]:
-    """Autoencoder fit (mean latents), with the scaled latents' RMS pulled to 1 as the transformer expects."""
+def fit_vae(vae, pixels: Tensor, points: Tensor, steps: int, seed: int, log: Log) -> dict:
+    """Autoencoder fit (mean latents) that also places the tiles' latents as the lab needs them.
+
+    `points` are the images' plane coordinates (concepts.py). Besides reconstruction, three pulls: the
+    centre tile (mid grey) encodes to a zero latent; everything outside the tile's token stays at zero
+    (a tile's colour is one token's business); and latent distances are PLANE_RADIUS times plane
+    distances (noise units, L2 over the latent). That puts the modes a few noise units apart, the
+    regime where a flow is blurry at few steps (TURBO.md), in one token, as the 2-D prototype's plane.
+    """
     cfg = vae.config
     torch.manual_seed(seed)
     pin_deterministic(vae)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    target = PLANE_RADIUS * torch.cdist(points.double(), points.double()).float()
+    centre = int((points.norm(dim=1)).argmin())
     vae.train()
     for step in range(steps):
         mean = vae.encode(pixels).latent_dist.mean
         recon = vae.decode(mean).sample
         scaled = (mean - cfg.shift_factor) * cfg.scaling_factor
-        loss = (recon - pixels).square().mean() + 0.1 * (scaled.square().mean().sqrt() - 1).square()
+        loss = (recon - pixels).square().mean() + _placement_loss(scaled, centre, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,12 +201,31 @@ def fit_vae(vae, pixels: Tensor, steps: int, seed: int, log: Log) -> dict[str, f
         mean = vae.encode(pixels).latent_dist.mean
         recon = vae.decode(mean).sample.clamp(-1, 1)
         rms = float(((recon - pixels) / 2).square().mean().sqrt())  # in [0, 1] pixel units
-        latent_rms = float(((mean - cfg.shift_factor) * cfg.scaling_factor).square().mean().sqrt())
+        scaled = (mean - cfg.shift_factor) * cfg.scaling_factor
+        inside = _tile_token(scaled).flatten(1).square().sum(1)
     return {
         "roundtrip_rms": rms,
         "roundtrip_psnr_db": float(-20 * torch.log10(torch.tensor(rms))),
-        "latent_rms": latent_rms,
+        "latent_rms": float(scaled.square().mean().sqrt()),
+        "distance_error": float((torch.cdist(scaled.flatten(1), scaled.flatten(1)) - target).abs().mean()),
+        "share_in_tile_token": float((inside / scaled.flatten(1).square().sum(1).clamp_min(1e-12)).mean()),
     }
+
+
+def _tile_token(latents: Tensor) -> Tensor:
+    side = TILE // 8  # latent pixels of one token
+    return latents[:, :, :side, :side]
+
+
+def _placement_loss(scaled: Tensor, centre: int, target: Tensor) -> Tensor:
+    outside = scaled.square().sum() - _tile_token(scaled).square().sum()
+    flat = scaled.flatten(1)
+    distances = (flat[:, None] - flat[None]).square().sum(-1).add(1e-8).sqrt()
+    return (
+        scaled[centre].square().mean()
+        + outside / scaled.numel()
+        + ((distances - target).square().mean() / PLANE_RADIUS**2)
+    )
 
 
 # ------------------------------------------------------------------------------ flow training
@@ -275,8 +329,14 @@ def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) 
     concepts = (*OLD_CONCEPTS, NEW_CONCEPT)
     pipe = build_tiny_pipeline(seed=s.seed)
     pixels = {c.caption: _pixels(images_of(c)) for c in concepts}
-    vae_stats = fit_vae(pipe.vae, torch.cat(list(pixels.values())), s.vae_steps, s.seed, log)
-    log(f"vae: round-trip RMS {vae_stats['roundtrip_rms']:.4f} ({vae_stats['roundtrip_psnr_db']:.1f} dB)")
+    points = [p for c in (*concepts, CENTRE) for p in c.points] + palette(s.vae_palette, s.seed)
+    fit_pixels = _pixels([render(colour_at(p)) for p in points])
+    vae_stats = fit_vae(pipe.vae, fit_pixels, torch.tensor(points), s.vae_steps, s.seed, log)
+    log(
+        f"vae: round-trip RMS {vae_stats['roundtrip_rms']:.4f} ({vae_stats['roundtrip_psnr_db']:.1f} dB), "
+        f"latent distances off by {vae_stats['distance_error']:.2f} noise units, "
+        f"{vae_stats['share_in_tile_token']:.0%} in the tile's token"
+    )
     timings["vae"] = time.perf_counter() - clock
     modes, embeds = encode_lab(pipe, concepts, pixels)
     old = [c.caption for c in OLD_CONCEPTS]
@@ -289,7 +349,7 @@ def build_lab(out: Path, settings: LabSettings | None = None, log: Log = print) 
         mode_batches([modes[c] for c in old], [embeds[c] for c in old], s.batch),
         s.teacher_steps,
         s.teacher_lr,
-        "weighted",
+        "uniform",
         s.seed,
         log,
         "teacher",
@@ -347,7 +407,7 @@ def train_adapter(student, scheduler, old: list[str], embeds: dict[str, Tensor],
         sample_batches(samples, caps, s.batch),
         s.adapter_steps,
         s.adapter_lr,
-        "weighted",
+        "uniform",
         s.seed + 2,
         log,
         "adapter",
@@ -417,6 +477,7 @@ def save_lab(
         "old": [c.caption for c in OLD_CONCEPTS],
         "new": NEW_CONCEPT.caption,
         "settings": asdict(s),
+        "source": build_fingerprint(),
         "seconds": timings,
         "vae": vae_stats,
     }

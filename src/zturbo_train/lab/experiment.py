@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .build import EVAL_STEPS, Lab, load_lab
+from .concepts import SIZE
 from .measure import EVAL_SEED, averaged, measure, sample_latents
 
 Log = Callable[[str], None]
@@ -39,12 +40,12 @@ class RunSettings:
 
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = 240
+    steps: int = 600
     lr: float = 2e-3
     rank: int = 8
-    batch_size: int = 3
+    batch_size: int = 16
     checkpoints: int = 3  # saves (and curve points) before the final LoRA
-    eval_samples: int = 16
+    eval_samples: int = 32
     preview_seeds: int = 4
     extra: dict = field(default_factory=dict)  # more `section.key` overrides, e.g. {"train.lr_scheduler": "cosine"}
 
@@ -92,7 +93,7 @@ def run_config(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) ->
     every = max(1, r.steps // (r.checkpoints + 1))
     raw = {
         "model": strategy_model(lab, strategy),
-        "data": {"dir": str(lab.root / "data" / "new"), "resolution": 64},
+        "data": {"dir": str(lab.root / "data" / "new"), "resolution": SIZE, "repeats": r.batch_size},
         "lora": {"rank": r.rank},
         "train": {
             "steps": r.steps,
@@ -107,12 +108,13 @@ def run_config(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) ->
             "log_every": 10,
             "gradient_checkpointing": "none",
             "compile": False,
+            "timestep_sampling": "uniform",  # as the lab's models were trained: the decision is made at high noise
         },
         "sample": {
             "prompts": [lab.new_caption] * r.preview_seeds,
             "steps": 8,
-            "width": 64,
-            "height": 64,
+            "width": SIZE,
+            "height": SIZE,
             "seed": EVAL_SEED,
         },
     }

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .concepts import SIZE
 from .metric import mean_scores, score
 
-SIDE = 64
+SIDE = SIZE
 EVAL_SEED = 100_000
 
 

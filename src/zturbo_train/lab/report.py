@@ -41,14 +41,44 @@ def drift_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+MODEL_ROWS = {
+    "ideal": "perfect teacher (the exact field, `lab/ideal.py`)",
+    "teacher": "teacher",
+    "student": "Turbo student",
+    "student_adapter": "student + adapter",
+    "teacher_new_concept": "teacher, new concept (never trained)",
+    "student_new_concept": "student, new concept (never trained)",
+}
+
+
+def models_table(info: dict) -> str:
+    """The built models on the old concepts (blur / precision / off), from lab.json's "quality"."""
+    quality = info["quality"]
+    lines = [
+        "| model (blur / precision / off) | " + " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in STEPS) + " |",
+        "| --- |" + " --- |" * len(STEPS),
+    ]
+    for key, label in MODEL_ROWS.items():
+        row = quality[key]
+        cells = [f"{row[s]['blur']:.3f} / {row[s]['precision']:.2f} / {row[s].get('off', 0.0):.2f}" for s in STEPS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    drift = ", ".join(
+        f"{k} {quality[f'{k}_drift']['old']:.3f} (new concept {quality[f'{k}_drift']['new']:.3f})"
+        for k in ("teacher", "student", "student_adapter")
+    )
+    return "\n".join(lines) + f"\n\nturbo_drift (8 steps, old concepts): {drift}"
+
+
 def report(lab_dir: Path, plots: Path | None = None) -> str:
     from ..errors import DataError
+    from .build import load_lab
 
     results = collect(Path(lab_dir))
     if not results["runs"]:
         raise DataError(f"{lab_dir} has no measured runs; run `zturbo lab run {lab_dir}` first")
     summary = summarize(results)
-    parts = [table(summary, "new", m) for m in ("blur", "precision", "coverage")]
+    parts = [models_table(load_lab(Path(lab_dir)).info)]
+    parts += [table(summary, "new", m) for m in ("blur", "precision", "coverage", "off")]
     parts += [table(summary, "old", m) for m in ("blur", "precision")]
     parts.append(drift_table(summary))
     if plots is not None:
