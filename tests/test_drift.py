@@ -14,7 +14,7 @@ from zturbo_train.drift import DriftMonitor, DriftProbe
 def test_drift_of_a_straight_path_is_zero_and_of_a_bent_one_is_hand_computed():
     """x0 predictions equal to the final sample give 0; a hand-made bent path gives the formula's value.
 
-    Mutation checked: averaging over all steps instead of the first half makes the second assert fail.
+    Mutation checked: averaging over the first half of the steps (the first version) makes the second assert fail.
     """
     final = torch.ones(1, 16, 2, 2)
     straight = DriftProbe()
@@ -22,9 +22,9 @@ def test_drift_of_a_straight_path_is_zero_and_of_a_bent_one_is_hand_computed():
         straight.observe(i, final.clone())
     assert straight.value() == pytest.approx(0.0)
     bent = DriftProbe()
-    for i, x0 in enumerate([final * 0.0, final * 0.5, final, final]):  # first half: distances 1.0 and 0.5 (relative)
+    for i, x0 in enumerate([final * 0.0, final * 0.5, final, final]):  # the first step's distance: 1.0 (relative)
         bent.observe(i, x0)
-    assert bent.value() == pytest.approx(0.75)
+    assert bent.value() == pytest.approx(1.0)
 
 
 def test_drift_per_image_is_relative_to_each_images_norm():

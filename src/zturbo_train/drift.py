@@ -2,24 +2,25 @@
 
 A distilled (Turbo) model walks nearly straight paths: its prediction of the clean latent
 at the first sampler step is already close to the image it ends on. A LoRA that undoes
-the distillation bends the paths back: early predictions become blurry averages that the
-later steps have to correct, and at few steps the image stays blurry. So
+the distillation bends the paths back: the first prediction becomes a blurry average that
+the later steps have to correct, and at few steps the image stays blurry. So
 
-    turbo_drift = mean over images and over the first half of the sampler's steps of
-                  ||x0_i - x_final|| / ||x_final||
+    turbo_drift = mean over images of ||x0_first - x_final|| / ||x_final||
 
-where x0_i = x_t - sigma_i * velocity is step i's prediction of the clean latent and
-x_final the sample (equal to the last step's prediction, since the last Euler step ends at
-sigma 0). It is scale-free (a ratio of latent norms), needs no reference images, and is
-computed from the latents the preview draws anyway, with the training adapter removed:
-a handful of extra tensor ops per preview, nothing in the training step.
+where x0_first = x_t - sigma * velocity at the sampler's first step (what a 1-step sampler
+would return) and x_final the sample (the preview's last step). It is scale-free (a ratio
+of latent norms), needs no reference images, and is computed from the latents the preview
+draws anyway, with the training adapter removed: a few tensor ops per preview, nothing in
+the training step. Why the first step alone, not an average over the first half of the
+steps (this module's first version): on the Turbo lab (TURBO.md) both separate the
+distilled student from its teacher, but the first step separates LoRAs trained directly on
+the student from LoRAs trained over the adapter more clearly (later steps sit close to the
+final image for every model and dilute the difference).
 
 Why a ratio to the run's own step-0 value as well: the raw value differs by prompt, size,
-step count and model (the lab, TURBO.md: its distilled student 0.28, its teacher 0.45), so
-only the change against the run's start is about the LoRA. `DriftMonitor` reports both and
-warns when the ratio passes WARN_RATIO. The lab separated distilled from undistilled
-models with it, but did not separate direct from over-the-adapter LoRAs (its adapter did
-not de-distill), so the threshold is a judgement, not a measured boundary.
+step count and model, so only the change against the run's start is about the LoRA.
+`DriftMonitor` reports both and warns when the ratio passes WARN_RATIO, a judgement
+informed by the lab (TURBO.md, "Reading turbo_drift"), not a boundary measured on the 6 B model.
 
 Each value is one preview's, never smoothed (unlike the bar's "loss (smoothed)"): the
 progress line is labelled by its preview step, the end-of-run summary by DRIFT_LABEL.
@@ -53,9 +54,8 @@ class DriftProbe:
         if not self.predictions:
             raise ValueError("no predictions observed; pass probe.observe to generate_latents as observe=")
         final = self.predictions[-1].flatten(1)
-        early = torch.stack(self.predictions[: max(1, len(self.predictions) // 2)]).flatten(2)
-        norm = final.norm(dim=1).clamp_min(1e-12)
-        return ((early - final).norm(dim=2) / norm).mean(0).tolist()
+        first = self.predictions[0].flatten(1)
+        return ((first - final).norm(dim=1) / final.norm(dim=1).clamp_min(1e-12)).tolist()
 
     def value(self) -> float:
         values = self.per_image()

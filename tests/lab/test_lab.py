@@ -28,6 +28,28 @@ def test_metric_scores_hand_placed_samples():
     assert result["blur"] == pytest.approx((0 + 0.05 + 0.5) / 3)
 
 
+def test_metric_judges_within_the_span_of_all_modes_and_reports_the_rest_as_off():
+    """A sample on another concept's mode is far from this concept's modes (not at their midpoint, where its
+    projection onto this concept's own line would put it); what lies off the plane is `off`, not blur.
+
+    Mutation checked: projecting onto the concept's own modes only scores the first sample 0.5."""
+    from zturbo_train.lab.metric import score
+
+    def point(x: float, y: float, z: float = 0.0) -> torch.Tensor:
+        latent = torch.zeros(16, 2, 2)
+        latent[0, 0, 0], latent[1, 0, 0], latent[2, 0, 0] = x, y, z
+        return latent
+
+    mine = torch.stack([point(0, 1), point(0, -1)])  # this concept: two modes 2 apart (L2)
+    other = torch.stack([point(4, 0), point(4, 2)])  # another concept on the same plane
+    span = torch.cat([mine, other])
+    scale = 2 / 64**0.5  # the RMS spacing of `mine`
+    far = score(point(4, 0)[None], mine, span)
+    assert far["blur"] == pytest.approx((17**0.5 / 64**0.5) / scale) and far["precision"] == 0.0
+    lifted = score(point(0, 1, 3)[None], mine, span)  # on a mode in the plane, 3 off it
+    assert lifted["blur"] == pytest.approx(0.0, abs=1e-9) and lifted["off"] == pytest.approx((3 / 64**0.5) / scale)
+
+
 # ------------------------------------------------------------------------------ the lab pipeline, end to end
 
 # A smoke-sized lab: every stage of `zturbo lab build` and `zturbo lab run` through the same code, with a few

@@ -63,7 +63,10 @@ def ideal_curve(
     out = {}
     for steps in steps_list:
         latents = sample_latents(field, scheduler, batch, seeds, steps)
-        out[str(steps)] = mean_scores([score(latents[i * n : (i + 1) * n], modes[c]) for i, c in enumerate(captions)])
+        span = torch.cat(list(modes.values()))
+        out[str(steps)] = mean_scores(
+            [score(latents[i * n : (i + 1) * n], modes[c], span) for i, c in enumerate(captions)]
+        )
     return out
 
 

@@ -58,10 +58,11 @@ def measure(
     """{steps: {caption: scores}} for every caption, all captions sampled in one batch per step count."""
     seeds = [seed + i for _ in captions for i in range(n)]
     batch = [embeds[c] for c in captions for _ in range(n)]
+    span = torch.cat(list(modes.values()))  # the colour plane every concept's modes lie on
     out: dict[str, dict[str, dict[str, float]]] = {}
     for steps in steps_list:
         latents = sample_latents(transformer, scheduler, batch, seeds, steps)
-        out[str(steps)] = {c: score(latents[i * n : (i + 1) * n], modes[c]) for i, c in enumerate(captions)}
+        out[str(steps)] = {c: score(latents[i * n : (i + 1) * n], modes[c], span) for i, c in enumerate(captions)}
     return out
 
 

@@ -3,10 +3,11 @@
 Measured in latent space against the exact latents of the concept's images (the VAE
 encoder's mean, the same latents `zturbo train` caches), so it is cheap, exact and
 independent of how well the tiny VAE decodes. Each sample is split into its part inside the
-modes' span (the affine hull of the modes: where a few-step sampler's average of modes it
-cannot yet tell apart lies) and the rest. Distances are RMS over the latent's elements,
-divided by the smallest distance between two modes, so 0 is a mode and the average of two
-modes scores 0.5:
+span of the lab's modes (the affine hull of every concept's modes: the colour plane, where a
+few-step sampler's average of modes it cannot yet tell apart lies, and where a sample of the
+wrong concept lands) and the rest. Distances are RMS over the latent's elements, divided by
+the smallest distance between two modes of the concept, so 0 is a mode and the average of
+two modes scores 0.5:
 - blur: the mean distance of the in-span part to the nearest mode (lower is better): the
   decision between modes, which is what few-step sampling gets wrong and distillation fixes;
 - precision: the share of samples whose in-span part is within HIT of a mode;
@@ -33,7 +34,7 @@ def mode_scale(modes: Tensor) -> float:
 
 
 def split_by_span(latents: Tensor, modes: Tensor) -> tuple[Tensor, Tensor]:
-    """(the samples' projections onto the modes' affine span, RMS size of what is left), flattened."""
+    """(the samples' projections onto the affine span of `modes`, RMS size of what is left), flattened."""
     flat = modes.flatten(1).double()
     basis = torch.linalg.qr((flat[1:] - flat[0]).T)[0]  # orthonormal directions of the span
     rel = latents.flatten(1).double() - flat[0]
@@ -41,18 +42,22 @@ def split_by_span(latents: Tensor, modes: Tensor) -> tuple[Tensor, Tensor]:
     return flat[0] + along, (rel - along).norm(dim=1) / flat.shape[1] ** 0.5
 
 
-def relative_distances(latents: Tensor, modes: Tensor) -> tuple[Tensor, Tensor]:
-    """(in-span distance to the nearest mode relative to the mode spacing, index of that mode), one per sample."""
-    inside, _ = split_by_span(latents, modes)
+def relative_distances(latents: Tensor, modes: Tensor, span: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(in-span distance to the nearest mode relative to the mode spacing, index of that mode), one per sample.
+
+    `span`: the points whose affine span the samples are projected onto (all the lab's modes); default `modes`.
+    """
+    inside, _ = split_by_span(latents, modes if span is None else span)
     flat = modes.flatten(1).double()
     nearest, index = (torch.cdist(inside, flat) / flat.shape[1] ** 0.5).min(1)
     return nearest / mode_scale(modes), index
 
 
-def score(latents: Tensor, modes: Tensor) -> dict[str, float]:
-    """blur, precision, coverage and off of samples `latents` (N, 16, h, w) against `modes` (K, 16, h, w)."""
-    rel, index = relative_distances(latents, modes)
-    off = split_by_span(latents, modes)[1] / mode_scale(modes)
+def score(latents: Tensor, modes: Tensor, span: Tensor | None = None) -> dict[str, float]:
+    """blur, precision, coverage and off of samples `latents` (N, 16, h, w) against `modes` (K, 16, h, w),
+    in the affine span of `span` (every concept's modes, (M, 16, h, w); default: `modes` alone)."""
+    rel, index = relative_distances(latents, modes, span)
+    off = split_by_span(latents, modes if span is None else span)[1] / mode_scale(modes)
     hits = rel < HIT
     covered = len(set(index[hits].tolist()))
     return {
