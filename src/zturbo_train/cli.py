@@ -382,8 +382,8 @@ def lab_run(
     lab_dir: Path = typer.Argument(..., help="A folder made by `zturbo lab build`."),
     seeds: str = typer.Option("1,2,3", "--seeds", help="Comma-separated training seeds."),
     strategies: str = typer.Option("direct,merge,live,base", "--strategies", help="Comma-separated strategies."),
-    steps: int = typer.Option(240, "--steps", help="Training steps of each user LoRA."),
-    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of each user LoRA."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps of each user LoRA [default: 240]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of each user LoRA [default: 2e-3]."),
     quick: bool = typer.Option(False, "--quick", help="Shorter runs, fewer samples (the CI-sized variant)."),
 ) -> None:
     """Train user LoRAs on the lab's new concept with `zturbo train` and measure them (lab-result.json per run)."""

@@ -28,7 +28,6 @@ progress line is labelled by its preview step, the end-of-run summary by DRIFT_L
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 # Ratio to the step-0 value above which the run is warned: a judgement (no lab run passed 1.4x; TURBO.md).

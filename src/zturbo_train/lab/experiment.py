@@ -40,7 +40,7 @@ class RunSettings:
 
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = 600
+    steps: int = 240  # `zturbo lab run --help` repeats the default
     lr: float = 2e-3
     rank: int = 8
     batch_size: int = 16
@@ -54,8 +54,11 @@ class RunSettings:
         return cls(strategies=("direct", "merge"), seeds=(1,), steps=80, checkpoints=1, eval_samples=8)
 
     @classmethod
-    def from_options(cls, seeds: str, strategies: str, steps: int, lr: float, quick: bool) -> "RunSettings":
-        """`zturbo lab run`'s options (comma lists), checked before anything loads; --quick keeps its steps and lr."""
+    def from_options(
+        cls, seeds: str, strategies: str, steps: int | None, lr: float | None, quick: bool
+    ) -> "RunSettings":
+        """`zturbo lab run`'s options (comma lists), checked before anything loads; unset steps and lr keep the
+        defaults, and --quick keeps its own."""
         from ..errors import ConfigError
 
         try:
@@ -69,7 +72,10 @@ class RunSettings:
                 f"--strategies {strategies!r} / --seeds {seeds!r}: give at least one seed and strategies "
                 f"from {', '.join(STRATEGIES)}" + (f" ({', '.join(unknown)} unknown)" if unknown else "")
             )
-        settings = cls.quick() if quick else cls(steps=steps, lr=lr)
+        settings = cls.quick() if quick else cls()
+        if not quick:
+            settings.steps = settings.steps if steps is None else steps
+            settings.lr = settings.lr if lr is None else lr
         settings.seeds, settings.strategies = seed_list, names
         return settings
 
