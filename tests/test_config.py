@@ -62,6 +62,9 @@ def test_wrong_type_and_range_name_key_value_and_rule(tmp_path):
         load_config(write(tmp_path, '[model]\ndtype = "f32"\n[data]\ndir = "x"\n'))
     with pytest.raises(ConfigError, match=r"`data.resolution` = 500: 500 is not allowed; use multiples of 16"):
         load_config(write(tmp_path, MINIMAL + "resolution = 500\n"))
+    with pytest.raises(ConfigError, match=r"16 is not allowed; use multiples of 16 of at least 32"):
+        load_config(write(tmp_path, MINIMAL + "resolution = 16\n"))
+    assert load_config(write(tmp_path, MINIMAL + "resolution = 32\n")).data[0].resolution == [32]  # the lab's
     with pytest.raises(ConfigError, match=r"`lora.targets` = .*'to_x' is not one of"):
         load_config(write(tmp_path, MINIMAL + '[lora]\ntargets = ["to_q", "to_x"]\n'))
 

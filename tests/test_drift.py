@@ -39,8 +39,8 @@ def test_monitor_ratio_and_warning():
     monitor = DriftMonitor()
     fields, warning = monitor.update(0, 0.1)
     assert fields["turbo_drift_ratio"] == 1.0 and warning is None
-    fields, warning = monitor.update(50, 0.15)
-    assert fields["turbo_drift_ratio"] == pytest.approx(1.5) and warning is None
+    fields, warning = monitor.update(50, 0.125)
+    assert fields["turbo_drift_ratio"] == pytest.approx(1.25) and warning is None
     fields, warning = monitor.update(100, 0.3)
     assert fields["turbo_drift_ratio"] == pytest.approx(3.0)
     assert "earlier checkpoint" in warning and "lower train.lr" in warning and "\n" not in warning

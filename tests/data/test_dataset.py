@@ -212,6 +212,14 @@ def test_tiny_image_is_skipped(tmp_path):
     assert problem.reason == "is 100x40 px, smaller than the 64 px minimum, left out; use a larger image"
 
 
+def test_a_config_that_trains_below_64_px_takes_images_of_that_size(tmp_path):
+    """resolution = 32 (the Turbo lab's) lowers the minimum to 32 px; smaller is still left out."""
+    image(tmp_path / "a.png", size=(32, 32))
+    image(tmp_path / "b.png", size=(24, 24))
+    problem = only_problem(scan(tmp_path, resolution=32), "skip")
+    assert problem.reason == "is 24x24 px, smaller than the 32 px minimum, left out; use a larger image"
+
+
 def test_strict_makes_a_skip_an_error(tmp_path):
     image(tmp_path / "good.png")
     image(tmp_path / "tiny.png", size=(32, 32))
