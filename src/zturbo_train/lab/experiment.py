@@ -99,6 +99,7 @@ def run_config(lab: Lab, strategy: str, seed: int, r: RunSettings, out: Path) ->
     every = max(1, r.steps // (r.checkpoints + 1))
     raw = {
         "model": strategy_model(lab, strategy),
+        # repeats: the new concept is two images; an epoch must hold at least one batch
         "data": {"dir": str(lab.root / "data" / "new"), "resolution": SIZE, "repeats": r.batch_size},
         "lora": {"rank": r.rank},
         "train": {
