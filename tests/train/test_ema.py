@@ -53,7 +53,7 @@ def test_saved_lora_is_an_independent_ema_of_the_weights_recorded_per_step(tmp_p
     for t, i in zip(flat_ema, order):
         assert torch.allclose(t, average[i], rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(t, recorded[-1][i]) for t, i in zip(flat_ema, order))
-    assert meta["zturbo.weights"].startswith("ema (decay 0.6, from step 2)")
+    assert meta["zturbo.weights"].startswith("ema (decay 0.6 per step, from step 2)")
     assert raw_meta["zturbo.weights"].startswith("raw")
     assert labels == [["step 0 (EMA weights)"], ["step 6 (EMA weights)"]]
 
@@ -82,6 +82,8 @@ def test_an_ema_on_the_host_updated_every_third_step_is_the_hand_computed_one(tm
     order = [next(i for i, w in enumerate(recorded[-1]) if torch.equal(w, t)) for t in flat_raw]  # file -> param
     for t, i in zip(flat_saved, order):
         assert torch.allclose(t, d * expected[i] + (1 - d) * recorded[6][i], rtol=1e-5, atol=1e-7)
+    header = read_lora_file(result.run_dir / "t.safetensors")[1]
+    assert header["zturbo.weights"] == "ema (decay 0.6 per step, from step 3, updated every 3 steps)"
 
 
 @pytest.mark.parametrize("ema", [EMA, [*EMA, "train.ema_device='cpu'", "train.ema_every=3"]], ids=["gpu", "cpu"])

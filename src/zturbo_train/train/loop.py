@@ -272,8 +272,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def lora_metadata(s: Session, step: int, weights: str | None = None) -> dict[str, object]:
     """`weights` (with train.ema): which weights the file holds, "ema" or "raw"."""
     cfg = s.cfg
+    every = f", updated every {cfg.train.ema_every} steps" if cfg.train.ema_every > 1 else ""
     which = {
-        "ema": f"ema (decay {cfg.train.ema_decay:g}, from step {cfg.train.ema_start})",
+        "ema": f"ema (decay {cfg.train.ema_decay:g} per step, from step {cfg.train.ema_start}{every})",
         "raw": "raw (the trained weights; the EMA is the main file)",
     }.get(weights)
     return {
