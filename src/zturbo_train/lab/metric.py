@@ -27,16 +27,29 @@ HIT = 0.25  # a quarter of the way to the nearest other mode: unmistakably that 
 
 
 def mode_scale(modes: Tensor) -> float:
-    """Smallest RMS distance between two modes of a concept."""
+    """Smallest RMS distance between two modes of a concept (it needs two at least)."""
+    if len(modes) < 2:
+        raise ValueError("a concept needs at least two modes to measure a decision between them")
     flat = modes.flatten(1).double()
     d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
     return float(d[~torch.eye(len(flat), dtype=torch.bool)].min())
 
 
+SPAN_TOLERANCE = 0.1  # directions whose spread is under this share of the largest are not part of the span
+
+
+def span_basis(points: Tensor) -> Tensor:
+    """Orthonormal directions (D, r) of the affine span of `points` (M, D), leaving out directions along which
+    they barely differ: the lab's modes lie on a plane up to small leftovers of the VAE fit (singular values
+    15 and 8 noise units, then under 1), and a leftover kept would count off-plane error as blur."""
+    _, values, vt = torch.linalg.svd(points[1:] - points[0], full_matrices=False)
+    return vt[values > SPAN_TOLERANCE * values[0]].T
+
+
 def split_by_span(latents: Tensor, modes: Tensor) -> tuple[Tensor, Tensor]:
     """(the samples' projections onto the affine span of `modes`, RMS size of what is left), flattened."""
     flat = modes.flatten(1).double()
-    basis = torch.linalg.qr((flat[1:] - flat[0]).T)[0]  # orthonormal directions of the span
+    basis = span_basis(flat)
     rel = latents.flatten(1).double() - flat[0]
     along = rel @ basis @ basis.T
     return flat[0] + along, (rel - along).norm(dim=1) / flat.shape[1] ** 0.5
