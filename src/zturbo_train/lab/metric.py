@@ -69,8 +69,9 @@ def relative_distances(latents: Tensor, modes: Tensor, span: Tensor | None = Non
 def score(latents: Tensor, modes: Tensor, span: Tensor | None = None) -> dict[str, float]:
     """blur, precision, coverage and off of samples `latents` (N, 16, h, w) against `modes` (K, 16, h, w),
     in the affine span of `span` (every concept's modes, (M, 16, h, w); default: `modes` alone)."""
+    scale = mode_scale(modes)  # first: it refuses a concept with one mode
     rel, index = relative_distances(latents, modes, span)
-    off = split_by_span(latents, modes if span is None else span)[1] / mode_scale(modes)
+    off = split_by_span(latents, modes if span is None else span)[1] / scale
     hits = rel < HIT
     covered = len(set(index[hits].tolist()))
     return {
