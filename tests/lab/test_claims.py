@@ -88,7 +88,8 @@ def test_adapter_de_distills_the_student(lab):
 @pytest.fixture(scope="module")
 def user_runs(lab):
     """A user LoRA on the new concept trained with the real `zturbo train`, directly on the student and over
-    the adapter (merge), same seed and settings as TURBO.md; measured on the student, adapter removed."""
+    the adapter (merge), with TURBO.md's training settings and seed 1 (no checkpoints, one preview image);
+    measured on the student, adapter removed."""
     from zturbo_train.lab.experiment import RunSettings, drift_of, train_one
     from zturbo_train.lab.measure import averaged, measure
     from zturbo_train.lora.formats import read_lora_file

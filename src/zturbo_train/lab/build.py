@@ -124,13 +124,13 @@ class Lab:
 
 
 def build_fingerprint() -> str:
-    """sha256 of the code that decides what a build makes (this file and concepts.py), kept in lab.json so a
-    lab built by older code is recognisable (the claim tests' committed lab must match the code)."""
+    """sha256 of the lab code that decides what a build makes and measures (lab.json's "quality"), kept in
+    lab.json so a lab built by older code is recognisable (the claim tests' committed lab must match)."""
     import hashlib
 
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in ("build.py", "concepts.py"):
+    for name in ("build.py", "concepts.py", "metric.py", "measure.py", "ideal.py"):
         digest.update((here / name).read_bytes())
     return digest.hexdigest()
 

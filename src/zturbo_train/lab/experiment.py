@@ -58,7 +58,7 @@ class RunSettings:
         cls, seeds: str, strategies: str, steps: int | None, lr: float | None, quick: bool
     ) -> "RunSettings":
         """`zturbo lab run`'s options (comma lists), checked before anything loads; unset steps and lr keep the
-        defaults, and --quick keeps its own."""
+        defaults (--quick's own with --quick)."""
         from ..errors import ConfigError
 
         try:
@@ -73,9 +73,8 @@ class RunSettings:
                 f"from {', '.join(STRATEGIES)}" + (f" ({', '.join(unknown)} unknown)" if unknown else "")
             )
         settings = cls.quick() if quick else cls()
-        if not quick:
-            settings.steps = settings.steps if steps is None else steps
-            settings.lr = settings.lr if lr is None else lr
+        settings.steps = settings.steps if steps is None else steps
+        settings.lr = settings.lr if lr is None else lr
         settings.seeds, settings.strategies = seed_list, names
         return settings
 

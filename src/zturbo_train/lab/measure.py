@@ -1,7 +1,7 @@
 """Sample concepts through the project's own sampler and score them against their modes.
 
 Sampling is `sampling.generate_latents`, the loop training previews and `zturbo sample`
-use (the real shift-3 schedule, per-seed CPU noise), at 64x64 pixels. Evaluation seeds
+use (the real shift-3 schedule, per-seed CPU noise), at the lab's SIZE (32x32 pixels). Evaluation seeds
 start at EVAL_SEED, far from the seeds the build draws its training pairs from.
 """
 
@@ -22,7 +22,7 @@ EVAL_SEED = 100_000
 def sample_latents(
     transformer, scheduler, embeds: Sequence[Tensor], seeds: Sequence[int], steps: int, observe=None, chunk: int = 128
 ) -> Tensor:
-    """fp32 latents (N, 16, 8, 8), one per (embedding, seed), in chunks to bound memory."""
+    """fp32 latents (N, 16, SIZE / 8, SIZE / 8), one per (embedding, seed), in chunks to bound memory."""
     from ..sampling import generate_latents
 
     out = []

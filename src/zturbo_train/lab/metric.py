@@ -38,31 +38,38 @@ def mode_scale(modes: Tensor) -> float:
 SPAN_TOLERANCE = 0.1  # directions whose spread is under this share of the largest are not part of the span
 
 
-def span_basis(points: Tensor) -> Tensor:
-    """Orthonormal directions (D, r) of the affine span of `points` (M, D), leaving out directions along which
-    they barely differ: the lab's modes lie on a plane up to small leftovers of the VAE fit (singular values
-    15 and 8 noise units, then under 1), and a leftover kept would count off-plane error as blur."""
-    _, values, vt = torch.linalg.svd(points[1:] - points[0], full_matrices=False)
-    return vt[values > SPAN_TOLERANCE * values[0]].T
+def span_of(points: Tensor) -> tuple[Tensor, Tensor]:
+    """(centre, orthonormal directions (D, r)) of the flat that best fits `points` (M, D), leaving out directions
+    along which they barely differ: the lab's modes lie on a plane up to small leftovers of the VAE fit
+    (singular values 15 and 8 noise units, then under 1), and a leftover kept would count off-plane error
+    as blur."""
+    centre = points.mean(0)
+    _, values, vt = torch.linalg.svd(points - centre, full_matrices=False)
+    return centre, vt[values > SPAN_TOLERANCE * values[0]].T
+
+
+def _project(flat: Tensor, span: tuple[Tensor, Tensor]) -> Tensor:
+    centre, basis = span
+    return centre + (flat - centre) @ basis @ basis.T
 
 
 def split_by_span(latents: Tensor, modes: Tensor) -> tuple[Tensor, Tensor]:
-    """(the samples' projections onto the affine span of `modes`, RMS size of what is left), flattened."""
-    flat = modes.flatten(1).double()
-    basis = span_basis(flat)
-    rel = latents.flatten(1).double() - flat[0]
-    along = rel @ basis @ basis.T
-    return flat[0] + along, (rel - along).norm(dim=1) / flat.shape[1] ** 0.5
+    """(the samples' projections onto the flat of `modes`, RMS size of what is left), flattened."""
+    flat = latents.flatten(1).double()
+    inside = _project(flat, span_of(modes.flatten(1).double()))
+    return inside, (flat - inside).norm(dim=1) / flat.shape[1] ** 0.5
 
 
 def relative_distances(latents: Tensor, modes: Tensor, span: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(in-span distance to the nearest mode relative to the mode spacing, index of that mode), one per sample.
 
-    `span`: the points whose affine span the samples are projected onto (all the lab's modes); default `modes`.
+    `span`: the points whose flat the samples and the modes are projected onto (all the lab's modes);
+    default `modes`.
     """
-    inside, _ = split_by_span(latents, modes if span is None else span)
     flat = modes.flatten(1).double()
-    nearest, index = (torch.cdist(inside, flat) / flat.shape[1] ** 0.5).min(1)
+    fitted = span_of((flat if span is None else span.flatten(1)).double())
+    inside = _project(latents.flatten(1).double(), fitted)
+    nearest, index = (torch.cdist(inside, _project(flat, fitted)) / flat.shape[1] ** 0.5).min(1)
     return nearest / mode_scale(modes), index
 
 
