@@ -19,10 +19,10 @@ EVAL_N = 32  # samples per concept, as the build's lab.json and TURBO.md
 USER_SEED = 1
 # Margins: about half the smallest gap TURBO.md measured (the build is one model, so its gaps come from one
 # build; the user runs' from seeds 1-3, paired by seed and across seeds).
-MARGIN_TEACHER = 0.10  # teacher blur, 2 steps minus 30 steps: 0.371 - 0.163 = 0.21
-MARGIN_STUDENT = 0.06  # teacher minus student blur at 2 steps: 0.371 - 0.245 = 0.13
-ADAPTER_SHARE = 0.5  # share of the student-to-teacher blur gap (2 steps) the adapter brings back: 0.94
-MARGIN_USER = 0.015  # direct minus over-the-adapter blur, 2 steps: 0.039 / 0.059 / 0.046 by seed; 0.027 worst pair
+MARGIN_TEACHER = 0.13  # teacher blur, 2 steps minus 30 steps: 0.330 - 0.056 = 0.27
+MARGIN_STUDENT = 0.08  # teacher minus student blur at 2 steps: 0.330 - 0.168 = 0.16
+ADAPTER_SHARE = 0.5  # share of the student-to-teacher blur gap (2 steps) the adapter brings back: 0.90
+MARGIN_USER = 0.017  # direct minus over-the-adapter blur, 2 steps: 0.051 / 0.074 / 0.062 by seed; 0.034 worst pair
 MARGIN_DRIFT = 0.006  # direct minus over-the-adapter turbo_drift: 0.049 / 0.013 / 0.019 by seed; 0.013 worst pair
 
 
@@ -62,8 +62,8 @@ def _model(path):
 
 
 def test_student_is_good_at_few_steps_where_the_teacher_is_not(lab):
-    """Old concepts, blur (the decision between modes; 0.5 = their average). TURBO.md: teacher 0.371 at 2 steps,
-    0.163 at 30; student 0.245 at 2 steps."""
+    """Old concepts, blur (the decision between modes; 0.5 = their average). TURBO.md: teacher 0.330 at 2 steps,
+    0.056 at 30; student 0.168 at 2 steps."""
     teacher = _model(lab.teacher)
     t = _old_concepts(lab, teacher.transformer, teacher.scheduler, (2, 30))
     student = _model(lab.student)
@@ -111,7 +111,7 @@ def user_runs(lab):
 
 
 def test_over_the_adapter_the_new_concept_keeps_two_step_quality(user_runs):
-    """New concept, 2 steps, blur. TURBO.md over seeds 1-3: direct 0.267-0.299, over the adapter 0.221-0.240."""
+    """New concept, 2 steps, blur. TURBO.md over seeds 1-3: direct 0.207-0.247, over the adapter 0.145-0.173."""
     assert user_runs["direct"]["blur"] - user_runs["merge"]["blur"] > MARGIN_USER
 
 
