@@ -3,11 +3,11 @@
 Measured in latent space against the exact latents of the concept's images (the VAE
 encoder's mean, the same latents `zturbo train` caches), so it is cheap, exact and
 independent of how well the tiny VAE decodes. Each sample is split into its part inside the
-span of the lab's modes (the affine hull of every concept's modes: the colour plane, where a
-few-step sampler's average of modes it cannot yet tell apart lies, and where a sample of the
+span of the lab's modes (the flat that best fits every concept's modes: the colour plane, where
+a few-step sampler's average of modes it cannot yet tell apart lies, and where a sample of the
 wrong concept lands) and the rest. Distances are RMS over the latent's elements, divided by
-the smallest distance between two modes of the concept, so 0 is a mode and the average of
-two modes scores 0.5:
+the smallest distance between two modes of the concept (in the span), so 0 is a mode and the
+average of two modes scores 0.5:
 - blur: the mean distance of the in-span part to the nearest mode (lower is better): the
   decision between modes, which is what few-step sampling gets wrong and distillation fixes;
 - precision: the share of samples whose in-span part is within HIT of a mode;
