@@ -315,13 +315,28 @@ def _inputs(transformer, seed: int) -> tuple:
     return (torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen), [torch.randn(7, dim, generator=gen)])
 
 
+def _two_ranks_and_one(tmp_path: Path, example_data: Path, tiny_dir: Path, extra: list[str]):
+    """The same run with `--set` overrides `extra`: two ranks under torchrun (run folder tmp_path/two/run)
+    and one process at batch 2 (the returned result)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "builtin").symlink_to(tiny_dir.parent)
+    cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
+    done = torchrun(
+        [str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
+        {"ZTURBO_HOME": str(home)},
+        tmp_path / "logs",
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
+    return run(
+        load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra), quiet=True
+    )
+
+
 def test_two_ranks_log_val_loss_keep_an_ema_and_preserve(tmp_path, example_data, tiny_dir):
     """Validation (rank 0 evaluates, every rank flushes the log at its steps: no rank waits alone in the
     all-reduce), the EMA and DOP under torchrun: the run finishes and logs what one process at batch 2 logs.
     DOP's dop_loss is every rank's, averaged as the loss is."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "builtin").symlink_to(tiny_dir.parent)
     extra = [
         "train.val_fraction=0.34",
         "train.val_every=2",
@@ -330,16 +345,7 @@ def test_two_ranks_log_val_loss_keep_an_ema_and_preserve(tmp_path, example_data,
         "train.ema_decay=0.5",
         "train.preservation=dop",
     ]
-    cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
-    done = torchrun(
-        [str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
-        {"ZTURBO_HOME": str(home)},
-        tmp_path / "logs",
-    )
-    assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
-    one = run(
-        load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra), quiet=True
-    )
+    one = _two_ranks_and_one(tmp_path, example_data, tiny_dir, extra)
     ours, theirs = metrics(tmp_path / "two" / "run"), metrics(one.run_dir)
     assert [r["step"] for r in ours if "val_loss" in r] == [2, 4] == [r["step"] for r in theirs if "val_loss" in r]
     assert [r["val_loss"] for r in ours if "val_loss" in r] == pytest.approx(
@@ -354,20 +360,8 @@ def test_two_ranks_log_val_loss_keep_an_ema_and_preserve(tmp_path, example_data,
 
 def test_two_ranks_train_a_lokr_as_one_process_at_batch_2(tmp_path, example_data, tiny_dir):
     """`lora.type = "lokr"` under torchrun: DDP over the LoKr factors, the same run as one process at batch 2."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "builtin").symlink_to(tiny_dir.parent)
     extra = ["lora.type='lokr'", "lora.rank=2", "lora.alpha=1", "lora.factor=4"]
-    cfg = make_config(tmp_path / "two", example_data, **SETTINGS)
-    done = torchrun(
-        [str(ENTRY), "train", str(cfg), *[a for e in extra for a in ("--set", e)]],
-        {"ZTURBO_HOME": str(home)},
-        tmp_path / "logs",
-    )
-    assert done.returncode == 0, done.stderr[-3000:] + rank_log(tmp_path / "logs", 0)[-3000:]
-    one = run(
-        load_config(make_config(tmp_path / "one", example_data, **{**SETTINGS, "batch_size": 2}), extra), quiet=True
-    )
+    one = _two_ranks_and_one(tmp_path, example_data, tiny_dir, extra)
     two, ref = read_lora_file(tmp_path / "two" / "run" / "t.safetensors")[0], read_lora_file(one.lora_path)[0]
     assert {u.kind for u in two.values()} == {"lokr"} and two.keys() == ref.keys()
     largest = max(float((two[m].tensors[k] - ref[m].tensors[k]).abs().max()) for m in ref for k in ref[m].tensors)

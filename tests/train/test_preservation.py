@@ -5,6 +5,8 @@ Each test names the mutation it was checked against: the test fails with it and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -283,17 +285,22 @@ def test_dry_run_states_dops_words_cost_and_memory(tmp_path, example_data):
     assert "peak memory +0.0 MiB; [data] table 1 has no trigger_word, so its images get no DOP" in row
 
 
+def _captioned_copies(example_data: Path, folder: Path, prefix: str, caption: str) -> Path:
+    """Two of the example images as `<prefix>_00.png`, `<prefix>_01.png` in `folder`, each captioned `caption`."""
+    folder.mkdir()
+    for index in ("00", "01"):
+        (folder / f"{prefix}_{index}.png").write_bytes((example_data / f"img_{index}.png").read_bytes())
+        (folder / f"{prefix}_{index}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
 def test_images_without_the_trigger_are_left_out_of_dop(tmp_path, example_data):
     """A second [[data]] table without a trigger word: its images have no class caption and weight 0 in DOP's
     loss, their own caption standing in (any embedding would do); the triggered ones weight 1. Checked to fail
     with the mask inverted."""
     from zturbo_train.data.prepare import prepare_dataset
 
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for name in ("img_00.png", "img_01.png"):
-        (plain / name.replace("img", "other")).write_bytes((example_data / name).read_bytes())
-        (plain / name.replace("img", "other").replace(".png", ".txt")).write_text("a blue floor", encoding="utf-8")
+    plain = _captioned_copies(example_data, tmp_path / "plain", "other", "a blue floor")
     raw = {
         "model": {"path": "builtin:tiny", "dtype": "fp32"},
         "data": [
@@ -318,11 +325,7 @@ def test_a_regularisation_set_is_left_out_of_dop_and_keeps_its_loss_weight(tmp_p
     trigger, have DOP weight 0 and their table's loss_weight; the triggered images DOP weight 1 and weight 1."""
     from zturbo_train.data.prepare import prepare_dataset
 
-    reg = tmp_path / "reg"
-    reg.mkdir()
-    for name in ("img_00.png", "img_01.png"):
-        (reg / name.replace("img", "reg")).write_bytes((example_data / name).read_bytes())
-        (reg / name.replace("img", "reg").replace(".png", ".txt")).write_text("a person", encoding="utf-8")
+    reg = _captioned_copies(example_data, tmp_path / "reg", "reg", "a person")
     raw = {
         "model": {"path": "builtin:tiny", "dtype": "fp32"},
         "data": [
