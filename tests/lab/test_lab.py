@@ -193,3 +193,13 @@ def test_lab_cli_help_and_a_folder_that_is_no_lab(tmp_path):
     assert result.exit_code == 2 and "--seeds '1,x' must be comma-separated integers" in result.output
     result = runner.invoke(app, ["lab", "run", str(tmp_path), "--strategies", "direct,lora"])
     assert result.exit_code == 2 and "(lora unknown)" in result.output
+
+
+def test_lab_run_options_default_to_the_settings_and_override_them_with_quick_too():
+    from zturbo_train.lab.experiment import RunSettings
+
+    plain = RunSettings.from_options("1,2", "direct,merge", None, None, False)
+    assert (plain.steps, plain.lr, plain.seeds, plain.strategies) == (240, 2e-3, (1, 2), ("direct", "merge"))
+    quick = RunSettings.from_options("1", "direct", 50, 1e-3, True)
+    assert (quick.steps, quick.lr, quick.eval_samples) == (50, 1e-3, RunSettings.quick().eval_samples)
+    assert RunSettings.from_options("1", "direct", None, None, True).steps == RunSettings.quick().steps
